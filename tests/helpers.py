@@ -1,0 +1,50 @@
+"""Shared test helpers: devices, per-replica values, the NumPy reference reduction."""
+
+import functools
+
+import numpy as np
+import tensorflow as tf
+
+import tf_fusion
+
+
+def devices(n=4):
+  return [d.name for d in tf.config.list_logical_devices("CPU")][:n]
+
+
+def fixed_cost_model():
+  """A cost model that makes "auto" mix algorithms and split some packs.
+
+  ring is cheaper below ~100 KB, reduce_to_one above; packing copies cost enough
+  that a pack of large tensors is split but small tensors stay fused.
+  """
+  return tf_fusion.CostModel(alpha={"ring": 1e-5, "reduce_to_one": 1e-4},
+                             beta={"ring": 1e-9, "reduce_to_one": 1e-10},
+                             copy_beta=5e-10, description="fixed for tests")
+
+
+def per_replica(strategy, arrays):
+  """PerReplica whose replica r holds arrays[r] (NumPy) on its device."""
+  return strategy.experimental_distribute_values_from_function(
+      lambda ctx: tf.constant(arrays[ctx.replica_id_in_sync_group]))
+
+
+def reference(arrays, reduce_op, compression="none"):
+  """Sum over replicas left to right, element by element, in NumPy.
+
+  Under fp16 compression, floating values wider than 16 bits are cast to float16
+  first and summed in float16. MEAN divides once, in at least float32.
+  """
+  dtype = arrays[0].dtype
+  wire = dtype
+  if compression == "fp16" and dtype.kind == "f" and dtype.itemsize > 2:
+    wire = np.dtype(np.float16)
+  total = functools.reduce(np.add, [a.astype(wire) for a in arrays]).astype(wire)
+  total = total.astype(dtype)
+  if reduce_op == "MEAN":
+    if dtype.kind == "f":
+      wide = np.dtype(np.float32) if dtype.itemsize < 4 else dtype
+      total = (total.astype(wide) / wide.type(len(arrays))).astype(dtype)
+    else:
+      total = total / len(arrays)
+  return total

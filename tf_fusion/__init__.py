@@ -1,0 +1,28 @@
+"""tf_fusion: fast large-batch data-parallel training for TensorFlow 2 / Keras 3.
+
+Tensor fusion, FP16 on the wire and per-pack choice of all-reduce algorithm, after
+Jia et al. 2018, "Training ImageNet in Four Minutes" (arXiv:1807.11205).
+"""
+
+from tf_fusion.algorithms import CostModel
+from tf_fusion.algorithms import calibrate
+from tf_fusion.compression import Compression
+from tf_fusion.cross_device_ops import FusedAllReduce
+from tf_fusion.options import FusionOptions
+from tf_fusion.stats import PackPlan
+from tf_fusion.strategy import fused_ops_of
+from tf_fusion.strategy import mirrored_strategy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Compression",
+    "CostModel",
+    "FusedAllReduce",
+    "FusionOptions",
+    "PackPlan",
+    "calibrate",
+    "fused_ops_of",
+    "mirrored_strategy",
+    "__version__",
+]

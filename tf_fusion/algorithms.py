@@ -1,0 +1,401 @@
+"""All-reduce algorithms on TensorFlow's collectives, their cost model, and the hybrid pick.
+
+One pack, already flattened into one buffer per local device, is reduced by one of:
+- ring: TensorFlow's collective all-reduce across the group (CollectiveReduceV2; ring on
+  CPUs, NCCL on GPUs), one launch per device;
+- reduce_to_one: sum onto one device of the worker in device order, then a copy back to
+  each device (bit-identical to a left-to-right sum, run after run);
+- hierarchical: the multi-worker scheme of Jia et al. 2018 (reduce in a worker, all-reduce
+  across workers, broadcast in a worker); on one worker it *is* reduce_to_one.
+
+The cost of one pack of S bytes is modelled as alpha + beta * S per algorithm (the
+alpha-beta model of Thakur et al. 2005), plus copy_beta * S for packing and unpacking
+when a pack holds more than one tensor. Every constant is measured by `calibrate` on the
+devices in use; nothing is guessed. The hybrid ("auto") choice picks, per pack, the
+algorithm with the lowest predicted time, and splits a pack back into single tensors
+when the copies cost more than the launches they save (on a shared-memory CPU host they
+do; on GPUs with per-launch latency of tens of microseconds they do not).
+"""
+
+import dataclasses
+import json
+import time
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+# Private TF modules: the launcher gives us ordered collective launches and unique
+# per-call instance keys, the two things a hand-rolled launcher gets wrong. Pinned TF.
+from tensorflow.python.distribute import collective_util
+from tensorflow.python.distribute import cross_device_utils
+
+from tf_fusion import packing
+
+LOCAL_ALGORITHMS = ("ring", "reduce_to_one")
+
+# TF's strategies count their collective group keys up from 1 (+ a per-strategy base in
+# tests); ours start far above so that no strategy of TF's can collide with them, and
+# one process-wide table means two of our strategies never reuse an instance key.
+_GROUP_KEY_BASE = 1 << 28
+_KEYS = cross_device_utils.CollectiveKeys(group_key_start=_GROUP_KEY_BASE)
+_COLLECTIVES_CACHE = {}
+
+
+def canonical_devices(devices: Sequence[str]) -> Tuple[str, ...]:
+  """Fully qualified device names, as the collective group table wants them."""
+  from tensorflow.python.distribute import device_util  # pylint: disable=g-import-not-at-top
+  return tuple(device_util.canonicalize(d) for d in devices)
+
+
+class Collectives:
+  """Launchers of TF collectives for one group of local devices.
+
+  Get one with `Collectives.get(devices, group_size)`: launchers are shared by every
+  FusedAllReduce in the process, so the group and instance keys never collide.
+  """
+
+  def __init__(self, devices, group_size, timeout_seconds=None):
+    self.devices = tuple(devices)
+    self.group_size = group_size
+    group_key = _KEYS.get_group_key(self.devices)
+    self._options = collective_util.Options(
+        implementation=collective_util.CommunicationImplementation.AUTO,
+        timeout_seconds=timeout_seconds)
+    self._launchers = [
+        cross_device_utils.CollectiveReplicaLauncher(
+            group_key, group_size, _KEYS, d, self._options) for d in self.devices
+    ]
+
+  @classmethod
+  def get(cls, devices, group_size=None, timeout_seconds=None):
+    devices = canonical_devices(devices)
+    group_size = group_size or len(devices)
+    key = (devices, group_size, timeout_seconds)
+    if key not in _COLLECTIVES_CACHE:
+      _COLLECTIVES_CACHE[key] = cls(devices, group_size, timeout_seconds)
+    return _COLLECTIVES_CACHE[key]
+
+  def all_reduce(self, buffers: Sequence[tf.Tensor]) -> List[tf.Tensor]:
+    """Sums `buffers` (one per local device) across the whole group."""
+    return [l.all_reduce(b) for l, b in zip(self._launchers, buffers)]
+
+
+def ring(buffers, collectives, finish=None, root=0):
+  """All-reduce with TF's collective ops; `finish` runs on every device's result."""
+  del root
+  reduced = collectives.all_reduce(buffers)
+  if finish is None:
+    return reduced
+  out = []
+  for device, r in zip(collectives.devices, reduced):
+    with tf.device(device):
+      out.append(finish(r))
+  return out
+
+
+def copy_only(buffers, collectives, finish=None, root=0):
+  """For empty packs: nothing to add, so no collective (TF's CPU collective crashes
+  on zero elements); each device keeps its own, equally empty, buffer."""
+  del root
+  out = []
+  for device, b in zip(collectives.devices, buffers):
+    with tf.device(device):
+      out.append(finish(b) if finish is not None else tf.identity(b))
+  return out
+
+
+def reduce_to_one(buffers, collectives, finish=None, root=0):
+  """Sums in device order onto one device, runs `finish` there once, copies back.
+
+  The sum is a chain of binary adds, step k placed on device k: (((b0 + b1) + b2) + b3).
+  Not tf.add_n: on CPU, AddN reuses whichever input buffer it may forward and moves
+  that input to the front, so its summation order depends on buffer refcounts (not
+  reproducible); and a chain on one device is collapsed into an AddN by Grappler's
+  arithmetic optimizer. A binary add is commutative, so its own buffer reuse cannot
+  change a bit, and adds on different devices are never collapsed. On shared memory
+  the chain is also the fastest form measured (ResNet-50 gradients, 4 logical CPUs:
+  39.8 ms against 43.9 ms for AddN).
+  """
+  del root  # The order, hence the last device, is fixed by the device order.
+  devices = collectives.devices
+  total = buffers[0]
+  for device, b in zip(devices[1:], buffers[1:]):
+    with tf.device(device):
+      total = tf.math.add(total, b)
+  with tf.device(devices[-1]):
+    if finish is not None:
+      total = finish(total)
+    else:
+      total = tf.identity(total)
+  out = []
+  for device in devices:
+    with tf.device(device):
+      out.append(tf.identity(total))
+  return out
+
+
+_IMPLEMENTATIONS = {"ring": ring, "reduce_to_one": reduce_to_one, "none": copy_only}
+
+
+def run(algorithm, buffers, collectives, finish=None, root=0):
+  """Reduces one pack with `algorithm` ("ring" or "reduce_to_one")."""
+  try:
+    fn = _IMPLEMENTATIONS[algorithm]
+  except KeyError:
+    raise ValueError(f"algorithm={algorithm!r} cannot run on local devices; "
+                     f"valid values: {', '.join(_IMPLEMENTATIONS)}.") from None
+  return fn(buffers, collectives, finish=finish, root=root)
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+  """Predicted seconds for one pack: alpha[alg] + beta[alg] * bytes (+ packing copies).
+
+  Attributes:
+    alpha: seconds per collective launch, per algorithm.
+    beta: seconds per byte (per device's buffer), per algorithm.
+    copy_beta: seconds per byte to pack (concat) and unpack (split) a buffer on
+      every device.
+    description: where the constants come from (devices, date).
+
+  Example:
+    >>> m = CostModel({"ring": 1e-4, "reduce_to_one": 2e-5},
+    ...               {"ring": 1e-9, "reduce_to_one": 4e-10}, copy_beta=3e-10)
+    >>> m.best(1 << 20)
+    'reduce_to_one'
+  """
+
+  alpha: Mapping[str, float]
+  beta: Mapping[str, float]
+  copy_beta: float = 0.0
+  description: str = ""
+
+  def __post_init__(self):
+    if set(self.alpha) != set(self.beta) or not self.alpha:
+      raise ValueError(f"alpha and beta must name the same algorithms, got "
+                       f"{sorted(self.alpha)} and {sorted(self.beta)}.")
+    for name, table in (("alpha", self.alpha), ("beta", self.beta)):
+      for alg, value in table.items():
+        if not np.isfinite(value) or value < 0:
+          raise ValueError(f"{name}[{alg!r}]={value} must be finite and >= 0.")
+    object.__setattr__(self, "alpha", dict(self.alpha))
+    object.__setattr__(self, "beta", dict(self.beta))
+
+  @property
+  def algorithms(self) -> Tuple[str, ...]:
+    return tuple(sorted(self.alpha))
+
+  def seconds(self, algorithm: str, nbytes: int, num_tensors: int = 1) -> float:
+    """Predicted time of one pack of `nbytes` holding `num_tensors` tensors."""
+    copy = self.copy_beta * nbytes if num_tensors > 1 else 0.0
+    return self.alpha[algorithm] + self.beta[algorithm] * nbytes + copy
+
+  def best(self, nbytes: int, algorithms: Optional[Sequence[str]] = None,
+           num_tensors: int = 1) -> str:
+    """The algorithm with the lowest predicted time (ties: alphabetical)."""
+    algorithms = algorithms or self.algorithms
+    return min(sorted(algorithms),
+               key=lambda a: self.seconds(a, nbytes, num_tensors))
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str) -> "CostModel":
+    return cls(**json.loads(text))
+
+  def save(self, path: str) -> None:
+    with tf.io.gfile.GFile(path, "w") as f:
+      f.write(self.to_json())
+
+  @classmethod
+  def load(cls, path: str) -> "CostModel":
+    with tf.io.gfile.GFile(path, "r") as f:
+      return cls.from_json(f.read())
+
+
+def _median_seconds(fn, repeats):
+  fn()  # Trace and warm up.
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def _filled(devices, num_elements, value):
+  out = []
+  for i, device in enumerate(devices):
+    with tf.device(device):
+      out.append(tf.fill([max(1, num_elements)], float(value + i)))
+  return out
+
+
+def _per_unit_seconds(unit, inputs, low, repeats):
+  """(T(3 low) - T(low)) / (2 low) for `unit` applied to independent inputs.
+
+  Timing k and 3k independent units in one tf.function and taking the difference
+  cancels the cost of calling the function; distinct inputs keep Grappler from
+  merging identical ops.
+  """
+  def timed(k):
+    fn = tf.function(lambda: [unit(x) for x in inputs[:k]])
+    return _median_seconds(fn, repeats)
+  return max(timed(3 * low) - timed(low), 0.0) / (2 * low)
+
+
+def _fit_line(sizes, seconds):
+  """Least-squares alpha + beta * size with both constants kept >= 0."""
+  a = np.stack([np.ones(len(sizes)), np.asarray(sizes, np.float64)], axis=1)
+  (alpha, beta), *_ = np.linalg.lstsq(a, np.asarray(seconds), rcond=None)
+  if beta < 0:
+    alpha, beta = float(np.mean(seconds)), 0.0
+  if alpha < 0:
+    beta = float(np.dot(sizes, seconds) / np.dot(sizes, sizes))
+    alpha = 0.0
+  return float(alpha), float(beta)
+
+
+def calibrate(devices: Sequence[str],
+              algorithms: Sequence[str] = LOCAL_ALGORITHMS,
+              sizes: Sequence[int] = (4 << 10, 256 << 10, 4 << 20, 16 << 20),
+              repeats: int = 5,
+              timeout_seconds: Optional[float] = None) -> CostModel:
+  """Measures alpha, beta per algorithm and the packing copy cost on `devices`.
+
+  Each point is the per-collective time of independent float32 all-reduces of one
+  size (see `_per_unit_seconds`). Runs eagerly, lifted out of any graph being traced,
+  in a few seconds.
+
+  Args:
+    devices: the local devices the model is for.
+    algorithms: which algorithms to measure.
+    sizes: buffer sizes in bytes per device.
+    repeats: timed calls per point (the median is used).
+    timeout_seconds: collective timeout while measuring.
+
+  Returns:
+    A CostModel fitted to the measurements.
+  """
+  collectives = Collectives.get(devices, timeout_seconds=timeout_seconds)
+  devices = collectives.devices
+  start = time.perf_counter()
+  alpha, beta = {}, {}
+  with tf.init_scope():
+    for algorithm in algorithms:
+      per_size = []
+      for nbytes in sizes:
+        low = 4 if nbytes <= (1 << 20) else 1
+        inputs = [_filled(devices, nbytes // 4, j) for j in range(3 * low)]
+        unit = lambda bufs, a=algorithm: [o[0] for o in run(a, bufs, collectives)]
+        per_size.append(_per_unit_seconds(unit, inputs, low, repeats))
+      alpha[algorithm], beta[algorithm] = _fit_line(list(sizes), per_size)
+    copy_beta = _measure_copy_beta(devices, max(sizes), repeats)
+  elapsed = time.perf_counter() - start
+  model = CostModel(alpha, beta, copy_beta,
+                    description=f"calibrated on {len(devices)} devices "
+                    f"({devices[0]} ...) in {elapsed:.1f}s")
+  logging.info("tf_fusion cost model: %s", model.to_json())
+  return model
+
+
+def _measure_copy_beta(devices, nbytes, repeats, pieces=8):
+  """Seconds per byte (per device) to pack `pieces` tensors into a buffer and split it."""
+  per_piece = max(1, nbytes // 4 // pieces)
+  inputs = [[_filled(devices, per_piece, j * pieces + p) for p in range(pieces)]
+            for j in range(3)]
+
+  def unit(sets):
+    out = []
+    for i, device in enumerate(devices):
+      with tf.device(device):
+        parts = [s[i] for s in sets]
+        out.extend(p[0] for p in packing.unpack(packing.pack(parts), parts))
+    return out
+
+  return _per_unit_seconds(unit, inputs, 1, repeats) / (per_piece * pieces * 4)
+
+
+AUTO_PACK_BYTES = tuple(1 << s for s in range(16, 29, 2))  # 64 KiB ... 256 MiB
+
+
+def assign(packs: Sequence[packing.Pack],
+           specs: Sequence[Tuple[tf.DType, tf.TensorShape]],
+           wire_dtype,
+           algorithm: str,
+           model: Optional[CostModel] = None) -> List[Tuple[packing.Pack, str, Optional[float]]]:
+  """Gives each pack an algorithm; under "auto", may split a pack into singletons.
+
+  Args:
+    packs: from packing.plan_packs.
+    specs: the (dtype, shape) list the packs index into.
+    wire_dtype: function from a tensor dtype to its dtype on the wire.
+    algorithm: a local algorithm name, or "auto" (needs `model`).
+    model: the cost model for "auto".
+
+  Returns:
+    (pack, algorithm, predicted seconds or None) in launch order. An empty pack
+    gets "none" (nothing to send); a pack of unknown size gets "reduce_to_one",
+    which needs no size agreement and is safe if the size turns out to be zero.
+  """
+  if algorithm == "auto" and model is None:
+    raise ValueError("algorithm='auto' needs a calibrated CostModel.")
+  out = []
+  for p in packs:
+    if p.nbytes == 0:
+      out.append((p, "none", 0.0))
+      continue
+    if p.nbytes is None:
+      out.append((p, "reduce_to_one", None))
+      continue
+    if algorithm != "auto":
+      out.append((p, algorithm, _predict(model, algorithm, p, specs, wire_dtype)))
+      continue
+    fused_alg = _best(model, p, specs, wire_dtype)
+    fused = _predict(model, fused_alg, p, specs, wire_dtype)
+    singles = [packing.Pack(p.dtype, (i,), packing.tensor_nbytes(*specs[i]))
+               for i in p.indices]
+    if any(s.nbytes == 0 for s in singles):  # Empty tensors ride along for free.
+      singles = [s for s in singles if s.nbytes] + [
+          packing.Pack(p.dtype, tuple(s.indices[0] for s in singles if not s.nbytes), 0)]
+    singles = [(s, _best(model, s, specs, wire_dtype) if s.nbytes else "none")
+               for s in singles]
+    split = [(s, a, _predict(model, a, s, specs, wire_dtype) if s.nbytes else 0.0)
+             for s, a in singles]
+    if len(split) > 1 and sum(t for _, _, t in split) < fused:
+      out.extend(split)
+    else:
+      out.append((p, fused_alg, fused))
+  return out
+
+
+def choose_pack_bytes(specs, first_pack_bytes, wire_dtype, model,
+                      candidates=AUTO_PACK_BYTES) -> int:
+  """The threshold among `candidates` (and 0) with the lowest predicted total time."""
+  def total(pack_bytes):
+    packs = packing.plan_packs(specs, pack_bytes, first_pack_bytes)
+    return sum(s or 0.0 for _, _, s in assign(packs, specs, wire_dtype, "auto", model))
+  return min((0,) + tuple(candidates), key=total)
+
+
+def wire_nbytes(p: packing.Pack, specs, wire_dtype) -> Optional[int]:
+  """Bytes per device that pack `p` puts on the wire."""
+  if p.nbytes is None:
+    return None
+  return sum(packing.tensor_nbytes(wire_dtype(specs[i][0]), specs[i][1])
+             for i in p.indices)
+
+
+def _best(model, p, specs, wire_dtype):
+  return model.best(wire_nbytes(p, specs, wire_dtype) or 0,
+                    num_tensors=len(p.indices))
+
+
+def _predict(model, algorithm, p, specs, wire_dtype):
+  if model is None or algorithm not in model.alpha:
+    return None
+  return model.seconds(algorithm, wire_nbytes(p, specs, wire_dtype) or 0,
+                       len(p.indices))

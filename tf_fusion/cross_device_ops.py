@@ -1,0 +1,254 @@
+"""FusedAllReduce: a tf.distribute.CrossDeviceOps that reduces gradients in a few packs.
+
+Data flow of one batch reduction (DESIGN.md): split sparse and integer values off (they
+go TF's unfused ReductionToOneDevice way) -> plan packs per dtype in back-propagation
+order -> compress -> concat -> reduce each pack with its algorithm -> decompress -> MEAN
+divides once, in at least FP32 -> split, reshape -> original order.
+
+Keras 3 reaches us through `replica_context.all_reduce(SUM, grads)` ->
+`batch_reduce_implementation`, once per trace of the train step, with no options; so the
+settings live on this object (FusionOptions), not in per-call options.
+"""
+
+import dataclasses
+import functools
+from typing import List, Optional, Sequence
+
+import tensorflow as tf
+from absl import logging
+from tensorflow.python.distribute import cross_device_ops as tf_cross_device_ops
+from tensorflow.python.distribute import distribute_utils
+from tensorflow.python.distribute import values as values_lib
+
+from tf_fusion import algorithms
+from tf_fusion import compression as compression_lib
+from tf_fusion import packing
+from tf_fusion import stats
+from tf_fusion.options import FusionOptions
+
+_FUSIBLE_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+
+
+class FusedAllReduce(tf.distribute.CrossDeviceOps):
+  """Tensor-fused all-reduce for MirroredStrategy.
+
+  Example:
+    >>> ops = tf_fusion.FusedAllReduce(tf_fusion.FusionOptions(pack_bytes=4 << 20))
+    >>> strategy = tf.distribute.MirroredStrategy(devices, cross_device_ops=ops)
+    >>> model.fit(...)           # gradients now go through a few packs
+    >>> ops.last_plan            # one entry per pack: dtype, count, bytes, algorithm
+
+  Args:
+    options: a FusionOptions (defaults: FusionOptions()).
+    cost_model: an algorithms.CostModel for algorithm="auto" or pack_bytes=None;
+      measured on first use (algorithms.calibrate) when not given.
+
+  References:
+    Jia et al., "Highly Scalable Deep Learning Training System with Mixed-Precision:
+    Training ImageNet in Four Minutes", arXiv:1807.11205, 2018.
+  """
+
+  def __init__(self, options: Optional[FusionOptions] = None,
+               cost_model: Optional[algorithms.CostModel] = None):
+    super().__init__()
+    if options is None:
+      options = FusionOptions()
+    if not isinstance(options, FusionOptions):
+      raise TypeError(f"options must be a tf_fusion.FusionOptions, got "
+                      f"{type(options).__name__}.")
+    self._options = options
+    self._compressor = compression_lib.Compression.get(options.compression)
+    self._cost_models = {}
+    self._given_cost_model = cost_model
+    self._fallback = tf.distribute.ReductionToOneDevice()
+    self._eager_fns = {}
+    self._warned = set()
+    self.last_plan = ()
+
+  @property
+  def options(self) -> FusionOptions:
+    return self._options
+
+  def __deepcopy__(self, memo):
+    # Strategies get deep-copied (distribute coordinator); the copy shares the
+    # process-wide collective keys and the calibrated model.
+    new = FusedAllReduce(self._options, self._given_cost_model)
+    new._cost_models = self._cost_models  # pylint: disable=protected-access
+    memo[id(self)] = new
+    return new
+
+  # --- tf.distribute.CrossDeviceOps --------------------------------------------------
+
+  def reduce_implementation(self, reduce_op, per_replica_value, destinations,
+                            options):
+    return self.batch_reduce_implementation(
+        reduce_op, [(per_replica_value, destinations)], options)[0]
+
+  def batch_reduce_implementation(self, reduce_op, value_destination_pairs,
+                                  options):
+    del options  # Keras passes none; our settings are self._options.
+    reduce_op = tf.distribute.ReduceOp(reduce_op)
+    results = [None] * len(value_destination_pairs)
+    fused = []
+    for i, (value, dest) in enumerate(value_destination_pairs):
+      if self._fusible(value, dest):
+        fused.append(i)
+      else:
+        results[i] = self._fallback.reduce_implementation(reduce_op, value, dest, None)
+    if fused:
+      values = [value_destination_pairs[i][0] for i in fused]
+      for i, mirrored in zip(fused, self._reduce_fused(reduce_op, values, fused)):
+        results[i] = mirrored
+    return results
+
+  # --- the fused path ----------------------------------------------------------------
+
+  def _fusible(self, value, destinations):
+    if not isinstance(value, values_lib.PerReplica):
+      return False
+    if any(isinstance(v, tf.IndexedSlices) or v.dtype not in _FUSIBLE_DTYPES
+           for v in value.values):
+      return False
+    # An all-reduce: results go back where the values are (Keras passes dest=value).
+    return destinations is value or tf_cross_device_ops._devices_match(  # pylint: disable=protected-access
+        value, destinations)
+
+  def _devices_for(self, values: Sequence[values_lib.PerReplica]):
+    """The devices of the replicas, from the strategy when values do not say.
+
+    Inside a tf.function, PerReplica arguments report device '' (TF_NOTES.md); a
+    collective placed from that lands every replica's op on one device and hangs.
+    """
+    count = len(values[0].values)
+    if any(len(v.values) != count for v in values):
+      raise ValueError("all values of a batch reduction must have the same number "
+                       f"of replicas, got {[len(v.values) for v in values]}.")
+    strategy = tf.distribute.get_strategy()
+    worker_devices = tuple(getattr(strategy.extended, "worker_devices", ()))
+    if tf.distribute.has_strategy() and len(worker_devices) == count:
+      return algorithms.canonical_devices(worker_devices)
+    devices = tuple(v.device for v in values[0].values)
+    if all(devices):
+      return algorithms.canonical_devices(devices)
+    raise ValueError(
+        "cannot tell which device each replica's value lives on (devices "
+        f"{devices!r}); call the reduction inside the strategy's scope.")
+
+  def _reduce_fused(self, reduce_op, values, positions):
+    devices = self._devices_for(values)
+    per_device = [[v.values[d] for v in values] for d in range(len(devices))]
+    specs = [(t.dtype, t.shape) for t in per_device[0]]
+    plan = self.make_plan(specs, devices)
+    # Users read positions in the list they reduced, not in the fused sub-list.
+    self.last_plan = tuple(
+        dataclasses.replace(e, tensor_indices=tuple(positions[i] for i in e.tensor_indices))
+        for e in plan)
+    if tf.executing_eagerly():
+      # Collectives block until every device joins: launched one by one in eager
+      # mode they would deadlock, so the eager path runs as one function.
+      key = (reduce_op, devices, plan)
+      if key not in self._eager_fns:
+        self._eager_fns[key] = tf.function(
+            functools.partial(self._reduce_dense, reduce_op, devices, plan))
+      outputs = self._eager_fns[key](per_device)
+    else:
+      outputs = self._reduce_dense(reduce_op, devices, plan, per_device)
+    return [distribute_utils.regroup(tuple(outputs[d][i] for d in range(len(devices))),
+                                     wrap_class=values_lib.Mirrored)
+            for i in range(len(values))]
+
+  def _group_size(self, devices):
+    return len(devices)
+
+  def _reduce_dense(self, reduce_op, devices, plan, per_device) -> List[List[tf.Tensor]]:
+    collectives = algorithms.Collectives.get(
+        devices, self._group_size(devices), self._options.timeout_seconds)
+    group_size = collectives.group_size
+    outputs = [[None] * len(per_device[0]) for _ in devices]
+    for entry in plan:
+      with tf.name_scope(stats.pack_scope(entry)):
+        buffers, ctx = [], None
+        for device, tensors in zip(collectives.devices, per_device):
+          with tf.device(device):
+            compressed = [self._compressor.compress(tensors[i])
+                          for i in entry.tensor_indices]
+            ctx = compressed[0][1]
+            buffers.append(packing.pack([c for c, _ in compressed]))
+
+        def finish(reduced, ctx=ctx):
+          reduced = self._compressor.decompress(reduced, ctx)
+          if reduce_op == tf.distribute.ReduceOp.MEAN:
+            reduced = _divide(reduced, group_size)
+          return reduced
+
+        reduced = self._run(entry, buffers, collectives, finish)
+        for d, device in enumerate(collectives.devices):
+          with tf.device(device):
+            like = [per_device[d][i] for i in entry.tensor_indices]
+            for i, part in zip(entry.tensor_indices, packing.unpack(reduced[d], like)):
+              outputs[d][i] = part
+    return outputs
+
+  def _run(self, entry, buffers, collectives, finish):
+    return algorithms.run(entry.algorithm, buffers, collectives, finish=finish,
+                          root=entry.index)
+
+  # --- planning ----------------------------------------------------------------------
+
+  def _local_algorithm(self):
+    """The algorithm to run on one worker, with the reason if it differs."""
+    algorithm = self._options.algorithm
+    if algorithm == "hierarchical":
+      return "reduce_to_one", ("hierarchical on one worker is reduce_to_one: reduce in "
+                               "the worker, nothing to cross, broadcast in the worker")
+    return algorithm, ""
+
+  def _available_algorithms(self):
+    return algorithms.LOCAL_ALGORITHMS
+
+  def cost_model(self, devices) -> algorithms.CostModel:
+    """The cost model for `devices`: given, or calibrated once and kept."""
+    if self._given_cost_model is not None:
+      return self._given_cost_model
+    devices = algorithms.canonical_devices(devices)
+    if devices not in self._cost_models:
+      logging.info("tf_fusion: calibrating the all-reduce cost model on %d devices "
+                   "(once; pass cost_model= to skip).", len(devices))
+      self._cost_models[devices] = algorithms.calibrate(
+          devices, self._available_algorithms(),
+          timeout_seconds=self._options.timeout_seconds)
+    return self._cost_models[devices]
+
+  def make_plan(self, specs, devices) -> tuple:
+    """Packs, algorithms and sizes for tensors of `specs` on `devices` (no ops built)."""
+    opts = self._options
+    algorithm, note = self._local_algorithm()
+    if note and note not in self._warned:
+      self._warned.add(note)
+      logging.warning("tf_fusion: %s.", note)
+    needs_model = algorithm == "auto" or opts.pack_bytes is None
+    model = self.cost_model(devices) if needs_model else self._given_cost_model
+    wire = self._compressor.wire_dtype
+    pack_bytes = opts.pack_bytes
+    if pack_bytes is None:
+      pack_bytes = algorithms.choose_pack_bytes(specs, opts.first_pack_bytes, wire, model)
+    packs = packing.plan_packs(specs, pack_bytes, opts.first_pack_bytes)
+    plan = []
+    for index, (p, alg, seconds) in enumerate(
+        algorithms.assign(packs, specs, wire, algorithm, model)):
+      plan.append(stats.PackPlan(
+          index=index, dtype=p.dtype, tensor_count=len(p.indices), bytes=p.nbytes,
+          algorithm=alg, wire_dtype=wire(p.dtype),
+          wire_bytes=algorithms.wire_nbytes(p, specs, wire),
+          tensor_indices=p.indices, predicted_seconds=seconds, note=note))
+    plan = tuple(plan)
+    if not tf.executing_eagerly():
+      logging.info("tf_fusion plan:\n%s", stats.summarize(plan))
+    return plan
+
+
+def _divide(tensor, n):
+  """tensor / n in at least FP32, returned in tensor's dtype."""
+  if tensor.dtype.size < 4:
+    return tf.cast(tf.cast(tensor, tf.float32) / n, tensor.dtype)
+  return tensor / tf.cast(n, tensor.dtype)

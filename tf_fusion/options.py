@@ -1,0 +1,137 @@
+"""FusionOptions: the one validated, frozen description of how gradients are fused.
+
+Follows the shape of `tf.distribute.experimental.CommunicationOptions`: enum names are
+accepted as strings, every field is checked once at construction, and the object is
+immutable so a strategy can hold it safely. Environment variables are read here and only
+here (`FusionOptions.from_env`), unlike Horovod, which reads them all over its code.
+"""
+
+import dataclasses
+import os
+from typing import Mapping, Optional
+
+COMPRESSIONS = ("none", "fp16")
+ALGORITHMS = ("ring", "hierarchical", "reduce_to_one", "auto")
+
+_ENV_PREFIX = "TF_FUSION_"
+
+
+def _check_bytes(name, value, allow_none):
+  if value is None:
+    if allow_none:
+      return
+    raise ValueError(f"{name} must be a non-negative number of bytes, got None.")
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise ValueError(
+        f"{name} must be a non-negative int (bytes), got {value!r} "
+        f"of type {type(value).__name__}.")
+  if value < 0:
+    raise ValueError(f"{name} must be >= 0 bytes, got {value}.")
+
+
+def _check_choice(name, value, choices):
+  if not isinstance(value, str) or value.lower() not in choices:
+    raise ValueError(
+        f"{name}={value!r} is not valid; valid values: {', '.join(choices)}.")
+  return value.lower()
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionOptions:
+  """How gradients are packed, compressed and all-reduced.
+
+  Attributes:
+    pack_bytes: fusion threshold per pack, in bytes. Tensors are added to a pack
+      until the next would push it past this size; a tensor larger than the
+      threshold goes alone. 0 means one pack per dtype. None means auto: the
+      threshold is chosen from the calibrated cost model.
+    first_pack_bytes: threshold for the first pack of each dtype (the last
+      layers' gradients, ready first in back-propagation), kept small so that
+      communication starts early, as PyTorch DDP does with its 1 MB bucket.
+      0 means no special first pack.
+    compression: "none", or "fp16" to carry floating tensors wider than 16 bits
+      as float16 on the wire (halves the bytes; see PAPER.md technique 8).
+    algorithm: "ring", "hierarchical", "reduce_to_one", or "auto" (hybrid: the
+      cheapest per pack from the calibrated cost model).
+    timeout_seconds: optional timeout for each collective, so a dead peer gives
+      an error instead of a hang. None waits forever.
+
+  Example:
+    >>> opts = FusionOptions(pack_bytes=4 << 20, compression="fp16")
+    >>> opts.algorithm
+    'auto'
+
+  Raises:
+    ValueError: on a negative or non-integer size, or an unknown name; the
+      message names the bad value and the valid ones.
+  """
+
+  pack_bytes: Optional[int] = 32 << 20
+  first_pack_bytes: int = 1 << 20
+  compression: str = "none"
+  algorithm: str = "auto"
+  timeout_seconds: Optional[float] = None
+
+  def __post_init__(self):
+    _check_bytes("pack_bytes", self.pack_bytes, allow_none=True)
+    _check_bytes("first_pack_bytes", self.first_pack_bytes, allow_none=False)
+    object.__setattr__(self, "compression",
+                       _check_choice("compression", self.compression, COMPRESSIONS))
+    object.__setattr__(self, "algorithm",
+                       _check_choice("algorithm", self.algorithm, ALGORITHMS))
+    if self.timeout_seconds is not None:
+      if isinstance(self.timeout_seconds, bool) or not isinstance(
+          self.timeout_seconds, (int, float)) or self.timeout_seconds <= 0:
+        raise ValueError(
+            f"timeout_seconds must be a positive number or None, got "
+            f"{self.timeout_seconds!r}.")
+
+  def replace(self, **changes) -> "FusionOptions":
+    """Returns a copy with `changes` applied (and validated)."""
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def from_env(cls, environ: Optional[Mapping[str, str]] = None,
+               **overrides) -> "FusionOptions":
+    """Builds options from TF_FUSION_* variables; keyword overrides win.
+
+    Reads TF_FUSION_PACK_BYTES ("auto" for None), TF_FUSION_FIRST_PACK_BYTES,
+    TF_FUSION_COMPRESSION, TF_FUSION_ALGORITHM and TF_FUSION_TIMEOUT_SECONDS.
+    Sizes are plain integers of bytes; a suffix such as "MB" is refused rather
+    than guessed, because byte-versus-megabyte confusion is a known pain with
+    Horovod's HOROVOD_FUSION_THRESHOLD.
+
+    Args:
+      environ: the mapping to read; os.environ when None.
+      **overrides: field values that take precedence over the environment.
+
+    Returns:
+      A validated FusionOptions.
+
+    Raises:
+      ValueError: if a variable does not parse; the message names it.
+    """
+    environ = os.environ if environ is None else environ
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+      key = _ENV_PREFIX + field.name.upper()
+      if key not in environ:
+        continue
+      raw = environ[key].strip()
+      try:
+        if field.name == "pack_bytes" and raw.lower() == "auto":
+          kwargs[field.name] = None
+        elif field.name in ("pack_bytes", "first_pack_bytes"):
+          kwargs[field.name] = int(raw)
+        elif field.name == "timeout_seconds":
+          kwargs[field.name] = float(raw)
+        else:
+          kwargs[field.name] = raw
+      except ValueError:
+        expected = {"pack_bytes": "a plain integer number of bytes or auto",
+                    "first_pack_bytes": "a plain integer number of bytes",
+                    "timeout_seconds": "a number of seconds"}[field.name]
+        raise ValueError(
+            f"{key}={raw!r} does not parse; expected {expected}.") from None
+    kwargs.update(overrides)
+    return cls(**kwargs)

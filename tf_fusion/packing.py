@@ -1,0 +1,133 @@
+"""Tensor fusion: plan packs, pack a list of tensors into one buffer, unpack it.
+
+`plan_packs` is pure Python over (dtype, shape) pairs so it can be tested and reasoned
+about without TensorFlow devices; `pack` and `unpack` are the only graph ops. Packs
+follow back-propagation order (the reverse of the variable list): the last layer's
+gradients are ready first, so their pack can be reduced while earlier layers are still
+being differentiated (Jia et al. 2018, section 4; PyTorch DDP's reducer does the same).
+"""
+
+import dataclasses
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+
+@dataclasses.dataclass(frozen=True)
+class Pack:
+  """A group of same-dtype tensors reduced by one collective.
+
+  Attributes:
+    dtype: the tensors' dtype (a tf.DType).
+    indices: positions of the tensors in the original list, in the order they
+      are laid out in the packed buffer (back-propagation order).
+    nbytes: total size in bytes, or None when a shape is not fully known (such a
+      tensor always goes alone).
+  """
+
+  dtype: tf.DType
+  indices: Tuple[int, ...]
+  nbytes: Optional[int]
+
+
+def tensor_nbytes(dtype, shape) -> Optional[int]:
+  """Bytes of a tensor of `dtype` and `shape`; None if the shape is not fully known."""
+  shape = tf.TensorShape(shape)
+  if not shape.is_fully_defined():
+    return None
+  return int(np.prod(shape.as_list(), dtype=np.int64)) * tf.as_dtype(dtype).size
+
+
+def plan_packs(specs: Sequence[Tuple[tf.DType, tf.TensorShape]],
+               pack_bytes: int,
+               first_pack_bytes: int = 0) -> List[Pack]:
+  """Groups tensors into packs per dtype, in back-propagation order.
+
+  Walks the tensors from last to first. For each dtype a pack is filled until the
+  next tensor would push it past the threshold, which is `first_pack_bytes` for the
+  dtype's first pack (when non-zero) and `pack_bytes` afterwards; a tensor larger
+  than the threshold goes alone. Tensors of unknown shape go alone.
+
+  Args:
+    specs: (dtype, shape) of each tensor, in variable (forward) order.
+    pack_bytes: fusion threshold in bytes; 0 means one pack per dtype.
+    first_pack_bytes: threshold of each dtype's first pack, capped at pack_bytes;
+      0 means the same as pack_bytes.
+
+  Returns:
+    Packs ordered by the back-propagation position of their first tensor. Every
+    index of `specs` appears in exactly one pack.
+
+  Raises:
+    ValueError: on a negative threshold.
+  """
+  if pack_bytes < 0 or first_pack_bytes < 0:
+    raise ValueError(
+        f"pack sizes must be >= 0, got pack_bytes={pack_bytes}, "
+        f"first_pack_bytes={first_pack_bytes}.")
+  if first_pack_bytes == 0 or pack_bytes == 0:
+    first_limit = pack_bytes
+  else:
+    first_limit = min(first_pack_bytes, pack_bytes)
+  packs = []
+  open_packs = {}  # dtype -> [indices, nbytes, limit] of the pack being filled.
+  started = set()  # dtypes whose first pack has been opened.
+
+  def close(dtype):
+    indices, nbytes, _ = open_packs.pop(dtype)
+    packs.append(Pack(dtype, tuple(indices), nbytes))
+
+  for index in reversed(range(len(specs))):
+    dtype, shape = tf.as_dtype(specs[index][0]), specs[index][1]
+    size = tensor_nbytes(dtype, shape)
+    if size is None:
+      packs.append(Pack(dtype, (index,), None))
+      continue
+    current = open_packs.get(dtype)
+    if current is not None and current[2] and current[1] + size > current[2]:
+      close(dtype)
+      current = None
+    if current is None:
+      limit = pack_bytes if dtype in started else first_limit
+      started.add(dtype)
+      current = open_packs[dtype] = [[], 0, limit]
+    current[0].append(index)
+    current[1] += size
+    if current[2] and current[1] >= current[2]:
+      close(dtype)
+  for dtype in list(open_packs):
+    close(dtype)
+  backprop_position = lambda p: len(specs) - 1 - p.indices[0]
+  return sorted(packs, key=backprop_position)
+
+
+def pack(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+  """Flattens and concatenates `tensors` into one rank-1 buffer."""
+  flat = [tf.reshape(t, [-1]) for t in tensors]
+  if len(flat) == 1:
+    return flat[0]
+  return tf.concat(flat, axis=0)
+
+
+def unpack(buffer: tf.Tensor, like: Sequence[tf.Tensor]) -> List[tf.Tensor]:
+  """Splits `buffer` back into tensors shaped as `like` (inverse of `pack`).
+
+  Static sizes are used when known, so the split needs no shape ops at run time;
+  otherwise sizes and shapes are read dynamically.
+  """
+  if len(like) == 1:
+    return [_reshape_like(buffer, like[0])]
+  static = [t.shape.num_elements() for t in like]
+  if all(n is not None for n in static):
+    sizes = static
+  else:
+    sizes = tf.stack([tf.size(t) for t in like])
+  parts = tf.split(buffer, sizes, num=len(like))
+  return [_reshape_like(p, t) for p, t in zip(parts, like)]
+
+
+def _reshape_like(flat, like):
+  if like.shape.is_fully_defined():
+    return tf.reshape(flat, like.shape)
+  return tf.reshape(flat, tf.shape(like))
