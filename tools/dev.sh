@@ -19,7 +19,7 @@ case "$cmd" in
   main)
     exec "$VENV/bin/python" tools/allreduce_bench.py --out_dir out/allreduce_bench "$@" ;;
   test)
-    exec "$VENV/bin/python" -m pytest tests -q "$@" ;;
+    exec "$VENV/bin/python" -m pytest -q "$@" ;;
   *)
     echo "usage: bash tools/dev.sh main|test [args...]" >&2; exit 2 ;;
 esac
