@@ -123,11 +123,9 @@ def reduce_to_one(buffers, collectives, finish=None, root=0):
   for device, b in zip(devices[1:], buffers[1:]):
     with tf.device(device):
       total = tf.math.add(total, b)
-  with tf.device(devices[-1]):
-    if finish is not None:
+  if finish is not None:
+    with tf.device(devices[-1]):
       total = finish(total)
-    else:
-      total = tf.identity(total)
   out = []
   for device in devices:
     with tf.device(device):
