@@ -213,15 +213,27 @@ class CostModel:
       return cls.from_json(f.read())
 
 
-def _median_seconds(fn, repeats):
-  fn()  # Trace and warm up.
+def time_calls(fn, repeats, warmup=2):
+  """Calls `fn` `warmup` times (the first traces), then `repeats` timed times.
+
+  Returns:
+    (seconds of the first call, list of the timed calls' seconds).
+  """
+  start = time.perf_counter()
   fn()
+  first = time.perf_counter() - start
+  for _ in range(warmup - 1):
+    fn()
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     fn()
     times.append(time.perf_counter() - start)
-  return float(np.median(times))
+  return first, times
+
+
+def _median_seconds(fn, repeats):
+  return float(np.median(time_calls(fn, repeats)[1]))
 
 
 def _filled(devices, num_elements, value):
