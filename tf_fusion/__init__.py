@@ -4,10 +4,12 @@ Tensor fusion, FP16 on the wire and per-pack choice of all-reduce algorithm, aft
 Jia et al. 2018, "Training ImageNet in Four Minutes" (arXiv:1807.11205).
 """
 
+from tf_fusion import mixed_precision
 from tf_fusion.algorithms import CostModel
 from tf_fusion.algorithms import calibrate
 from tf_fusion.compression import Compression
 from tf_fusion.cross_device_ops import FusedAllReduce
+from tf_fusion.optimizers import LARS
 from tf_fusion.options import FusionOptions
 from tf_fusion.stats import PackPlan
 from tf_fusion.strategy import fused_ops_of
@@ -20,9 +22,11 @@ __all__ = [
     "CostModel",
     "FusedAllReduce",
     "FusionOptions",
+    "LARS",
     "PackPlan",
     "calibrate",
     "fused_ops_of",
     "mirrored_strategy",
+    "mixed_precision",
     "__version__",
 ]

@@ -1,0 +1,189 @@
+"""Loss scaling that reduces first: global finiteness, FP16-wire overflow and underflow."""
+
+from absl.testing import parameterized
+import keras
+import numpy as np
+import tensorflow as tf
+
+import tf_fusion
+from tests import helpers
+
+
+def _step(n, per_replica_grads, compression="none", keras_lso=False, scale=2.0**15):
+  """One apply_gradients of SGD(lr=1) on w = 0 with loss sum(w * c_r) on replica r.
+
+  The gradient on replica r is c_r (times the loss scale), so the reduced, unscaled
+  gradient is sum_r c_r and the new weight is -sum_r c_r (exact in float32 even for
+  tiny gradients, which 1 - g would round away).
+
+  Returns:
+    (weights on every replica, loss scale after, inner-optimizer iterations after).
+  """
+  ops = tf_fusion.FusedAllReduce(tf_fusion.FusionOptions(compression=compression,
+                                                         algorithm="ring"))
+  strategy = tf.distribute.MirroredStrategy(helpers.devices(n), cross_device_ops=ops)
+  size = per_replica_grads[0].size
+  with strategy.scope():
+    w = keras.Variable(np.zeros(size, np.float32), name="w")
+    inner = keras.optimizers.SGD(1.0)
+    if keras_lso:
+      opt = keras.optimizers.LossScaleOptimizer(inner, initial_scale=scale)
+    else:
+      opt = tf_fusion.mixed_precision.loss_scale(inner, initial_scale=scale)
+    opt.build([w])
+  c = helpers.per_replica(strategy, per_replica_grads)
+
+  @tf.function
+  def train(c):
+    def replica_fn(c):
+      with tf.GradientTape() as tape:
+        loss = opt.scale_loss(tf.reduce_sum(w * c))
+      opt.apply_gradients(zip(tape.gradient(loss, [w]), [w]))
+    strategy.run(replica_fn, args=(c,))
+
+  train(c)
+  weights = [v.numpy() for v in w.value.values]
+  return weights, float(opt.dynamic_scale.numpy()), int(opt.iterations.numpy())
+
+
+class GlobalFinitenessTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.named_parameters(("_2_replicas", 2), ("_4_replicas", 4))
+  def test_inf_on_the_last_replica_alone_skips_every_replica(self, n):
+    grads = [np.full(3, 0.25, np.float32) for _ in range(n)]
+    grads[-1][1] = np.inf
+    weights, scale, iterations = _step(n, grads)
+    for w in weights:
+      self.assertAllEqual(w, np.zeros(3))       # no replica applied the step
+    self.assertEqual(scale, 2.0**14)            # the scale dropped once
+    self.assertEqual(iterations, 0)
+
+  def test_keras_loss_scale_optimizer_applies_it(self):
+    """The control: Keras 3.15 decides from replica 0 and writes -inf into the weights.
+
+    If this starts failing, Keras fixed its LossScaleOptimizer: keep ours (it also keeps
+    the wire scaled) but update README's note.
+    """
+    grads = [np.full(3, 0.25, np.float32) for _ in range(2)]
+    grads[1][1] = np.inf
+    weights, _, _ = _step(2, grads, keras_lso=True)
+    self.assertFalse(np.all(np.isfinite(weights[0])))
+
+  def test_finite_step_applies_the_reduced_unscaled_mean(self):
+    rng = np.random.RandomState(0)
+    grads = [rng.randn(5).astype(np.float32) for _ in range(4)]
+    weights, scale, iterations = _step(4, grads, scale=2.0**10)
+    want = -helpers.reference([g * 2.0**10 for g in grads], "SUM") / 2.0**10
+    for w in weights:
+      self.assertAllClose(w, want, rtol=1e-6, atol=1e-6)
+    self.assertEqual(scale, 2.0**10)
+    self.assertEqual(iterations, 1)
+
+  def test_fp16_wire_overflow_skips_the_step(self):
+    # Each replica's scaled gradient is 2^15 (fits FP16, max 65504); their sum on the
+    # FP16 wire, 2^16, does not. Without compression the same step is applied.
+    grads = [np.ones(4, np.float32), np.ones(4, np.float32)]
+    weights, scale, iterations = _step(2, grads, compression="fp16")
+    self.assertAllEqual(weights[0], np.zeros(4))
+    self.assertEqual((scale, iterations), (2.0**14, 0))
+    weights, scale, iterations = _step(2, grads, compression="none")
+    self.assertAllEqual(weights[0], np.full(4, -2.0))
+    self.assertEqual((scale, iterations), (2.0**15, 1))
+
+
+class SmallGradientTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.named_parameters(("_1e-6", 1e-6), ("_1e-8", 1e-8))
+  def test_small_gradient_survives_the_fp16_wire(self, g):
+    grads = [np.full(4, g, np.float32) for _ in range(2)]
+    weights, _, _ = _step(2, grads, compression="fp16")
+    applied = -weights[0].astype(np.float64)
+    # Loss-scaled on the wire: within FP16 rounding (2^-11 relative, twice: the cast and
+    # the sum) of 2g.
+    self.assertAllClose(applied, np.full(4, 2 * g), rtol=2.0**-10, atol=0)
+
+  def test_keras_order_loses_it(self):
+    """The control: unscaled before the wire, 1e-8 is below FP16's smallest subnormal."""
+    self.assertEqual(np.float16(1e-8), 0)
+    grads = [np.full(4, 1e-8, np.float32) for _ in range(2)]
+    ours, _, _ = _step(2, grads, compression="fp16")
+    theirs, _, _ = _step(2, grads, compression="fp16", keras_lso=True)
+    self.assertAllEqual(theirs[0], np.zeros(4))         # the update vanished
+    self.assertAllClose(-ours[0], np.full(4, 2e-8), rtol=2.0**-10, atol=0)
+
+
+class PolicyTest(tf.test.TestCase):
+
+  def tearDown(self):
+    keras.mixed_precision.set_dtype_policy("float32")
+    super().tearDown()
+
+  def test_policies(self):
+    self.assertTrue(tf_fusion.mixed_precision.needs_loss_scaling("mixed_float16"))
+    self.assertFalse(tf_fusion.mixed_precision.needs_loss_scaling("mixed_bfloat16"))
+    self.assertFalse(tf_fusion.mixed_precision.needs_loss_scaling("float32"))
+    policy = tf_fusion.mixed_precision.set_policy("mixed_bfloat16")
+    self.assertEqual((policy.compute_dtype, policy.variable_dtype), ("bfloat16", "float32"))
+    with self.assertRaisesRegex(ValueError, "valid: float32, mixed_float16, mixed_bfloat16"):
+      tf_fusion.mixed_precision.set_policy("float16")
+    sgd = keras.optimizers.SGD(0.1)
+    self.assertIs(tf_fusion.mixed_precision.optimizer_for_policy(sgd, "mixed_bfloat16"), sgd)
+    wrapped = tf_fusion.mixed_precision.optimizer_for_policy(sgd, "mixed_float16")
+    self.assertIsInstance(wrapped, tf_fusion.mixed_precision.LossScaleOptimizer)
+    with self.assertRaisesRegex(ValueError, "already loss-scaled"):
+      tf_fusion.mixed_precision.loss_scale(wrapped)
+
+  def test_config_round_trip(self):
+    opt = tf_fusion.mixed_precision.loss_scale(tf_fusion.LARS(0.2, eta=0.01),
+                                               initial_scale=1024.0,
+                                               dynamic_growth_steps=7)
+    clone = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
+    self.assertIsInstance(clone, tf_fusion.mixed_precision.LossScaleOptimizer)
+    self.assertIsInstance(clone.inner_optimizer, tf_fusion.LARS)
+    self.assertEqual(clone.get_config(), opt.get_config())
+
+  def _fit(self, policy, compression):
+    tf_fusion.mixed_precision.set_policy(policy)
+    rng = np.random.RandomState(0)
+    x = rng.randn(512, 8).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(np.int32)
+    ops = tf_fusion.FusedAllReduce(tf_fusion.FusionOptions(compression=compression))
+    strategy = tf.distribute.MirroredStrategy(helpers.devices(2), cross_device_ops=ops)
+    with strategy.scope():
+      keras.utils.set_random_seed(0)
+      model = keras.Sequential([
+          keras.Input((8,)),
+          keras.layers.Dense(32, activation="relu"),
+          keras.layers.BatchNormalization(),
+          keras.layers.Dense(2),
+          keras.layers.Activation("linear", dtype="float32"),
+      ])
+      opt = tf_fusion.mixed_precision.optimizer_for_policy(
+          tf_fusion.LARS(2.0, momentum=0.9, weight_decay=1e-4, eta=0.01))
+      model.compile(opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                    metrics=["accuracy"])
+    history = model.fit(x, y, batch_size=128, epochs=6, verbose=0)
+    self.assertNotEmpty(ops.last_plan)   # the gradients went through the fused path
+    self.assertEqual({p.wire_dtype for p in ops.last_plan},
+                     {tf.float16 if compression == "fp16" else tf.float32})
+    return model, history.history
+
+  def test_fit_mixed_float16_with_lars_and_fp16_wire(self):
+    model, history = self._fit("mixed_float16", "fp16")
+    self.assertIsInstance(model.optimizer, tf_fusion.mixed_precision.LossScaleOptimizer)
+    self.assertEqual(model.layers[0].compute_dtype, "float16")
+    for w in model.weights:
+      self.assertEqual(w.dtype, "float32", msg=w.path)   # master weights stay FP32
+      self.assertTrue(np.all(np.isfinite(w.numpy())), msg=w.path)
+    self.assertLess(history["loss"][-1], 0.5 * history["loss"][0])
+    self.assertGreater(history["accuracy"][-1], 0.9)
+
+  def test_fit_mixed_bfloat16_needs_no_loss_scale(self):
+    model, history = self._fit("mixed_bfloat16", "none")
+    self.assertIsInstance(model.optimizer, tf_fusion.LARS)
+    self.assertEqual(model.layers[0].compute_dtype, "bfloat16")
+    self.assertGreater(history["accuracy"][-1], 0.9)
+
+
+if __name__ == "__main__":
+  tf.test.main()

@@ -1,0 +1,183 @@
+"""Mixed precision for data-parallel training: FP32 master weights, loss-scaled FP16 wire.
+
+Keras's LossScaleOptimizer (3.15) unscales each replica's gradients and tests them for
+inf/NaN *before* the all-reduce, and under MirroredStrategy takes replica 0's answer for
+everyone. Two things go wrong at scale:
+- gradients cross the wire unscaled, so FP16 compression flushes the small ones to zero
+  (FP16's smallest subnormal is 6e-8; many ResNet gradients are below it);
+- an inf on replica 1 alone is applied: the all-reduced gradient is inf and the weights
+  become -inf/NaN.
+The optimizer here all-reduces the gradients while still loss-scaled, unscales once after
+the reduction (in FP32), and decides finiteness on the reduced gradients, which every
+replica holds identically: one inf anywhere (or an FP16 pack that overflowed on the wire)
+skips the step on every replica and halves the scale.
+
+Usage:
+    tf_fusion.mixed_precision.set_policy("mixed_float16")
+    with strategy.scope():
+      model = build_model()
+      opt = tf_fusion.mixed_precision.loss_scale(tf_fusion.LARS(...))
+      model.compile(opt, ...)
+
+References:
+  Micikevicius et al. 2018, "Mixed Precision Training", arXiv:1710.03740.
+  Jia et al. 2018, arXiv:1807.11205, §3 (FP16 forward/backward, FP32 LARS).
+"""
+
+import contextlib
+
+import keras
+from keras import ops
+import tensorflow as tf
+
+POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+def set_policy(name):
+  """Sets Keras's global dtype policy; returns it.
+
+  Args:
+    name: "float32", "mixed_float16" (the paper: needs loss scaling) or
+      "mixed_bfloat16" (same exponent range as FP32: no loss scaling).
+
+  Raises:
+    ValueError: for any other name.
+  """
+  if name not in POLICIES:
+    raise ValueError(f"Unknown precision policy {name!r}; valid: {', '.join(POLICIES)}.")
+  keras.mixed_precision.set_dtype_policy(name)
+  return keras.mixed_precision.dtype_policy()
+
+
+def needs_loss_scaling(policy=None):
+  """True when `policy` (default: the global one) computes in float16."""
+  policy = policy or keras.mixed_precision.dtype_policy()
+  name = policy if isinstance(policy, str) else policy.compute_dtype
+  return "float16" in name and "bfloat16" not in name
+
+
+def loss_scale(optimizer, initial_scale=2.0**15, dynamic_growth_steps=2000):
+  """Wraps `optimizer` in the all-reduce-aware dynamic loss scaling below."""
+  if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+    raise ValueError(f"{optimizer.name} is already loss-scaled; wrap the inner optimizer.")
+  return LossScaleOptimizer(optimizer, initial_scale=initial_scale,
+                            dynamic_growth_steps=dynamic_growth_steps)
+
+
+def optimizer_for_policy(optimizer, policy=None):
+  """`loss_scale(optimizer)` under a float16 policy, else `optimizer` unchanged."""
+  return loss_scale(optimizer) if needs_loss_scaling(policy) else optimizer
+
+
+@contextlib.contextmanager
+def _gradients_already_reduced(optimizer):
+  """Makes Keras's TF optimizer skip its own all-reduce (we did it, loss-scaled)."""
+  if not hasattr(optimizer, "_all_reduce_sum_gradients"):
+    raise TypeError(
+        f"{type(optimizer).__name__} has no _all_reduce_sum_gradients: tf_fusion's loss "
+        "scaling needs a Keras 3 optimizer on the TensorFlow backend.")
+  depth = getattr(optimizer, "_tf_fusion_reduced_depth", 0)
+  optimizer._tf_fusion_reduced_depth = depth + 1  # pylint: disable=protected-access
+  if depth == 0:
+    optimizer._all_reduce_sum_gradients = list  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    optimizer._tf_fusion_reduced_depth = depth  # pylint: disable=protected-access
+    if depth == 0:
+      del optimizer._all_reduce_sum_gradients  # instance attribute: the method returns
+
+
+@keras.saving.register_keras_serializable(package="tf_fusion")
+class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+  """Dynamic loss scaling with the all-reduce on scaled gradients, unscaled after.
+
+  Same state, schedule and config as keras.optimizers.LossScaleOptimizer (it is one, so
+  `compile` does not wrap it again); under a tf.distribute strategy, `apply` reduces
+  first, then unscales and checks finiteness on the reduced values.
+  """
+
+  def apply(self, grads, trainable_variables=None):
+    if not tf.distribute.has_strategy():
+      return super().apply(grads, trainable_variables)
+    if tf.distribute.in_cross_replica_context():
+      raise ValueError("apply() must be called in a replica context.")
+    if not self.built:
+      with keras.name_scope(self.name, caller=self):
+        self.build(trainable_variables)
+      self.built = True
+    variables = list(trainable_variables or self._trainable_variables)
+    grads = self._unscale(self._all_reduce_scaled(list(grads)), variables)
+    finite = self.check_finite(grads)
+    if tf.__internal__.distribute.strategy_supports_no_merge_call():
+      ops.cond(finite, lambda: self._finite_step(grads, trainable_variables),
+               self._stateful_handle_non_finite_grads)
+      return None
+    tf.distribute.get_replica_context().merge_call(
+        self._cross_replica_apply, args=(grads, finite, trainable_variables))
+    return None
+
+  def _all_reduce_scaled(self, grads):
+    """SUM all-reduce of the loss-scaled gradients (None entries kept)."""
+    present = [g for g in grads if g is not None]
+    if not present:
+      return grads
+    reduced = iter(tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, present))
+    return [None if g is None else next(reduced) for g in grads]
+
+  def _unscale(self, grads, variables):
+    """Divides by the loss scale once, in at least FP32, after the reduction."""
+    out = []
+    for g, v in zip(grads, variables):
+      if g is None or self._overwrite_variable_with_gradient(v):
+        out.append(g)
+        continue
+      dtype = g.dtype if g.dtype.size >= 4 else tf.float32
+      if isinstance(g, tf.IndexedSlices):
+        out.append(tf.IndexedSlices(tf.cast(g.values, dtype) / tf.cast(self.dynamic_scale, dtype),
+                                    g.indices, g.dense_shape))
+      else:
+        out.append(tf.cast(g, dtype) / tf.cast(self.dynamic_scale, dtype))
+    return out
+
+  def check_finite(self, grads):
+    values = [g.values if isinstance(g, tf.IndexedSlices) else g
+              for g in grads if g is not None]
+    return super().check_finite(values)
+
+  def _apply_reduced(self, grads, trainable_variables):
+    """Replica context: the inner step on already-reduced, unscaled gradients."""
+    with _gradients_already_reduced(self.inner_optimizer):
+      self.inner_optimizer.apply(grads, trainable_variables=trainable_variables)
+
+  def _finite_step(self, grads, trainable_variables):
+    self._apply_reduced(grads, trainable_variables)
+    self._grow_scale()
+
+  def _grow_scale(self):
+    """After a finite step: double the scale every dynamic_growth_steps steps."""
+    def upscale():
+      self.step_counter.assign(0)
+      self.dynamic_scale.assign(self.dynamic_scale * 2.0)
+
+    def increment():
+      self.step_counter.assign_add(1)
+
+    ops.cond(ops.equal(self.step_counter, self.dynamic_growth_steps - 1), upscale,
+             increment)
+
+  def _cross_replica_apply(self, distribution, grads, finite, trainable_variables):
+    # The reduced gradients are the same on every replica, hence so is `finite`; the
+    # AND over local replicas keeps the decision one even if a reduction were not
+    # bit-identical across devices.
+    finite = tf.reduce_all(tf.stack(distribution.experimental_local_results(finite)))
+
+    def apply_fn():
+      distribution.extended.call_for_each_replica(
+          self._apply_reduced, args=(grads, trainable_variables))
+      self._grow_scale()
+
+    # The cond runs in cross-replica context: a branch that calls merge_call (the inner
+    # optimizer does) cannot live in a replica-context cond.
+    ops.cond(finite, apply_fn, self._stateful_handle_non_finite_grads)
