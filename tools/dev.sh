@@ -2,15 +2,20 @@
 # One entry point for the README's two commands, on a fresh machine:
 #   bash tools/dev.sh main   -> the main job
 #   bash tools/dev.sh test   -> the test suite
-# Creates ./.venv (once) and installs the project with its pinned dependencies.
+# Creates ./.venv (once) and installs the project with its pinned dependencies; installs
+# again when setup.cfg (the dependency list) changed since the last install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${TF_FUSION_VENV:-.venv}
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import tf_fusion, pytest, matplotlib" 2>/dev/null; then
-  echo "[dev] creating $VENV and installing tf_fusion with its pinned dependencies" >&2
-  python3 -m venv "$VENV"
+STAMP="$VENV/.tf_fusion-setup.cfg.sha256"
+want=$(sha256sum setup.cfg | cut -d' ' -f1)
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ] \
+    || ! "$VENV/bin/python" -c "import tf_fusion, pytest, matplotlib, sklearn" 2>/dev/null; then
+  echo "[dev] setting up $VENV: tf_fusion with its pinned dependencies" >&2
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
   "$VENV/bin/pip" install -q -e ".[test,tools]"
+  echo "$want" > "$STAMP"
 fi
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 cmd=${1:-}
