@@ -9,11 +9,13 @@ from tf_fusion.algorithms import CostModel
 from tf_fusion.algorithms import calibrate
 from tf_fusion.compression import Compression
 from tf_fusion.cross_device_ops import FusedAllReduce
+from tf_fusion.cross_device_ops import MultiWorkerFusedAllReduce
 from tf_fusion.optimizers import LARS
 from tf_fusion.options import FusionOptions
 from tf_fusion.stats import PackPlan
 from tf_fusion.strategy import fused_ops_of
 from tf_fusion.strategy import mirrored_strategy
+from tf_fusion.strategy import multi_worker_strategy
 
 __version__ = "0.1.0"
 
@@ -23,10 +25,12 @@ __all__ = [
     "FusedAllReduce",
     "FusionOptions",
     "LARS",
+    "MultiWorkerFusedAllReduce",
     "PackPlan",
     "calibrate",
     "fused_ops_of",
     "mirrored_strategy",
     "mixed_precision",
+    "multi_worker_strategy",
     "__version__",
 ]

@@ -33,6 +33,7 @@ from tensorflow.python.distribute import cross_device_utils
 from tf_fusion import packing
 
 LOCAL_ALGORITHMS = ("ring", "reduce_to_one")
+MULTI_WORKER_ALGORITHMS = ("ring", "hierarchical")
 
 # TF's strategies count their collective group keys up from 1 (+ a per-strategy base in
 # tests); ours start far above so that no strategy of TF's can collide with them, and
@@ -53,12 +54,24 @@ class Collectives:
 
   Get one with `Collectives.get(devices, group_size)`: launchers are shared by every
   FusedAllReduce in the process, so the group and instance keys never collide.
+  `group_size` counts the devices of every worker; it is len(devices) on one worker.
+
+  Group keys are handed out in order of first use, like TF's own: every worker runs the
+  same program, so every worker gives the same group the same key.
   """
 
   def __init__(self, devices, group_size, timeout_seconds=None):
     self.devices = tuple(devices)
     self.group_size = group_size
-    group_key = _KEYS.get_group_key(self.devices)
+    if group_size % len(self.devices):
+      raise ValueError(f"group_size={group_size} is not a multiple of the "
+                       f"{len(self.devices)} local devices: workers must have equal "
+                       "device counts.")
+    self.num_workers = group_size // len(self.devices)
+    self._timeout_seconds = timeout_seconds
+    # The size is part of the key: the same devices in a local and a global group are
+    # two groups.
+    group_key = _KEYS.get_group_key(self.devices + (f"group_size:{group_size}",))
     self._options = collective_util.Options(
         implementation=collective_util.CommunicationImplementation.AUTO,
         timeout_seconds=timeout_seconds)
@@ -79,6 +92,14 @@ class Collectives:
   def all_reduce(self, buffers: Sequence[tf.Tensor]) -> List[tf.Tensor]:
     """Sums `buffers` (one per local device) across the whole group."""
     return [l.all_reduce(b) for l, b in zip(self._launchers, buffers)]
+
+  def launcher(self, index):
+    """The launcher of local device `index` (for per-replica, no-merge-call reductions)."""
+    return self._launchers[index]
+
+  def across_workers(self) -> "Collectives":
+    """The group of one device per worker (this worker's last local device)."""
+    return Collectives.get(self.devices[-1:], self.num_workers, self._timeout_seconds)
 
 
 def ring(buffers, collectives, finish=None, root=0):
@@ -118,13 +139,35 @@ def reduce_to_one(buffers, collectives, finish=None, root=0):
   39.8 ms against 43.9 ms for AddN).
   """
   del root  # The order, hence the last device, is fixed by the device order.
-  devices = collectives.devices
+  return _sum_then_copy(buffers, collectives.devices, finish)
+
+
+def hierarchical(buffers, collectives, finish=None, root=0):
+  """Jia et al. 2018, §6: reduce inside the worker, all-reduce across workers, broadcast.
+
+  The local sum is reduce_to_one's chain of adds onto the last local device; that
+  device joins a group of one device per worker, whose all-reduce crosses workers with
+  one buffer per worker instead of one per device; the result is copied back to the
+  local devices. On one worker it is reduce_to_one.
+  """
+  del root
+  across = None
+  if collectives.num_workers > 1:
+    across = lambda total: collectives.across_workers().all_reduce([total])[0]
+  return _sum_then_copy(buffers, collectives.devices, finish, across)
+
+
+def _sum_then_copy(buffers, devices, finish, across=None):
+  """Chain-adds in device order onto the last device, runs `across` (the cross-worker
+  all-reduce) and `finish` there, copies the result to every device."""
   total = buffers[0]
   for device, b in zip(devices[1:], buffers[1:]):
     with tf.device(device):
       total = tf.math.add(total, b)
-  if finish is not None:
-    with tf.device(devices[-1]):
+  with tf.device(devices[-1]):
+    if across is not None:
+      total = across(total)
+    if finish is not None:
       total = finish(total)
   out = []
   for device in devices:
@@ -133,16 +176,20 @@ def reduce_to_one(buffers, collectives, finish=None, root=0):
   return out
 
 
-_IMPLEMENTATIONS = {"ring": ring, "reduce_to_one": reduce_to_one, "none": copy_only}
+_IMPLEMENTATIONS = {"ring": ring, "reduce_to_one": reduce_to_one,
+                    "hierarchical": hierarchical, "none": copy_only}
 
 
 def run(algorithm, buffers, collectives, finish=None, root=0):
-  """Reduces one pack with `algorithm` ("ring" or "reduce_to_one")."""
+  """Reduces one pack with `algorithm` (a key of _IMPLEMENTATIONS)."""
   try:
     fn = _IMPLEMENTATIONS[algorithm]
   except KeyError:
-    raise ValueError(f"algorithm={algorithm!r} cannot run on local devices; "
-                     f"valid values: {', '.join(_IMPLEMENTATIONS)}.") from None
+    raise ValueError(f"unknown algorithm {algorithm!r}; valid values: "
+                     f"{', '.join(_IMPLEMENTATIONS)}.") from None
+  if algorithm == "reduce_to_one" and collectives.num_workers > 1:
+    raise ValueError("reduce_to_one stays on one worker; across workers use "
+                     "hierarchical (its multi-worker form).")
   return fn(buffers, collectives, finish=finish, root=root)
 
 
@@ -273,7 +320,8 @@ def calibrate(devices: Sequence[str],
               algorithms: Sequence[str] = LOCAL_ALGORITHMS,
               sizes: Sequence[int] = (4 << 10, 256 << 10, 4 << 20, 16 << 20),
               repeats: int = 5,
-              timeout_seconds: Optional[float] = None) -> CostModel:
+              timeout_seconds: Optional[float] = None,
+              group_size: Optional[int] = None) -> CostModel:
   """Measures alpha, beta per algorithm and the packing copy cost on `devices`.
 
   Each point is the per-collective time of independent float32 all-reduces of one
@@ -286,11 +334,15 @@ def calibrate(devices: Sequence[str],
     sizes: buffer sizes in bytes per device.
     repeats: timed calls per point (the median is used).
     timeout_seconds: collective timeout while measuring.
+    group_size: devices of all workers (default: these devices alone). With several
+      workers, every worker must call this at the same point of the program: the
+      measurements run collectives across workers, and the constants are averaged
+      across workers so that every worker plans the same packs and algorithms.
 
   Returns:
     A CostModel fitted to the measurements.
   """
-  collectives = Collectives.get(devices, timeout_seconds=timeout_seconds)
+  collectives = Collectives.get(devices, group_size, timeout_seconds=timeout_seconds)
   devices = collectives.devices
   start = time.perf_counter()
   alpha, beta = {}, {}
@@ -304,12 +356,31 @@ def calibrate(devices: Sequence[str],
         per_size.append(_per_unit_seconds(unit, inputs, low, repeats))
       alpha[algorithm], beta[algorithm] = _fit_line(list(sizes), per_size)
     copy_beta = _measure_copy_beta(devices, max(sizes), repeats)
+    if collectives.num_workers > 1:
+      alpha, beta, copy_beta = _average_across_workers(collectives, alpha, beta, copy_beta)
   elapsed = time.perf_counter() - start
   model = CostModel(alpha, beta, copy_beta,
-                    description=f"calibrated on {len(devices)} devices "
-                    f"({devices[0]} ...) in {elapsed:.1f}s")
+                    description=f"calibrated on {collectives.num_workers} worker(s) x "
+                    f"{len(devices)} devices ({devices[0]} ...) in {elapsed:.1f}s")
   logging.info("tf_fusion cost model: %s", model.to_json())
   return model
+
+
+def _average_across_workers(collectives, alpha, beta, copy_beta):
+  """Means of the constants over workers: bit-identical on every worker afterwards.
+
+  Timings differ from worker to worker; plans built from different models would
+  launch different collectives and hang.
+  """
+  names = sorted(alpha)
+  vector = [alpha[n] for n in names] + [beta[n] for n in names] + [copy_beta]
+  across = collectives.across_workers()
+  with tf.device(across.devices[0]):
+    summed = tf.function(lambda v: across.all_reduce([v])[0])(
+        tf.constant(vector, tf.float64)).numpy() / across.group_size
+  k = len(names)
+  return (dict(zip(names, map(float, summed[:k]))),
+          dict(zip(names, map(float, summed[k:2 * k]))), float(summed[-1]))
 
 
 def _measure_copy_beta(devices, nbytes, repeats, pieces=8):
@@ -336,7 +407,9 @@ def assign(packs: Sequence[packing.Pack],
            specs: Sequence[Tuple[tf.DType, tf.TensorShape]],
            wire_dtype,
            algorithm: str,
-           model: Optional[CostModel] = None) -> List[Tuple[packing.Pack, str, Optional[float]]]:
+           model: Optional[CostModel] = None,
+           unknown_size_algorithm: str = "reduce_to_one",
+           ) -> List[Tuple[packing.Pack, str, Optional[float]]]:
   """Gives each pack an algorithm; under "auto", may split a pack into singletons.
 
   Args:
@@ -345,11 +418,14 @@ def assign(packs: Sequence[packing.Pack],
     wire_dtype: function from a tensor dtype to its dtype on the wire.
     algorithm: a local algorithm name, or "auto" (needs `model`).
     model: the cost model for "auto".
+    unknown_size_algorithm: for packs of unknown size: one that needs no size
+      agreement between devices and is safe on zero elements (reduce_to_one on one
+      worker, hierarchical on several).
 
   Returns:
     (pack, algorithm, predicted seconds or None) in launch order. An empty pack
-    gets "none" (nothing to send); a pack of unknown size gets "reduce_to_one",
-    which needs no size agreement and is safe if the size turns out to be zero.
+    gets "none" (nothing to send); a pack of unknown size gets
+    `unknown_size_algorithm`.
   """
   if algorithm == "auto" and model is None:
     raise ValueError("algorithm='auto' needs a calibrated CostModel.")
@@ -359,7 +435,7 @@ def assign(packs: Sequence[packing.Pack],
       out.append((p, "none", 0.0))
       continue
     if p.nbytes is None:
-      out.append((p, "reduce_to_one", None))
+      out.append((p, unknown_size_algorithm, None))
       continue
     if algorithm != "auto":
       out.append((p, algorithm, _predict(model, algorithm, p, specs, wire_dtype)))

@@ -12,10 +12,13 @@ settings live on this object (FusionOptions), not in per-call options.
 
 import dataclasses
 import functools
+import zlib
 from typing import List, Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 from absl import logging
+from tensorflow.python.distribute import collective_util
 from tensorflow.python.distribute import cross_device_ops as tf_cross_device_ops
 from tensorflow.python.distribute import distribute_utils
 from tensorflow.python.distribute import values as values_lib
@@ -86,7 +89,10 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
 
   def batch_reduce_implementation(self, reduce_op, value_destination_pairs,
                                   options):
-    del options  # Keras passes none; our settings are self._options.
+    # Keras passes no options; our settings are self._options. TF's ops (the fallback)
+    # want some.
+    if options is None:
+      options = collective_util.Options(timeout_seconds=self._options.timeout_seconds)
     reduce_op = tf.distribute.ReduceOp(reduce_op)
     results = [None] * len(value_destination_pairs)
     fused = []
@@ -94,7 +100,7 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
       if self._fusible(value, dest):
         fused.append(i)
       else:
-        results[i] = self._fallback.reduce_implementation(reduce_op, value, dest, None)
+        results[i] = self._fallback.reduce_implementation(reduce_op, value, dest, options)
     if fused:
       values = [value_destination_pairs[i][0] for i in fused]
       for i, mirrored in zip(fused, self._reduce_fused(reduce_op, values, fused)):
@@ -195,6 +201,9 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
 
   # --- planning ----------------------------------------------------------------------
 
+  # Needs no size agreement between devices: safe for packs of unknown size.
+  _unknown_size_algorithm = "reduce_to_one"
+
   def _local_algorithm(self):
     """The algorithm to run on one worker, with the reason if it differs."""
     algorithm = self._options.algorithm
@@ -216,7 +225,8 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
                    "(once; pass cost_model= to skip).", len(devices))
       self._cost_models[devices] = algorithms.calibrate(
           devices, self._available_algorithms(),
-          timeout_seconds=self._options.timeout_seconds)
+          timeout_seconds=self._options.timeout_seconds,
+          group_size=self._group_size(devices))
     return self._cost_models[devices]
 
   def make_plan(self, specs, devices) -> tuple:
@@ -235,7 +245,8 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
     packs = packing.plan_packs(specs, pack_bytes, opts.first_pack_bytes)
     plan = []
     for index, (p, alg, seconds) in enumerate(
-        algorithms.assign(packs, specs, wire, algorithm, model)):
+        algorithms.assign(packs, specs, wire, algorithm, model,
+                          unknown_size_algorithm=self._unknown_size_algorithm)):
       plan.append(stats.PackPlan(
           index=index, dtype=p.dtype, tensor_count=len(p.indices), bytes=p.nbytes,
           algorithm=alg, wire_dtype=wire(p.dtype),
@@ -252,3 +263,115 @@ def _divide(tensor, n):
   if tensor.dtype.size < 4:
     return tf.cast(tf.cast(tensor, tf.float32) / n, tensor.dtype)
   return tensor / tf.cast(n, tensor.dtype)
+
+
+class MultiWorkerFusedAllReduce(FusedAllReduce):
+  """FusedAllReduce across the workers of a MultiWorkerMirroredStrategy.
+
+  Packs as FusedAllReduce does; each pack is reduced by `ring` (TF's collective over all
+  devices of all workers) or `hierarchical` (reduce in the worker, all-reduce among one
+  device per worker, broadcast in the worker), or per pack by the cost model under
+  `auto`. Everything it cannot fuse (sparse, integer, other destinations, values that
+  are not per-replica) goes to TF's own CollectiveAllReduce of the strategy, which also
+  crosses workers: no reduction stays local.
+
+  Built by `tf_fusion.multi_worker_strategy`; not meant to be constructed directly.
+
+  Args:
+    options: a FusionOptions.
+    tf_ops: the strategy's own CollectiveAllReduce (fallback, gather, no-merge-call).
+    num_workers: workers in the cluster (each with the same number of devices).
+    cost_model: as for FusedAllReduce; calibrated across workers when not given.
+  """
+
+  _unknown_size_algorithm = "hierarchical"
+
+  def __init__(self, options, tf_ops, num_workers, cost_model=None):
+    super().__init__(options, cost_model=cost_model)
+    if not isinstance(tf_ops, tf_cross_device_ops.CollectiveAllReduce):
+      raise TypeError(f"tf_ops must be TF's CollectiveAllReduce, got {type(tf_ops)}.")
+    self._tf_ops = tf_ops
+    self._fallback = tf_ops
+    self._num_workers = int(num_workers)
+    self._checked = set()
+
+  @property
+  def num_workers(self):
+    return self._num_workers
+
+  @property
+  def _num_between_graph_workers(self):
+    # > 1 keeps CrossDeviceOps.reduce/batch_reduce from skipping the reduction when a
+    # worker has a single device.
+    return self._num_workers
+
+  def __deepcopy__(self, memo):
+    new = MultiWorkerFusedAllReduce(self._options, self._tf_ops, self._num_workers,
+                                    self._given_cost_model)
+    new._cost_models = self._cost_models  # pylint: disable=protected-access
+    memo[id(self)] = new
+    return new
+
+  def _group_size(self, devices):
+    return len(devices) * self._num_workers
+
+  def _local_algorithm(self):
+    algorithm = self._options.algorithm
+    if algorithm == "reduce_to_one":
+      return "hierarchical", ("reduce_to_one across workers is hierarchical: reduce to "
+                              "one device per worker, all-reduce those, broadcast")
+    return algorithm, ""
+
+  def _available_algorithms(self):
+    return algorithms.MULTI_WORKER_ALGORITHMS
+
+  def make_plan(self, specs, devices) -> tuple:
+    self._check_same_gradients(specs, devices)
+    return super().make_plan(specs, devices)
+
+  def _check_same_gradients(self, specs, devices):
+    """Raises on every worker if the workers' tensor lists differ (count, shape, dtype).
+
+    Mismatched lists would launch mismatched collectives: a hang or a shape error deep in
+    TF. The signature (count and two hashes of the dtypes and shapes) is summed across
+    workers once per distinct list, eagerly, while the step is being traced: it costs no
+    time per step. Equal lists give exactly num_workers times one's own signature.
+    """
+    key = tuple((dtype.name, tuple(tf.TensorShape(shape).as_list())) for dtype, shape in specs)
+    if key in self._checked:
+      return
+    text = repr(key).encode()
+    mine = np.array([len(key), zlib.crc32(text), zlib.adler32(text)], np.float64)
+    across = algorithms.Collectives.get(
+        devices, self._group_size(devices), self._options.timeout_seconds).across_workers()
+    with tf.init_scope(), tf.device(across.devices[0]):
+      total = tf.function(lambda v: across.all_reduce([v])[0])(tf.constant(mine)).numpy()
+    if total[0] != mine[0] * self._num_workers:
+      raise ValueError(
+          f"tf_fusion: the workers all-reduce different numbers of tensors (this worker "
+          f"{len(key)}, mean over {self._num_workers} workers {total[0] / self._num_workers:g})."
+          " Every worker must build the same model and optimizer.")
+    if np.any(total[1:] != mine[1:] * self._num_workers):
+      raise ValueError(
+          f"tf_fusion: the workers all-reduce {len(key)} tensors each, but their shapes or "
+          f"dtypes differ (this worker: {_describe(key)}). Every worker must build the same "
+          "model and optimizer.")
+    self._checked.add(key)
+
+  def _all_reduce(self, reduce_op, value, replica_id, options):
+    # The no-merge-call path (XLA on all-GPU workers) reduces replica by replica, so it
+    # cannot fuse across local devices; TF's CollectiveAllReduce packs and crosses
+    # workers there.
+    if "_all_reduce" not in self._warned:
+      self._warned.add("_all_reduce")
+      logging.warning("tf_fusion: no-merge-call all-reduce (XLA on GPUs) uses TF's "
+                      "CollectiveAllReduce across workers, not tf_fusion's packs.")
+    return self._tf_ops._all_reduce(reduce_op, value, replica_id, options)  # pylint: disable=protected-access
+
+  def _gather(self, per_replica_value, destinations, axis, options=None):
+    return self._tf_ops._gather(per_replica_value, destinations, axis, options)  # pylint: disable=protected-access
+
+
+def _describe(key, limit=6):
+  shown = ", ".join(f"{d}{list(s)}" for d, s in key[:limit])
+  return shown + (f", ... ({len(key) - limit} more)" if len(key) > limit else "")

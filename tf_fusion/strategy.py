@@ -2,9 +2,14 @@
 
 from typing import Optional, Sequence
 
+from absl import logging
 import tensorflow as tf
+from tensorflow.python.distribute import collective_all_reduce_strategy as tf_mwms
+from tensorflow.python.distribute import distribute_lib
+from tensorflow.python.distribute import values as values_lib
 
 from tf_fusion.cross_device_ops import FusedAllReduce
+from tf_fusion.cross_device_ops import MultiWorkerFusedAllReduce
 from tf_fusion.options import FusionOptions
 
 
@@ -20,6 +25,111 @@ def mirrored_strategy(devices: Optional[Sequence[str]] = None,
   """
   ops = FusedAllReduce(options, cost_model=cost_model)
   return tf.distribute.MirroredStrategy(devices, cross_device_ops=ops)
+
+
+class _Extended(tf_mwms.CollectiveAllReduceExtended):
+  """TF's extended, except that a CPU-only worker may have several (logical) devices.
+
+  TF gives a worker without GPUs exactly one replica; tests and the launcher use
+  logical CPU devices to stand for a worker's GPUs.
+  """
+
+  def __init__(self, container_strategy, cluster_resolver, communication_options,
+               cpu_devices_per_worker):
+    self._cpu_devices_per_worker = cpu_devices_per_worker
+    super().__init__(container_strategy, cluster_resolver=cluster_resolver,
+                     communication_options=communication_options)
+
+  def _initialize_local_devices(self, cluster_resolver, worker_device):
+    devices, kind = super()._initialize_local_devices(cluster_resolver, worker_device)
+    n = self._cpu_devices_per_worker
+    if kind == "CPU" and n and n > 1:
+      have = len(tf.config.list_logical_devices("CPU"))
+      if have < n:
+        raise ValueError(
+            f"devices_per_worker={n} but this worker has {have} CPU device(s); create "
+            "them first with tf.config.set_logical_device_configuration.")
+      devices = tuple(f"{worker_device}/device:CPU:{i}" for i in range(n))
+    return devices, kind
+
+
+class _MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+  """MultiWorkerMirroredStrategy plus a shim for keras-team/keras#20585.
+
+  Keras 3.15's `fit` under this strategy calls `strategy.reduce("MEAN", (x, y))` on a
+  tuple (`_maybe_symbolic_build`) and `strategy.reduce("MEAN", scalar, axis=0)` on
+  per-replica scalars (`reduce_per_replica`); TF rejects both. `reduce` here maps over
+  nests and drops the axis of rank-0 values. It acts only on those inputs, which TF
+  would reject anyway: once Keras stops sending them, it never acts.
+  """
+
+  _shim_logged = False
+
+  def __init__(self, cluster_resolver, communication_options, cpu_devices_per_worker):
+    # MultiWorkerMirroredStrategy.__init__ hard-codes TF's extended; build ours instead.
+    distribute_lib.Strategy.__init__(  # pylint: disable=non-parent-init-called
+        self, _Extended(self, cluster_resolver, communication_options,
+                        cpu_devices_per_worker))
+
+  def reduce(self, reduce_op, value, axis=None):
+    if isinstance(value, (tuple, list, dict)) and not isinstance(
+        value, values_lib.DistributedValues):
+      self._log_shim("a nest of values")
+      return tf.nest.map_structure(lambda v: self.reduce(reduce_op, v, axis), value)
+    if axis is not None and _rank(value) == 0:
+      self._log_shim("axis on a scalar")
+      axis = None
+    return super().reduce(reduce_op, value, axis)
+
+  def _log_shim(self, what):
+    if not _MultiWorkerStrategy._shim_logged:
+      _MultiWorkerStrategy._shim_logged = True
+      logging.info("tf_fusion: strategy.reduce got %s (keras-team/keras#20585); "
+                   "reducing element by element.", what)
+
+
+def _rank(value):
+  if isinstance(value, values_lib.DistributedValues):
+    value = value.values[0]
+  shape = getattr(value, "shape", None)
+  return None if shape is None else shape.rank
+
+
+def multi_worker_strategy(options: Optional[FusionOptions] = None,
+                          cluster_resolver=None,
+                          cost_model=None,
+                          devices_per_worker: Optional[int] = None,
+                          ) -> tf.distribute.MultiWorkerMirroredStrategy:
+  """A MultiWorkerMirroredStrategy whose gradient all-reduce is tf_fusion's.
+
+  Every worker runs the same program with its own TF_CONFIG (or `cluster_resolver`):
+  packs, FP16 wire and the per-pack algorithm (ring / hierarchical / auto) as in
+  FusionOptions, across all devices of all workers. `options.timeout_seconds` also
+  bounds TF's own collectives, so a dead peer becomes an error, not a hang.
+
+  Example:
+    >>> strategy = tf_fusion.multi_worker_strategy(
+    ...     tf_fusion.FusionOptions(compression="fp16", algorithm="auto"))
+    >>> with strategy.scope():
+    ...   model = make_model(); model.compile(...)
+    >>> model.fit(dataset)
+
+  Args:
+    options: a FusionOptions (default FusionOptions()).
+    cluster_resolver: default: TFConfigClusterResolver (reads TF_CONFIG).
+    cost_model: skip calibration with a saved CostModel (same on every worker).
+    devices_per_worker: on workers without GPUs, use this many (logical) CPU devices
+      per worker instead of TF's one; workers with GPUs use all their GPUs.
+  """
+  options = options or FusionOptions()
+  communication = tf.distribute.experimental.CommunicationOptions(
+      timeout_seconds=options.timeout_seconds)
+  strategy = _MultiWorkerStrategy(cluster_resolver, communication, devices_per_worker)
+  extended = strategy.extended
+  num_workers = extended._num_workers  # pylint: disable=protected-access
+  extended._cross_device_ops = MultiWorkerFusedAllReduce(  # pylint: disable=protected-access
+      options, extended._cross_device_ops, num_workers, cost_model=cost_model)  # pylint: disable=protected-access
+  return strategy
 
 
 def fused_ops_of(strategy) -> Optional[FusedAllReduce]:

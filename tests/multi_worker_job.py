@@ -1,0 +1,144 @@
+"""One worker of the multi-worker tests: `python -m tests.multi_worker_job MODE OUT_JSON`.
+
+Started by tests/multi_worker.py with TF_CONFIG on 127.0.0.1; two logical CPU devices
+per worker. Each mode writes what it measured to OUT_JSON; the test asserts on it.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+import tf_fusion  # pylint: disable=g-import-not-at-top
+
+SHAPES = [(3, 5), (7,), (2, 2, 4), (1,), (33, 3), (6,)]
+
+
+def replica_arrays(replica, shapes=SHAPES, dtype=np.float32):
+  """Deterministic per-replica inputs, known to every worker (for the reference)."""
+  rng = np.random.RandomState(100 + replica)
+  return [(rng.randn(*s) * 100).astype(dtype) for s in shapes]
+
+
+def reference(num_replicas, reduce_op):
+  """(float64 NumPy sum or mean over replicas, sum of magnitudes) per tensor.
+
+  The ring adds in its own order and FP16 rounds every partial sum, so results are
+  compared with a tolerance relative to the sum of the magnitudes added.
+  """
+  per = [replica_arrays(r) for r in range(num_replicas)]
+  out = []
+  for parts in zip(*per):
+    total = np.sum([p.astype(np.float64) for p in parts], axis=0)
+    scale = np.sum([np.abs(p.astype(np.float64)) for p in parts], axis=0)
+    if reduce_op == "MEAN":
+      total, scale = total / num_replicas, scale / num_replicas
+    out.append((total, scale))
+  return out
+
+
+def mode_reduce(strategy):
+  """Every algorithm x compression x SUM/MEAN against the NumPy reference."""
+  n = strategy.num_replicas_in_sync
+  values = [strategy.experimental_distribute_values_from_function(
+      lambda ctx, i=i: tf.constant(replica_arrays(ctx.replica_id_in_sync_group)[i]))
+            for i in range(len(SHAPES))]
+  ints = strategy.experimental_distribute_values_from_function(
+      lambda ctx: tf.constant([ctx.replica_id_in_sync_group + 1] * 3, tf.int32))
+  # Crossover at ~110 bytes: "auto" gives the small packs ring, the larger hierarchical.
+  model = tf_fusion.CostModel(alpha={"ring": 1e-6, "hierarchical": 2e-6},
+                              beta={"ring": 1e-8, "hierarchical": 1e-9},
+                              copy_beta=1e-12, description="fixed for tests")
+  tf_ops = strategy.extended._cross_device_ops._tf_ops  # pylint: disable=protected-access
+  results = []
+  for algorithm in ("ring", "hierarchical", "auto"):
+    for compression in ("none", "fp16"):
+      opts = tf_fusion.FusionOptions(pack_bytes=200, first_pack_bytes=64,
+                                     algorithm=algorithm, compression=compression,
+                                     timeout_seconds=60)
+      ops = tf_fusion.MultiWorkerFusedAllReduce(opts, tf_ops, strategy.extended._num_workers,  # pylint: disable=protected-access
+                                                cost_model=model)
+      for reduce_op in ("SUM", "MEAN"):
+        with strategy.scope():
+          out = ops.batch_reduce(reduce_op, [(v, v) for v in values] + [(ints, ints)])
+        errors = []
+        for got, (want, scale) in zip(out[:-1], reference(n, reduce_op)):
+          for local in strategy.experimental_local_results(got):
+            errors.append(float(np.max(np.abs(local.numpy() - want) / scale)))
+        int_sum = strategy.experimental_local_results(out[-1])[0].numpy().tolist()
+        results.append(dict(algorithm=algorithm, compression=compression,
+                            reduce_op=reduce_op, max_error=max(errors),
+                            algorithms_used=sorted({p.algorithm for p in ops.last_plan}),
+                            packs=len(ops.last_plan), int_result=int_sum))
+  return {"results": results, "num_replicas": n}
+
+
+def fit_problem(steps=8, batch=64):
+  """The model and data of the fit test: no batch norm (per-replica statistics would
+  depend on how a global batch is split), so any split of a global batch gives the
+  same mean gradient."""
+  import keras  # pylint: disable=g-import-not-at-top
+  keras.utils.set_random_seed(1)
+  model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(32, activation="relu"),
+                            keras.layers.Dense(16, activation="relu"), keras.layers.Dense(4)])
+  model.compile(keras.optimizers.SGD(0.05, momentum=0.9),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  rng = np.random.RandomState(0)
+  x = rng.randn(batch * steps, 8).astype(np.float32)
+  y = rng.randint(0, 4, batch * steps)
+  return model, tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
+
+
+def mode_fit(strategy):
+  """Keras model.fit across workers; the final weights of this worker."""
+  with strategy.scope():
+    model, ds = fit_problem()
+  history = model.fit(ds, epochs=1, verbose=0)
+  plan = tf_fusion.fused_ops_of(strategy).last_plan
+  return {"weights": [w.numpy().tolist() for w in model.weights],
+          "loss": history.history["loss"], "packs": len(plan),
+          "cost_model": tf_fusion.fused_ops_of(strategy).cost_model(
+              strategy.extended.worker_devices).to_json()}
+
+
+def mode_mismatch(strategy):
+  """Worker 1 reduces a tensor of another shape: both workers must say so, not hang."""
+  task = strategy.cluster_resolver.task_id
+  shapes = [(3, 5), (7,)] if task == 0 else [(3, 5), (8,)]
+  values = [strategy.experimental_distribute_values_from_function(
+      lambda ctx, s=s: tf.ones(s)) for s in shapes]
+  ops = tf_fusion.fused_ops_of(strategy)
+  try:
+    with strategy.scope():
+      ops.batch_reduce("SUM", [(v, v) for v in values])
+  except ValueError as e:
+    return {"error": str(e)}
+  return {"error": None}
+
+
+def main(argv):
+  mode, out_path = argv[1], argv[2]
+  # Here, not at import: the test process imports this module for fit_problem and
+  # keeps its own four devices.
+  local_devices = int(os.environ.get("TF_FUSION_TEST_LOCAL_DEVICES", "2"))
+  tf.config.set_logical_device_configuration(
+      tf.config.list_physical_devices("CPU")[0],
+      [tf.config.LogicalDeviceConfiguration()] * local_devices)
+  # fit runs "auto" with no cost model: the calibration runs across the workers too.
+  algorithm = "auto" if mode == "fit" else "ring"
+  strategy = tf_fusion.multi_worker_strategy(tf_fusion.FusionOptions(timeout_seconds=60,
+                                                                     algorithm=algorithm),
+                                             devices_per_worker=local_devices)
+  result = {"reduce": mode_reduce, "fit": mode_fit,
+            "mismatch": mode_mismatch}[mode](strategy)
+  result["task"] = strategy.cluster_resolver.task_id
+  with open(out_path, "w") as f:
+    json.dump(result, f)
+
+
+if __name__ == "__main__":
+  main(sys.argv)

@@ -1,0 +1,71 @@
+"""MultiWorkerMirroredStrategy with tf_fusion: 2 worker processes x 2 logical CPUs each.
+
+Each test starts real processes on 127.0.0.1 (tests/multi_worker.py); TensorFlow's
+start-up makes each take ~5-25 s, so they are few.
+"""
+
+import json
+
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+
+import tf_fusion
+from tests import helpers
+from tests import multi_worker
+from tests import multi_worker_job
+
+
+class MultiWorkerReduceTest(tf.test.TestCase):
+
+  def test_every_algorithm_compression_and_op_against_numpy(self):
+    workers = multi_worker.run_workers("reduce")
+    self.assertEqual([w["task"] for w in workers], [0, 1])
+    for w in workers:
+      self.assertEqual(w["num_replicas"], 4)
+      self.assertLen(w["results"], 12)
+      for r in w["results"]:
+        name = f"worker {w['task']} {r['algorithm']} {r['compression']} {r['reduce_op']}"
+        # Relative to the sum of the magnitudes added: float32 ring order, or FP16
+        # rounding of the cast and of every partial sum (4 replicas: 4 x 2^-11).
+        tol = 2.0**-9 if r["compression"] == "fp16" else 1e-6
+        self.assertLess(r["max_error"], tol, msg=name)
+        # The int32 tensor took TF's CollectiveAllReduce: 1+2+3+4 needs both workers.
+        want = [10] * 3 if r["reduce_op"] == "SUM" else [2.5] * 3
+        self.assertEqual(r["int_result"], want, msg=name)
+        want_algs = {"ring": ["ring"], "hierarchical": ["hierarchical"],
+                     "auto": ["hierarchical", "ring"]}[r["algorithm"]]
+        self.assertEqual(r["algorithms_used"], want_algs, msg=name)
+    self.assertEqual(workers[0]["results"], workers[1]["results"])
+
+  def test_mismatched_gradients_are_named_on_every_worker(self):
+    workers = multi_worker.run_workers("mismatch")
+    for w, mine in zip(workers, ("float32[7]", "float32[8]")):
+      self.assertIsNotNone(w["error"])
+      self.assertIn("shapes or dtypes differ", w["error"])
+      self.assertIn(mine, w["error"])
+
+
+class MultiWorkerFitTest(tf.test.TestCase):
+
+  def test_fit_equals_one_process_with_four_replicas(self):
+    workers = multi_worker.run_workers("fit")
+    # The calibrated cost model was averaged across workers: identical on both.
+    models = [json.loads(w["cost_model"]) for w in workers]
+    self.assertIn("2 worker(s) x 2 devices", models[0].pop("description"))
+    models[1].pop("description")
+    self.assertEqual(models[0], models[1])
+    strategy = tf_fusion.mirrored_strategy(
+        helpers.devices(4), tf_fusion.FusionOptions(algorithm="reduce_to_one"))
+    with strategy.scope():
+      model, ds = multi_worker_job.fit_problem()
+    model.fit(ds, epochs=1, verbose=0)
+    for i, want in enumerate(model.weights):
+      w0, w1 = (np.array(w["weights"][i], np.float32) for w in workers)
+      self.assertAllEqual(w0, w1)          # the workers agree to the bit
+      # Another summation order over 8 steps of SGD with momentum: float32 rounding.
+      self.assertAllClose(w0, want.numpy(), rtol=1e-5, atol=1e-6, msg=want.path)
+
+
+if __name__ == "__main__":
+  tf.test.main()
