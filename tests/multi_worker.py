@@ -8,12 +8,9 @@ import tempfile
 
 import portpicker
 
+from tf_fusion import launch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tf_config(ports, index):
-  return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-                     "task": {"type": "worker", "index": index}})
 
 
 def run_workers(mode, num_workers=2, local_devices=2, timeout=240, extra_env=None):
@@ -26,8 +23,8 @@ def run_workers(mode, num_workers=2, local_devices=2, timeout=240, extra_env=Non
   tmp = tempfile.mkdtemp(prefix="tf_fusion_mw_")
   procs = []
   for i in range(num_workers):
-    env = dict(os.environ, TF_CONFIG=tf_config(ports, i), CUDA_VISIBLE_DEVICES="",
-               TF_FUSION_TEST_LOCAL_DEVICES=str(local_devices), PYTHONPATH=ROOT,
+    env = dict(os.environ, TF_CONFIG=launch.tf_config(ports, i), CUDA_VISIBLE_DEVICES="",
+               TF_FUSION_DEVICES_PER_WORKER=str(local_devices), PYTHONPATH=ROOT,
                **(extra_env or {}))
     log = open(os.path.join(tmp, f"worker{i}.log"), "w")
     procs.append((subprocess.Popen(
@@ -59,3 +56,27 @@ def run_workers(mode, num_workers=2, local_devices=2, timeout=240, extra_env=Non
 def _tail(tmp, i, lines=40):
   with open(os.path.join(tmp, f"worker{i}.log")) as f:
     return "".join(f.readlines()[-lines:])
+
+
+def launch_job(mode, out_dir, workers=2, devices_per_worker=2, timeout=240,
+               extra_env=None):
+  """`python -m tf_fusion.launch ... -- -m tests.multi_worker_job MODE OUT`.
+
+  Returns:
+    (exit code, launcher output).
+  """
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT, **(extra_env or {}))
+  cmd = [sys.executable, "-m", "tf_fusion.launch", "--workers", str(workers),
+         "--devices_per_worker", str(devices_per_worker), "--grace_seconds", "5", "--",
+         "-m", "tests.multi_worker_job", mode, os.path.join(out_dir, "worker{task}.json")]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=timeout, check=False)
+  return proc.returncode, proc.stdout + proc.stderr
+
+
+def read_results(out_dir, workers=2):
+  out = []
+  for i in range(workers):
+    with open(os.path.join(out_dir, f"worker{i}.json")) as f:
+      out.append(json.load(f))
+  return out

@@ -1,11 +1,13 @@
-"""One worker of the multi-worker tests: `python -m tests.multi_worker_job MODE OUT_JSON`.
+"""One worker of the multi-worker tests: `python -m tests.multi_worker_job MODE OUT`.
 
-Started by tests/multi_worker.py with TF_CONFIG on 127.0.0.1; two logical CPU devices
-per worker. Each mode writes what it measured to OUT_JSON; the test asserts on it.
+Started with TF_CONFIG on 127.0.0.1 by tests/multi_worker.py or by tf_fusion.launch;
+TF_FUSION_DEVICES_PER_WORKER logical CPU devices per worker. Each mode writes what it
+measured to OUT with "{task}" replaced by the worker's index; the test asserts on it.
 """
 
 import json
 import os
+import signal
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -120,23 +122,42 @@ def mode_mismatch(strategy):
   return {"error": None}
 
 
+def mode_resume(strategy):
+  """fit with BackupAndRestore; worker 1 SIGKILLs itself at the start of epoch 2 once
+  (when TF_FUSION_TEST_KILL_MARKER names a file that does not exist yet)."""
+  import keras  # pylint: disable=g-import-not-at-top
+  task = strategy.cluster_resolver.task_id
+  backup = os.path.join(os.environ["TF_FUSION_TEST_BACKUP_DIR"], f"worker{task}")
+  marker = os.environ.get("TF_FUSION_TEST_KILL_MARKER")
+
+  epochs_run = []
+
+  def maybe_die(epoch, logs):
+    del logs
+    epochs_run.append(epoch)
+    if task == 1 and epoch == 2 and marker and not os.path.exists(marker):
+      open(marker, "w").close()
+      os.kill(os.getpid(), signal.SIGKILL)
+
+  with strategy.scope():
+    model, ds = fit_problem(steps=4)
+  model.fit(ds, epochs=4, verbose=0, callbacks=[
+      keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False),
+      keras.callbacks.LambdaCallback(on_epoch_begin=maybe_die)])
+  return {"weights": [w.numpy().tolist() for w in model.weights],
+          "iterations": int(model.optimizer.iterations.numpy()), "epochs_run": epochs_run}
+
+
 def main(argv):
   mode, out_path = argv[1], argv[2]
-  # Here, not at import: the test process imports this module for fit_problem and
-  # keeps its own four devices.
-  local_devices = int(os.environ.get("TF_FUSION_TEST_LOCAL_DEVICES", "2"))
-  tf.config.set_logical_device_configuration(
-      tf.config.list_physical_devices("CPU")[0],
-      [tf.config.LogicalDeviceConfiguration()] * local_devices)
   # fit runs "auto" with no cost model: the calibration runs across the workers too.
   algorithm = "auto" if mode == "fit" else "ring"
   strategy = tf_fusion.multi_worker_strategy(tf_fusion.FusionOptions(timeout_seconds=60,
-                                                                     algorithm=algorithm),
-                                             devices_per_worker=local_devices)
+                                                                     algorithm=algorithm))
   result = {"reduce": mode_reduce, "fit": mode_fit,
-            "mismatch": mode_mismatch}[mode](strategy)
+            "mismatch": mode_mismatch, "resume": mode_resume}[mode](strategy)
   result["task"] = strategy.cluster_resolver.task_id
-  with open(out_path, "w") as f:
+  with open(out_path.replace("{task}", str(result["task"])), "w") as f:
     json.dump(result, f)
 
 

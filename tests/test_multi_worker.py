@@ -5,6 +5,7 @@ start-up makes each take ~5-25 s, so they are few.
 """
 
 import json
+import os
 
 from absl.testing import parameterized
 import numpy as np
@@ -64,6 +65,36 @@ class MultiWorkerFitTest(tf.test.TestCase):
       w0, w1 = (np.array(w["weights"][i], np.float32) for w in workers)
       self.assertAllEqual(w0, w1)          # the workers agree to the bit
       # Another summation order over 8 steps of SGD with momentum: float32 rounding.
+      self.assertAllClose(w0, want.numpy(), rtol=1e-5, atol=1e-6, msg=want.path)
+
+
+class KillAndResumeTest(tf.test.TestCase):
+
+  def test_sigkill_one_worker_then_rerun_resumes_from_backup(self):
+    """Worker 1 SIGKILLs itself at the start of epoch 2 (of 4, 4 steps each)."""
+    tmp = self.create_tempdir().full_path
+    env = {"TF_FUSION_TEST_BACKUP_DIR": os.path.join(tmp, "backup"),
+           "TF_FUSION_TEST_KILL_MARKER": os.path.join(tmp, "killed")}
+    code, out = multi_worker.launch_job("resume", tmp, extra_env=env)
+    self.assertNotEqual(code, 0, msg=out)
+    self.assertIn("[launch] worker 1 was killed by SIGKILL; stopping the others", out)
+    self.assertFalse(os.path.exists(os.path.join(tmp, "worker0.json")))
+
+    code, out = multi_worker.launch_job("resume", tmp, extra_env=env)  # the same command
+    self.assertEqual(code, 0, msg=out[-3000:])
+    self.assertIn("[launch] all 2 workers finished", out)
+    workers = multi_worker.read_results(tmp)
+    for w in workers:
+      self.assertEqual(w["epochs_run"], [2, 3])     # resumed, not restarted
+      self.assertEqual(w["iterations"], 16)         # 4 epochs x 4 steps in all
+    strategy = tf_fusion.mirrored_strategy(
+        helpers.devices(4), tf_fusion.FusionOptions(algorithm="reduce_to_one"))
+    with strategy.scope():
+      model, ds = multi_worker_job.fit_problem(steps=4)
+    model.fit(ds, epochs=4, verbose=0)               # the same job, never interrupted
+    for i, want in enumerate(model.weights):
+      w0, w1 = (np.array(w["weights"][i], np.float32) for w in workers)
+      self.assertAllEqual(w0, w1)
       self.assertAllClose(w0, want.numpy(), rtol=1e-5, atol=1e-6, msg=want.path)
 
 

@@ -135,3 +135,26 @@ class FusionOptions:
             f"{key}={raw!r} does not parse; expected {expected}.") from None
     kwargs.update(overrides)
     return cls(**kwargs)
+
+
+DEVICES_PER_WORKER_ENV = _ENV_PREFIX + "DEVICES_PER_WORKER"
+
+
+def devices_per_worker_from_env(environ: Optional[Mapping[str, str]] = None
+                                ) -> Optional[int]:
+  """TF_FUSION_DEVICES_PER_WORKER (set by `python -m tf_fusion.launch`), or None.
+
+  Raises:
+    ValueError: if it is set but not a positive integer.
+  """
+  environ = os.environ if environ is None else environ
+  raw = environ.get(DEVICES_PER_WORKER_ENV)
+  if raw is None or not raw.strip():
+    return None
+  try:
+    value = int(raw)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise ValueError(f"{DEVICES_PER_WORKER_ENV}={raw!r} must be a positive integer.")
+  return value

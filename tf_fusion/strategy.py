@@ -11,6 +11,7 @@ from tensorflow.python.distribute import values as values_lib
 from tf_fusion.cross_device_ops import FusedAllReduce
 from tf_fusion.cross_device_ops import MultiWorkerFusedAllReduce
 from tf_fusion.options import FusionOptions
+from tf_fusion.options import devices_per_worker_from_env
 
 
 def mirrored_strategy(devices: Optional[Sequence[str]] = None,
@@ -47,8 +48,9 @@ class _Extended(tf_mwms.CollectiveAllReduceExtended):
       have = len(tf.config.list_logical_devices("CPU"))
       if have < n:
         raise ValueError(
-            f"devices_per_worker={n} but this worker has {have} CPU device(s); create "
-            "them first with tf.config.set_logical_device_configuration.")
+            f"devices_per_worker={n} but this worker has {have} CPU device(s): call "
+            "tf_fusion.multi_worker_strategy before TensorFlow runs anything, or create "
+            "them with tf.config.set_logical_device_configuration.")
       devices = tuple(f"{worker_device}/device:CPU:{i}" for i in range(n))
     return devices, kind
 
@@ -119,9 +121,15 @@ def multi_worker_strategy(options: Optional[FusionOptions] = None,
     cluster_resolver: default: TFConfigClusterResolver (reads TF_CONFIG).
     cost_model: skip calibration with a saved CostModel (same on every worker).
     devices_per_worker: on workers without GPUs, use this many (logical) CPU devices
-      per worker instead of TF's one; workers with GPUs use all their GPUs.
+      per worker instead of TF's one (default: TF_FUSION_DEVICES_PER_WORKER, which
+      `python -m tf_fusion.launch --devices_per_worker K` sets); workers with GPUs use
+      all their GPUs.
   """
   options = options or FusionOptions()
+  if devices_per_worker is None:
+    devices_per_worker = devices_per_worker_from_env()
+  if devices_per_worker and devices_per_worker > 1 and not tf.config.list_physical_devices("GPU"):
+    _make_logical_cpus(devices_per_worker)
   communication = tf.distribute.experimental.CommunicationOptions(
       timeout_seconds=options.timeout_seconds)
   strategy = _MultiWorkerStrategy(cluster_resolver, communication, devices_per_worker)
@@ -130,6 +138,19 @@ def multi_worker_strategy(options: Optional[FusionOptions] = None,
   extended._cross_device_ops = MultiWorkerFusedAllReduce(  # pylint: disable=protected-access
       options, extended._cross_device_ops, num_workers, cost_model=cost_model)  # pylint: disable=protected-access
   return strategy
+
+
+def _make_logical_cpus(n):
+  """Splits the CPU into n logical devices, if TF has not started yet (else a no-op;
+  _Extended then says what is missing)."""
+  cpu = tf.config.list_physical_devices("CPU")[0]
+  if len(tf.config.get_logical_device_configuration(cpu) or ()) >= n:
+    return
+  try:
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * n)
+  except RuntimeError:
+    pass
 
 
 def fused_ops_of(strategy) -> Optional[FusedAllReduce]:
