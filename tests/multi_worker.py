@@ -13,8 +13,11 @@ from tf_fusion import launch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_workers(mode, num_workers=2, local_devices=2, timeout=240, extra_env=None):
+def run_workers(mode, num_workers=2, local_devices=2, timeout=240, extra_env=None,
+                may_die=()):
   """Starts the workers, waits (bounded), returns each worker's JSON result.
+
+  Workers in `may_die` may end by a signal; their result is None.
 
   Raises:
     RuntimeError: naming the worker that failed or timed out, with its stderr tail.
@@ -38,6 +41,8 @@ def run_workers(mode, num_workers=2, local_devices=2, timeout=240, extra_env=Non
       except subprocess.TimeoutExpired:
         raise RuntimeError(f"worker {i} did not finish in {timeout}s:\n"
                            + _tail(tmp, i)) from None
+      if code < 0 and i in may_die:
+        continue
       if code != 0:
         raise RuntimeError(f"worker {i} exited with {code}:\n" + _tail(tmp, i))
   finally:
@@ -48,7 +53,11 @@ def run_workers(mode, num_workers=2, local_devices=2, timeout=240, extra_env=Non
       log.close()
   out = []
   for i in range(num_workers):
-    with open(os.path.join(tmp, f"worker{i}.json")) as f:
+    path = os.path.join(tmp, f"worker{i}.json")
+    if i in may_die and not os.path.exists(path):
+      out.append(None)
+      continue
+    with open(path) as f:
       out.append(json.load(f))
   return out
 

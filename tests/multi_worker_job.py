@@ -148,14 +148,37 @@ def mode_resume(strategy):
           "iterations": int(model.optimizer.iterations.numpy()), "epochs_run": epochs_run}
 
 
+def mode_dead_peer(strategy):
+  """Worker 1 dies after one reduction; worker 0's next reduction must fail, not hang."""
+  import time  # pylint: disable=g-import-not-at-top
+  task = strategy.cluster_resolver.task_id
+  value = strategy.experimental_distribute_values_from_function(
+      lambda ctx: tf.ones([1000]))
+  ops = tf_fusion.fused_ops_of(strategy)
+  with strategy.scope():
+    ops.batch_reduce("SUM", [(value, value)])
+  if task == 1:
+    os.kill(os.getpid(), signal.SIGKILL)
+  start = time.monotonic()
+  try:
+    with strategy.scope():
+      ops.batch_reduce("SUM", [(value, value), (value, value)])
+  except Exception as e:  # pylint: disable=broad-except
+    return {"error": f"{type(e).__name__}: {e}"[:2000],
+            "seconds": time.monotonic() - start}
+  return {"error": None, "seconds": time.monotonic() - start}
+
+
 def main(argv):
   mode, out_path = argv[1], argv[2]
   # fit runs "auto" with no cost model: the calibration runs across the workers too.
   algorithm = "auto" if mode == "fit" else "ring"
-  strategy = tf_fusion.multi_worker_strategy(tf_fusion.FusionOptions(timeout_seconds=60,
+  timeout = 10 if mode == "dead_peer" else 60
+  strategy = tf_fusion.multi_worker_strategy(tf_fusion.FusionOptions(timeout_seconds=timeout,
                                                                      algorithm=algorithm))
   result = {"reduce": mode_reduce, "fit": mode_fit,
-            "mismatch": mode_mismatch, "resume": mode_resume}[mode](strategy)
+            "mismatch": mode_mismatch, "resume": mode_resume,
+            "dead_peer": mode_dead_peer}[mode](strategy)
   result["task"] = strategy.cluster_resolver.task_id
   with open(out_path.replace("{task}", str(result["task"])), "w") as f:
     json.dump(result, f)

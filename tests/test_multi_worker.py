@@ -39,6 +39,15 @@ class MultiWorkerReduceTest(tf.test.TestCase):
         self.assertEqual(r["algorithms_used"], want_algs, msg=name)
     self.assertEqual(workers[0]["results"], workers[1]["results"])
 
+  def test_dead_peer_is_an_error_not_a_hang(self):
+    # Worker 1 is SIGKILLed after one reduction; worker 0's next one (timeout 10 s)
+    # fails with TF's report naming the dead task.
+    workers = multi_worker.run_workers("dead_peer", may_die=(1,))
+    self.assertIsNone(workers[1])
+    self.assertIsNotNone(workers[0]["error"])
+    self.assertIn("task:1", workers[0]["error"])
+    self.assertLess(workers[0]["seconds"], 90)
+
   def test_mismatched_gradients_are_named_on_every_worker(self):
     workers = multi_worker.run_workers("mismatch")
     for w, mine in zip(workers, ("float32[7]", "float32[8]")):
