@@ -7,6 +7,11 @@ floor (one pre-packed buffer of the same bytes through the fastest algorithm). W
 JSON and a PNG bar chart to --out_dir.
 
   python tools/allreduce_bench.py --devices 4 --reps 10 --out_dir out/allreduce_bench
+
+With --workers N, the multi-process mode (tools/multi_worker_bench.py): N workers on
+127.0.0.1 with --devices logical CPU devices each, MultiWorkerMirroredStrategy.
+
+  python tools/allreduce_bench.py --workers 2 --devices 2 --reps 5
 """
 
 import argparse
@@ -36,12 +41,16 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=2, help="untimed calls (the first traces)")
   p.add_argument("--only", default="", help="comma-separated config names to run")
   p.add_argument("--out_dir", default="out/allreduce_bench")
+  p.add_argument("--workers", type=int, default=1,
+                 help="> 1: multi-process mode, workers on 127.0.0.1")
+  p.add_argument("--worker_out", default="", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   unknown = set(args.sets.split(",")) - set(gradient_sets.SETS)
   if unknown:
     p.error(f"unknown --sets {sorted(unknown)}; valid: {', '.join(gradient_sets.SETS)}")
-  if args.devices < 2 or args.reps < 1:
-    p.error("--devices must be >= 2 and --reps >= 1")
+  if args.workers < 1 or args.reps < 1 or args.devices < (2 if args.workers == 1 else 1):
+    p.error("need --workers >= 1, --reps >= 1, and --devices >= 2 (>= 1 with "
+            "several workers)")
   return args
 
 
@@ -90,14 +99,12 @@ def configs():
 
 
 def _per_replica(strategy, shapes, seed):
-  def value_fn(ctx):
-    rng = tf.random.Generator.from_seed(seed + ctx.replica_id_in_sync_group)
-    return [rng.normal(s) for s in shapes]
-  flat = strategy.experimental_distribute_values_from_function(value_fn)
-  # A PerReplica of lists -> a list of PerReplica.
+  """One PerReplica of random values per shape (any number of workers)."""
+  def value_fn(ctx, i, shape):
+    rng = tf.random.Generator.from_seed(seed + 1000 * i + ctx.replica_id_in_sync_group)
+    return rng.normal(shape)
   return [strategy.experimental_distribute_values_from_function(
-      lambda ctx, i=i: strategy.experimental_local_results(flat)[
-          ctx.replica_id_in_sync_group][i]) for i in range(len(shapes))]
+      lambda ctx, i=i, s=s: value_fn(ctx, i, s)) for i, s in enumerate(shapes)]
 
 
 def time_config(strategy, options, shapes, reps, warmup):
@@ -199,7 +206,11 @@ def plot(results, path):
 
 
 def main(argv=None):
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
+  if args.workers > 1:
+    from tools import multi_worker_bench  # pylint: disable=g-import-not-at-top
+    return multi_worker_bench.main(args, argv)
   cpus = tf.config.list_physical_devices("CPU")
   tf.config.set_logical_device_configuration(
       cpus[0], [tf.config.LogicalDeviceConfiguration()] * args.devices)
