@@ -76,7 +76,27 @@ def mode_reduce(strategy):
                             reduce_op=reduce_op, max_error=max(errors),
                             algorithms_used=sorted({p.algorithm for p in ops.last_plan}),
                             packs=len(ops.last_plan), int_result=int_sum))
-  return {"results": results, "num_replicas": n}
+  # The other two ways into the strategy's cross-device ops must cross workers too:
+  # strategy.reduce (reduce_implementation) and the no-merge-call _all_reduce.
+  want, _ = reference(n, "SUM")[0]
+  reduced = strategy.reduce("SUM", values[0], axis=None)   # outside the scope, as users do
+  paths = {"strategy.reduce": float(np.max(np.abs(reduced.numpy() - want)))}
+  fused = strategy.extended._cross_device_ops  # pylint: disable=protected-access
+  local = strategy.experimental_local_results(values[0])
+
+  @tf.function
+  def no_merge_call():
+    out = []
+    for rid, (device, v) in enumerate(zip(strategy.extended.worker_devices, local)):
+      with tf.device(device):
+        out.append(fused._all_reduce(  # pylint: disable=protected-access
+            tf.distribute.ReduceOp.SUM, [v], rid,
+            tf.distribute.experimental.CommunicationOptions())[0])
+    return out
+
+  paths["_all_reduce"] = max(float(np.max(np.abs(r.numpy() - want)))
+                             for r in no_merge_call())
+  return {"results": results, "num_replicas": n, "paths": paths}
 
 
 def fit_problem(steps=8, batch=64):

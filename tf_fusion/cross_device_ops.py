@@ -10,6 +10,7 @@ Keras 3 reaches us through `replica_context.all_reduce(SUM, grads)` ->
 settings live on this object (FusionOptions), not in per-call options.
 """
 
+import contextlib
 import dataclasses
 import functools
 import zlib
@@ -129,9 +130,10 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
     if any(len(v.values) != count for v in values):
       raise ValueError("all values of a batch reduction must have the same number "
                        f"of replicas, got {[len(v.values) for v in values]}.")
-    strategy = tf.distribute.get_strategy()
-    worker_devices = tuple(getattr(strategy.extended, "worker_devices", ()))
-    if tf.distribute.has_strategy() and len(worker_devices) == count:
+    worker_devices = ()
+    if tf.distribute.has_strategy():
+      worker_devices = tuple(tf.distribute.get_strategy().extended.worker_devices)
+    if len(worker_devices) == count:
       return algorithms.canonical_devices(worker_devices)
     devices = tuple(v.device for v in values[0].values)
     if all(devices):
@@ -156,7 +158,8 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
       if key not in self._eager_fns:
         self._eager_fns[key] = tf.function(
             functools.partial(self._reduce_dense, reduce_op, devices, plan))
-      outputs = self._eager_fns[key](per_device)
+      with _explain_collective_errors(self):
+        outputs = self._eager_fns[key](per_device)
     else:
       outputs = self._reduce_dense(reduce_op, devices, plan, per_device)
     return [distribute_utils.regroup(tuple(outputs[d][i] for d in range(len(devices))),
@@ -315,6 +318,14 @@ class MultiWorkerFusedAllReduce(FusedAllReduce):
   def _group_size(self, devices):
     return len(devices) * self._num_workers
 
+  def _devices_for(self, values):
+    # The strategy's local devices, known at construction: also right outside the
+    # strategy's scope (strategy.reduce), where value.device can name other devices.
+    devices = self._tf_ops._devices  # pylint: disable=protected-access
+    if all(len(v.values) == len(devices) for v in values):
+      return algorithms.canonical_devices(devices)
+    return super()._devices_for(values)
+
   def _local_algorithm(self):
     algorithm = self._options.algorithm
     if algorithm == "reduce_to_one":
@@ -344,7 +355,7 @@ class MultiWorkerFusedAllReduce(FusedAllReduce):
     mine = np.array([len(key), zlib.crc32(text), zlib.adler32(text)], np.float64)
     across = algorithms.Collectives.get(
         devices, self._group_size(devices), self._options.timeout_seconds).across_workers()
-    with tf.init_scope(), tf.device(across.devices[0]):
+    with tf.init_scope(), tf.device(across.devices[0]), _explain_collective_errors(self):
       total = tf.function(lambda v: across.all_reduce([v])[0])(tf.constant(mine)).numpy()
     if total[0] != mine[0] * self._num_workers:
       raise ValueError(
@@ -375,3 +386,21 @@ class MultiWorkerFusedAllReduce(FusedAllReduce):
 def _describe(key, limit=6):
   shown = ", ".join(f"{d}{list(s)}" for d, s in key[:limit])
   return shown + (f", ... ({len(key) - limit} more)" if len(key) > limit else "")
+
+
+@contextlib.contextmanager
+def _explain_collective_errors(ops):
+  """Re-raises a collective's timeout or abort with what it most likely means.
+
+  TF reports either the dead task (when its heartbeats stop first) or only "Collective
+  has timed out" (when timeout_seconds runs out first); the second names nothing.
+  """
+  try:
+    yield
+  except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError,
+          tf.errors.AbortedError) as e:
+    workers = ops._num_between_graph_workers  # pylint: disable=protected-access
+    raise type(e)(e.node_def, e.op, (
+        f"tf_fusion: an all-reduce across {workers} worker(s) did not complete "
+        f"(timeout_seconds={ops.options.timeout_seconds}): a peer worker died, hangs, "
+        f"or runs a different program. TensorFlow said: {e.message}")) from None
