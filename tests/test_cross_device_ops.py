@@ -202,6 +202,23 @@ class FusedAllReduceTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(got[0][0].shape, (0, 3))
     self.assertAllEqual(got[1][3], [10.0, 10.0])
 
+  def test_deepcopy_shares_settings_and_models_not_traces(self):
+    import copy  # pylint: disable=g-import-not-at-top
+    ops = tf_fusion.FusedAllReduce(tf_fusion.FusionOptions(compression="fp16"),
+                                   cost_model=helpers.fixed_cost_model())
+    strategy = tf.distribute.MirroredStrategy(helpers.devices(2), cross_device_ops=ops)
+    arrays = [[np.ones((3,), np.float32)], [np.full((3,), 2.0, np.float32)]]
+    _reduce(strategy, ops, SUM, arrays, "eager")
+    clone = copy.deepcopy(ops)
+    self.assertIsInstance(clone, tf_fusion.FusedAllReduce)
+    self.assertIs(clone.options, ops.options)
+    self.assertIs(clone._cost_models, ops._cost_models)  # pylint: disable=protected-access
+    self.assertEqual(clone.last_plan, ())
+    self.assertEmpty(clone._eager_fns)  # pylint: disable=protected-access
+    got = _reduce(strategy, clone, SUM, arrays, "eager")
+    self.assertAllEqual(got[0][0], [3.0, 3.0, 3.0])
+    self.assertAllEqual(got[0][1], [3.0, 3.0, 3.0])
+
   def test_two_strategies_in_one_process_do_not_collide(self):
     results = []
     for devices in (self.devices[:2], self.devices, self.devices[1:3]):

@@ -101,6 +101,16 @@ class Collectives:
     """The group of one device per worker (this worker's last local device)."""
     return Collectives.get(self.devices[-1:], self.num_workers, self._timeout_seconds)
 
+  def sum_across_workers(self, vector) -> np.ndarray:
+    """Eagerly sums a small float64 vector over the workers (also while tracing).
+
+    Every worker must call it at the same point of the program; each gets the same sum.
+    """
+    across = self.across_workers()
+    with tf.init_scope(), tf.device(across.devices[0]):
+      return tf.function(lambda v: across.all_reduce([v])[0])(
+          tf.constant(vector, tf.float64)).numpy()
+
 
 def ring(buffers, collectives, finish=None, root=0):
   """All-reduce with TF's collective ops; `finish` runs on every device's result."""
@@ -374,10 +384,7 @@ def _average_across_workers(collectives, alpha, beta, copy_beta):
   """
   names = sorted(alpha)
   vector = [alpha[n] for n in names] + [beta[n] for n in names] + [copy_beta]
-  across = collectives.across_workers()
-  with tf.device(across.devices[0]):
-    summed = tf.function(lambda v: across.all_reduce([v])[0])(
-        tf.constant(vector, tf.float64)).numpy() / across.group_size
+  summed = collectives.sum_across_workers(vector) / collectives.num_workers
   k = len(names)
   return (dict(zip(names, map(float, summed[:k]))),
           dict(zip(names, map(float, summed[k:2 * k]))), float(summed[-1]))

@@ -11,6 +11,7 @@ settings live on this object (FusionOptions), not in per-call options.
 """
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import zlib
@@ -75,9 +76,12 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
 
   def __deepcopy__(self, memo):
     # Strategies get deep-copied (distribute coordinator); the copy shares the
-    # process-wide collective keys and the calibrated model.
-    new = FusedAllReduce(self._options, self._given_cost_model)
-    new._cost_models = self._cost_models  # pylint: disable=protected-access
+    # settings, the process-wide collective keys and the calibrated models, and starts
+    # its own traces and plan.
+    new = copy.copy(self)
+    new._eager_fns = {}  # pylint: disable=protected-access
+    new._warned = set()  # pylint: disable=protected-access
+    new.last_plan = ()
     memo[id(self)] = new
     return new
 
@@ -204,19 +208,19 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
 
   # --- planning ----------------------------------------------------------------------
 
-  # Needs no size agreement between devices: safe for packs of unknown size.
+  # What this topology runs: the algorithms "auto" chooses from, the requested names
+  # that mean another algorithm here (with the note logged and put in the plan), and
+  # the algorithm for packs of unknown size (no size agreement needed).
+  _algorithms = algorithms.LOCAL_ALGORITHMS
+  _same_as = {"hierarchical": ("reduce_to_one", (
+      "hierarchical on one worker is reduce_to_one: reduce in the worker, nothing to "
+      "cross, broadcast in the worker"))}
   _unknown_size_algorithm = "reduce_to_one"
 
   def _local_algorithm(self):
-    """The algorithm to run on one worker, with the reason if it differs."""
+    """The algorithm to run here, with the reason if it differs from the request."""
     algorithm = self._options.algorithm
-    if algorithm == "hierarchical":
-      return "reduce_to_one", ("hierarchical on one worker is reduce_to_one: reduce in "
-                               "the worker, nothing to cross, broadcast in the worker")
-    return algorithm, ""
-
-  def _available_algorithms(self):
-    return algorithms.LOCAL_ALGORITHMS
+    return self._same_as.get(algorithm, (algorithm, ""))
 
   def cost_model(self, devices) -> algorithms.CostModel:
     """The cost model for `devices`: given, or calibrated once and kept."""
@@ -227,7 +231,7 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
       logging.info("tf_fusion: calibrating the all-reduce cost model on %d devices "
                    "(once; pass cost_model= to skip).", len(devices))
       self._cost_models[devices] = algorithms.calibrate(
-          devices, self._available_algorithms(),
+          devices, self._algorithms,
           timeout_seconds=self._options.timeout_seconds,
           group_size=self._group_size(devices))
     return self._cost_models[devices]
@@ -287,6 +291,10 @@ class MultiWorkerFusedAllReduce(FusedAllReduce):
     cost_model: as for FusedAllReduce; calibrated across workers when not given.
   """
 
+  _algorithms = algorithms.MULTI_WORKER_ALGORITHMS
+  _same_as = {"reduce_to_one": ("hierarchical", (
+      "reduce_to_one across workers is hierarchical: reduce to one device per worker, "
+      "all-reduce those, broadcast"))}
   _unknown_size_algorithm = "hierarchical"
 
   def __init__(self, options, tf_ops, num_workers, cost_model=None):
@@ -308,13 +316,6 @@ class MultiWorkerFusedAllReduce(FusedAllReduce):
     # worker has a single device.
     return self._num_workers
 
-  def __deepcopy__(self, memo):
-    new = MultiWorkerFusedAllReduce(self._options, self._tf_ops, self._num_workers,
-                                    self._given_cost_model)
-    new._cost_models = self._cost_models  # pylint: disable=protected-access
-    memo[id(self)] = new
-    return new
-
   def _group_size(self, devices):
     return len(devices) * self._num_workers
 
@@ -325,16 +326,6 @@ class MultiWorkerFusedAllReduce(FusedAllReduce):
     if all(len(v.values) == len(devices) for v in values):
       return algorithms.canonical_devices(devices)
     return super()._devices_for(values)
-
-  def _local_algorithm(self):
-    algorithm = self._options.algorithm
-    if algorithm == "reduce_to_one":
-      return "hierarchical", ("reduce_to_one across workers is hierarchical: reduce to "
-                              "one device per worker, all-reduce those, broadcast")
-    return algorithm, ""
-
-  def _available_algorithms(self):
-    return algorithms.MULTI_WORKER_ALGORITHMS
 
   def make_plan(self, specs, devices) -> tuple:
     self._check_same_gradients(specs, devices)
@@ -353,10 +344,10 @@ class MultiWorkerFusedAllReduce(FusedAllReduce):
       return
     text = repr(key).encode()
     mine = np.array([len(key), zlib.crc32(text), zlib.adler32(text)], np.float64)
-    across = algorithms.Collectives.get(
-        devices, self._group_size(devices), self._options.timeout_seconds).across_workers()
-    with tf.init_scope(), tf.device(across.devices[0]), _explain_collective_errors(self):
-      total = tf.function(lambda v: across.all_reduce([v])[0])(tf.constant(mine)).numpy()
+    collectives = algorithms.Collectives.get(
+        devices, self._group_size(devices), self._options.timeout_seconds)
+    with _explain_collective_errors(self):
+      total = collectives.sum_across_workers(mine)
     if total[0] != mine[0] * self._num_workers:
       raise ValueError(
           f"tf_fusion: the workers all-reduce different numbers of tensors (this worker "

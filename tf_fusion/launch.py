@@ -171,9 +171,9 @@ def main(argv=None):
     parser.error(f"--devices_per_worker must be >= 1, got {args.devices_per_worker}")
   if not script:
     parser.error("nothing to run after --")
-  command = script if not script[0].endswith(".py") else [sys.executable] + script
-  if script[0] == "-m":
-    command = [sys.executable] + script
+  # A Python script or module runs under this interpreter; anything else as given.
+  python = script[0] == "-m" or script[0].endswith(".py")
+  command = [sys.executable] + script if python else script
   return launch(command, args.workers, args.devices_per_worker, args.grace_seconds)
 
 

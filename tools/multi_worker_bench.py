@@ -15,7 +15,6 @@ link of bandwidth B.
 import json
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -197,7 +196,3 @@ def main(args, argv):
     return worker_main(args)
   return parent_main(args, argv)
 
-
-if __name__ == "__main__":
-  subprocess.check_call([sys.executable, os.path.join(ROOT, "tools", "allreduce_bench.py")]
-                        + sys.argv[1:])
