@@ -74,10 +74,22 @@ def launch_job(mode, out_dir, workers=2, devices_per_worker=2, timeout=240,
   Returns:
     (exit code, launcher output).
   """
+  return launch_script(["-m", "tests.multi_worker_job", mode,
+                 os.path.join(out_dir, "worker{task}.json")],
+                workers, devices_per_worker, timeout, extra_env)
+
+
+def launch_script(script, workers=2, devices_per_worker=2, timeout=240,
+                  extra_env=None):
+  """`python -m tf_fusion.launch --workers W --devices_per_worker D -- SCRIPT...`.
+
+  Returns:
+    (exit code, launcher output).
+  """
   env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT, **(extra_env or {}))
   cmd = [sys.executable, "-m", "tf_fusion.launch", "--workers", str(workers),
-         "--devices_per_worker", str(devices_per_worker), "--grace_seconds", "5", "--",
-         "-m", "tests.multi_worker_job", mode, os.path.join(out_dir, "worker{task}.json")]
+         "--devices_per_worker", str(devices_per_worker), "--grace_seconds", "5",
+         "--"] + list(script)
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=timeout, check=False)
   return proc.returncode, proc.stdout + proc.stderr

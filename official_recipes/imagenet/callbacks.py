@@ -1,0 +1,116 @@
+"""Callbacks of the recipe: step logging to the console and TensorBoard, the profiler over
+a step range, and a stop at an exact step.
+
+All count steps by the optimizer's `iterations`, which a resumed run restores, so logs,
+profiles and the stop keep the run's own step numbers across restarts (Keras's
+epoch and batch counters restart at every `fit`).
+"""
+
+import statistics
+import time
+
+from absl import logging
+import keras
+import tensorflow as tf
+
+
+def step_of(model):
+  return int(number(model.optimizer.iterations))
+
+
+def number(value):
+  """A Python float of a scalar tensor or (mirrored) variable."""
+  return float(keras.ops.convert_to_numpy(value))
+
+
+class StepLogger(keras.callbacks.Callback):
+  """Every `log_steps` steps: loss, top-1, learning rate, loss scale and images/s, to
+  absl logging and as TensorBoard scalars (`writer_dir`).
+
+  `images_per_sec` holds one figure per logged window; the first window includes
+  tracing and start-up, `steady_images_per_sec` leaves it out.
+  """
+
+  def __init__(self, global_batch, log_steps, total_steps, writer_dir):
+    super().__init__()
+    self.global_batch = global_batch
+    self.log_steps = log_steps
+    self.total_steps = total_steps
+    self.writer = tf.summary.create_file_writer(writer_dir)
+    self.images_per_sec = []
+    self._last = None
+
+  def on_train_begin(self, logs=None):
+    self._last = (step_of(self.model), time.perf_counter())
+
+  def on_train_batch_end(self, batch, logs=None):
+    step = step_of(self.model)
+    if step % self.log_steps and step != self.total_steps:
+      return
+    first_step, first_time = self._last
+    now = time.perf_counter()
+    self._last = (step, now)
+    if step <= first_step:
+      return
+    rate = (step - first_step) * self.global_batch / (now - first_time)
+    self.images_per_sec.append(rate)
+    opt = self.model.optimizer
+    scalars = {"images_per_sec": rate, "lr": number(opt.learning_rate)}
+    if hasattr(opt, "dynamic_scale"):
+      scalars["loss_scale"] = number(opt.dynamic_scale)
+    for name in ("loss", "top_1", "top_5"):
+      if logs and name in logs:
+        scalars[name] = float(logs[name])
+    with self.writer.as_default(step=step):
+      for name, value in scalars.items():
+        tf.summary.scalar(name, value)
+    self.writer.flush()
+    logging.info("step %d/%d: %s", step, self.total_steps,
+                 ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
+
+  @property
+  def steady_images_per_sec(self):
+    """Median images/s over the logged windows after the first (None if too few)."""
+    rates = self.images_per_sec[1:]
+    return statistics.median(rates) if rates else None
+
+
+class StopAtStep(keras.callbacks.Callback):
+  """Ends training when the optimizer reaches `total_steps` (mid-epoch if need be)."""
+
+  def __init__(self, total_steps):
+    super().__init__()
+    self.total_steps = total_steps
+
+  def on_train_batch_end(self, batch, logs=None):
+    if step_of(self.model) >= self.total_steps:
+      self.model.stop_training = True
+
+
+class Profiler(keras.callbacks.Callback):
+  """Traces steps first..last (1-based, the run's own numbering) into `logdir` for
+  TensorBoard's profile tab."""
+
+  def __init__(self, first, last, logdir):
+    super().__init__()
+    self.first, self.last, self.logdir = first, last, logdir
+    self.active = False
+
+  def on_train_batch_begin(self, batch, logs=None):
+    if not self.active and self.first <= step_of(self.model) + 1 <= self.last:
+      tf.profiler.experimental.start(self.logdir)
+      self.active = True
+      logging.info("profiling steps %d..%d into %s", step_of(self.model) + 1, self.last,
+                   self.logdir)
+
+  def on_train_batch_end(self, batch, logs=None):
+    if self.active and step_of(self.model) >= self.last:
+      self._stop()
+
+  def on_train_end(self, logs=None):
+    if self.active:
+      self._stop()
+
+  def _stop(self):
+    tf.profiler.experimental.stop()
+    self.active = False

@@ -1,0 +1,251 @@
+r"""Trains ResNet-50 v1.5 or AlexNet-BN on ImageNet the way Jia et al. 2018 did: large
+batch, LARS with warm-up and poly(2) decay, mixed precision, fused all-reduce with an
+FP16 wire.
+
+Examples:
+  # 8 GPUs, the paper's ResNet-50 hyperparameters scaled to 8K batch:
+  python -m official_recipes.imagenet.main --preset=jia2018_resnet50_64k \
+      --batch_size=8192 --data_dir=/data/imagenet --model_dir=/tmp/r50
+  # Several hosts: the same command on each, with TF_CONFIG, --strategy=multi_worker.
+  # Offline, on CPU: tools/make_fake_imagenet.py, then --data_dir there (README).
+
+`run(flags_obj)` does the work and returns a stats dict; tests call it directly.
+
+References:
+  Jia et al. 2018, arXiv:1807.11205; Goyal et al. 2017, arXiv:1706.02677.
+"""
+
+import json
+import math
+import os
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import keras
+import tensorflow as tf
+
+import tf_fusion
+from official_recipes.imagenet import callbacks as recipe_callbacks
+from official_recipes.imagenet import input_pipeline
+from official_recipes.imagenet import models
+from official_recipes.imagenet import recipe_flags
+from official_recipes.imagenet.schedules import WarmupPolyDecay
+
+NO_DECAY = ("bias", "beta", "gamma", "batch_norm")
+
+
+def make_strategy(cfg):
+  """The strategy of --strategy / --num_devices, reducing through tf_fusion."""
+  options = tf_fusion.FusionOptions.from_env(
+      pack_bytes=cfg.pack_bytes, first_pack_bytes=cfg.first_pack_bytes,
+      compression=cfg.compression, algorithm=cfg.all_reduce_alg)
+  if cfg.strategy == "multi_worker":
+    return tf_fusion.multi_worker_strategy(options, devices_per_worker=cfg.num_devices)
+  # Physical first: listing logical devices would start TF before CPUs can be split.
+  if (not tf.config.list_physical_devices("GPU") and cfg.num_devices
+      and cfg.num_devices > 1):
+    tf_fusion.strategy._make_logical_cpus(cfg.num_devices)  # pylint: disable=protected-access
+  gpus = tf.config.list_logical_devices("GPU")
+  devices = gpus or tf.config.list_logical_devices("CPU")
+  n = cfg.num_devices or (len(gpus) if gpus else 1)
+  if n > len(devices):
+    raise ValueError(
+        f"--num_devices={n} but this host has {len(devices)} "
+        f"{'GPU' if gpus else 'CPU'} device(s); logical CPUs can only be made before "
+        "TensorFlow starts using devices.")
+  return tf_fusion.mirrored_strategy([d.name for d in devices[:n]], options)
+
+
+def make_optimizer(cfg, learning_rate):
+  """LARS or SGD + momentum (no decay on biases and batch norm), loss-scaled for fp16."""
+  if cfg.optimizer == "lars":
+    opt = tf_fusion.LARS(learning_rate, momentum=cfg.momentum,
+                         weight_decay=cfg.weight_decay, eta=cfg.lars_eta,
+                         exclude_from_weight_decay=NO_DECAY)
+  else:
+    opt = keras.optimizers.SGD(learning_rate, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay or None)
+    opt.exclude_from_weight_decay(var_names=list(NO_DECAY))
+  if not tf_fusion.mixed_precision.needs_loss_scaling():
+    return opt
+  if cfg.loss_scale == "dynamic":
+    return tf_fusion.mixed_precision.loss_scale(opt)
+  # A fixed scale: never raised; an overflowing step is still skipped and lowers it.
+  return tf_fusion.mixed_precision.loss_scale(
+      opt, initial_scale=float(cfg.loss_scale), dynamic_growth_steps=2**31 - 1)
+
+
+def make_datasets(cfg, strategy, global_batch):
+  """(train, eval or None, train examples, eval examples) as distributed datasets."""
+  dtype = keras.mixed_precision.dtype_policy().compute_dtype
+  args = dict(image_size=cfg.image_size, num_classes=cfg.num_classes, dtype=dtype)
+  if cfg.synthetic:
+    def fn(is_training):
+      return lambda ctx: input_pipeline.synthetic_dataset(
+          ctx.get_per_replica_batch_size(global_batch), seed=cfg.seed or 0, **args)
+    n_train = cfg.num_train_examples or input_pipeline.IMAGENET_TRAIN_EXAMPLES
+    n_eval = cfg.num_eval_examples or input_pipeline.IMAGENET_EVAL_EXAMPLES
+  elif cfg.tfds_data_dir:
+    def fn(is_training):
+      return lambda ctx: input_pipeline.tfds_dataset(
+          cfg.tfds_data_dir, is_training, ctx.get_per_replica_batch_size(global_batch),
+          input_context=ctx, manual_dir=cfg.tfds_manual_dir, seed=cfg.seed, **args)
+    n_train = cfg.num_train_examples or input_pipeline.tfds_num_examples(
+        cfg.tfds_data_dir, True, cfg.tfds_manual_dir)
+    n_eval = cfg.num_eval_examples or input_pipeline.tfds_num_examples(
+        cfg.tfds_data_dir, False, cfg.tfds_manual_dir)
+  else:
+    files = {t: input_pipeline.tfrecord_files(cfg.data_dir, t)
+             for t in (True, False) if t or not cfg.skip_eval}
+    def fn(is_training):
+      return lambda ctx: input_pipeline.tfrecord_dataset(
+          files[is_training], is_training, ctx.get_per_replica_batch_size(global_batch),
+          input_context=ctx, seed=cfg.seed, **args)
+    n_train = cfg.num_train_examples or input_pipeline.count_examples(cfg.data_dir, True)
+    n_eval = cfg.num_eval_examples or (
+        0 if cfg.skip_eval else input_pipeline.count_examples(cfg.data_dir, False))
+  train = strategy.distribute_datasets_from_function(fn(True))
+  evaluation = None if cfg.skip_eval else strategy.distribute_datasets_from_function(fn(False))
+  return train, evaluation, n_train, n_eval
+
+
+def plan_steps(cfg, n_train, n_eval, global_batch):
+  """Steps per epoch, total steps, warm-up steps, eval steps; ValueError if they make
+  no sense for the data."""
+  steps_per_epoch = n_train // global_batch
+  if steps_per_epoch < 1:
+    raise ValueError(f"The training set has {n_train} examples, fewer than one global "
+                     f"batch (--batch_size={global_batch}).")
+  epochs = cfg.epochs if cfg.epochs is not None else (None if cfg.train_steps else 90)
+  total = cfg.train_steps or max(1, round(epochs * steps_per_epoch))
+  warmup = round(cfg.warmup_epochs * steps_per_epoch)
+  if warmup >= total:
+    raise ValueError(f"--warmup_epochs={cfg.warmup_epochs} is {warmup} steps, not fewer "
+                     f"than the run's {total} steps ({steps_per_epoch} steps per epoch).")
+  eval_steps = 0 if cfg.skip_eval else n_eval // global_batch
+  if not cfg.skip_eval and eval_steps < 1:
+    raise ValueError(f"The validation set has {n_eval} examples, fewer than one global "
+                     f"batch (--batch_size={global_batch}); use --skip_eval.")
+  return steps_per_epoch, total, warmup, eval_steps
+
+
+def _worker_dir(model_dir, strategy):
+  """model_dir for the chief; model_dir/worker<N> for the other workers."""
+  resolver = getattr(strategy, "cluster_resolver", None)
+  task = getattr(resolver, "task_id", None) or 0
+  return model_dir if task == 0 else os.path.join(model_dir, f"worker{task}")
+
+
+def run(flags_obj):
+  """Trains and evaluates as the flags say; returns a dict of stats.
+
+  Raises:
+    ValueError: for input or settings that cannot work, naming them.
+  """
+  cfg = recipe_flags.resolve(flags_obj)
+  previous_policy = keras.mixed_precision.dtype_policy()
+  try:
+    tf_fusion.mixed_precision.set_policy(recipe_flags.DTYPES[cfg.dtype])
+    return _run(cfg)
+  finally:
+    keras.mixed_precision.set_dtype_policy(previous_policy)
+
+
+def _run(cfg):
+  start_time = time.perf_counter()
+  if cfg.seed is not None:
+    keras.utils.set_random_seed(cfg.seed)
+  strategy = make_strategy(cfg)
+  replicas = strategy.num_replicas_in_sync
+  if cfg.batch_size % replicas:
+    raise ValueError(f"--batch_size={cfg.batch_size} does not split over {replicas} "
+                     "replicas.")
+  train, evaluation, n_train, n_eval = make_datasets(cfg, strategy, cfg.batch_size)
+  steps_per_epoch, total, warmup, eval_steps = plan_steps(cfg, n_train, n_eval,
+                                                          cfg.batch_size)
+  base_lr = cfg.base_lr or 0.1 * cfg.batch_size / 256
+  out_dir = _worker_dir(cfg.model_dir, strategy)
+  with strategy.scope():
+    model = models.build(cfg.model, cfg.num_classes, cfg.image_size)
+    schedule = WarmupPolyDecay(base_lr, warmup, total, power=cfg.poly_power)
+    # No XLA: with XLA on GPUs, MirroredStrategy ignores custom cross-device ops.
+    model.compile(make_optimizer(cfg, schedule),
+                  loss=keras.losses.CategoricalCrossentropy(
+                      from_logits=True, label_smoothing=cfg.label_smoothing),
+                  metrics=[keras.metrics.CategoricalAccuracy(name="top_1"),
+                           keras.metrics.TopKCategoricalAccuracy(5, name="top_5")],
+                  jit_compile=False)
+  backup = keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup"),
+                                            delete_checkpoint=False)
+  start_step = _restore(model, strategy, backup)
+  logging.info("%s on %d replicas, global batch %d, %d steps per epoch; steps %d..%d, "
+               "peak lr %.4g after %d warm-up steps", cfg.model, replicas, cfg.batch_size,
+               steps_per_epoch, start_step, total, base_lr, warmup)
+  logger = recipe_callbacks.StepLogger(cfg.batch_size, cfg.log_steps, total,
+                                       os.path.join(out_dir, "steps"))
+  callbacks = [backup, logger, recipe_callbacks.StopAtStep(total),
+               keras.callbacks.TensorBoard(out_dir, write_graph=False, profile_batch=0)]
+  profile = recipe_flags.profile_range(cfg.profile_steps)
+  if profile:
+    callbacks.append(recipe_callbacks.Profiler(*profile, out_dir))
+  loop = steps_per_epoch * cfg.epochs_between_evals
+  history = {}
+  if start_step < total:
+    first_epoch = math.ceil(start_step / loop)
+    try:
+      history = model.fit(
+          train, epochs=first_epoch + math.ceil((total - start_step) / loop) + 1,
+          initial_epoch=first_epoch, steps_per_epoch=loop, validation_data=evaluation,
+          validation_steps=eval_steps or None, callbacks=callbacks, verbose=1).history
+    except tf.errors.DataLossError as e:
+      raise ValueError(f"A TFRecord under --data_dir={cfg.data_dir!r} is corrupt "
+                       f"({e.message.splitlines()[0]}); training stopped at step "
+                       f"{recipe_callbacks.step_of(model)}, checkpoint kept in "
+                       f"{out_dir}.") from None
+  metrics = {k: v[-1] for k, v in history.items()}
+  if evaluation is not None and "val_top_1" not in metrics:
+    metrics.update({f"val_{k}": v for k, v in model.evaluate(
+        evaluation, steps=eval_steps, verbose=0, return_dict=True).items()})
+  plan = tf_fusion.fused_ops_of(strategy).last_plan
+  return {
+      "model": cfg.model, "num_replicas": replicas, "global_batch_size": cfg.batch_size,
+      "dtype": cfg.dtype, "start_step": start_step,
+      "final_step": recipe_callbacks.step_of(model), "total_steps": total,
+      "steps_per_epoch": steps_per_epoch,
+      "train_loss": metrics.get("loss"), "train_top_1": metrics.get("top_1"),
+      "eval_loss": metrics.get("val_loss"), "eval_top_1": metrics.get("val_top_1"),
+      "eval_top_5": metrics.get("val_top_5"),
+      "images_per_sec": logger.steady_images_per_sec,
+      "loss_scale": (recipe_callbacks.number(model.optimizer.dynamic_scale)
+                     if hasattr(model.optimizer, "dynamic_scale") else None),
+      "packs": [p.as_dict() for p in plan or ()],
+      "model_dir": out_dir, "wall_seconds": time.perf_counter() - start_time,
+  }
+
+
+def _restore(model, strategy, backup):
+  """Loads the latest checkpoint of model_dir, if any; returns its step (else 0)."""
+  path = os.path.join(backup.backup_dir, "latest.weights.h5")
+  if not os.path.exists(path):
+    return 0
+  with strategy.scope():
+    model.optimizer.build(model.trainable_variables)
+  model.load_weights(path)
+  step = recipe_callbacks.step_of(model)
+  logging.info("Restored step %d from %s", step, path)
+  return step
+
+
+def main(_):
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.INFO)   # the per-step lines: loss, lr, images/s
+  stats = run(flags.FLAGS)
+  logging.info("Stats: %s", json.dumps(stats, default=str))
+  print(json.dumps({k: v for k, v in stats.items() if k != "packs"}, default=str))
+
+
+if __name__ == "__main__":
+  recipe_flags.define_all()
+  app.run(main)

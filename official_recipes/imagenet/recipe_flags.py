@@ -1,0 +1,217 @@
+"""The recipe's absl flags, in groups, with validators and the paper's presets.
+
+Each define_* helper takes the FlagValues to define into (default: absl's global FLAGS),
+so tests build their own and never touch global state. Flags are never mutated: a
+--preset supplies values for the flags the user did not give, in `resolve`.
+"""
+
+import types
+
+from absl import flags
+
+from official_recipes.imagenet import models
+
+DTYPES = {"fp32": "float32", "fp16": "mixed_float16", "bf16": "mixed_bfloat16"}
+
+# Jia et al. 2018 (PAPER.md): 64K batch, LARS (eta 0.001, momentum 0.9), poly(2) decay
+# after a linear warm-up, FP16 forward/backward on FP32 master weights, FP16 on the wire,
+# hybrid all-reduce; ResNet-50 90 epochs, AlexNet-BN 95 epochs. Values PAPER.md does not
+# give are marked "assumed" (the base learning rate follows --base_lr's default rule).
+PRESETS = {
+    "jia2018_resnet50_64k": {
+        "model": "resnet50", "image_size": 224, "batch_size": 65536, "epochs": 90,
+        "optimizer": "lars", "lars_eta": 0.001, "momentum": 0.9, "poly_power": 2.0,
+        "dtype": "fp16", "compression": "fp16", "all_reduce_alg": "auto",
+        "weight_decay": 5e-5,     # assumed: the LARS default of DESIGN.md
+        "warmup_epochs": 5.0,     # assumed: Goyal et al. 2017
+    },
+    "jia2018_alexnet_bn_64k": {
+        "model": "alexnet_bn", "image_size": 224, "batch_size": 65536, "epochs": 95,
+        "optimizer": "lars", "lars_eta": 0.001, "momentum": 0.9, "poly_power": 2.0,
+        "dtype": "fp16", "compression": "fp16", "all_reduce_alg": "auto",
+        "weight_decay": 5e-4,     # assumed: You et al. 2017's AlexNet-BN
+        "warmup_epochs": 5.0,     # assumed
+    },
+}
+
+
+def _positive(name, fv, allow_zero=False, allow_none=True):
+  check = (lambda v: v >= 0) if allow_zero else (lambda v: v > 0)
+  flags.register_validator(
+      name, lambda v: (v is None and allow_none) or (v is not None and check(v)),
+      message=f"--{name} must be {'>= 0' if allow_zero else '> 0'}.", flag_values=fv)
+
+
+def define_data_flags(fv=flags.FLAGS):
+  flags.DEFINE_string("data_dir", None, "Directory of ImageNet TFRecord shards "
+                      "(train-*, validation-*).", flag_values=fv)
+  flags.DEFINE_string("tfds_data_dir", None, "TFDS data dir holding imagenet2012.",
+                      flag_values=fv)
+  flags.DEFINE_string("tfds_manual_dir", None, "Where ILSVRC2012_img_{train,val}.tar "
+                      "are, for TFDS to prepare imagenet2012 once.", flag_values=fv)
+  flags.DEFINE_bool("synthetic", False, "Random images instead of data: the step "
+                    "without input cost.", flag_values=fv)
+  flags.DEFINE_integer("image_size", 224, "Side of the square training image.",
+                       flag_values=fv)
+  flags.DEFINE_integer("num_classes", 1000, "Classes (ImageNet: 1000).", flag_values=fv)
+  flags.DEFINE_integer("num_train_examples", None, "Training examples; default: counted "
+                       "(small data) or ImageNet's 1,281,167.", flag_values=fv)
+  flags.DEFINE_integer("num_eval_examples", None, "Validation examples; default: counted "
+                       "(small data) or ImageNet's 50,000.", flag_values=fv)
+  for name in ("num_classes", "num_train_examples", "num_eval_examples"):
+    _positive(name, fv)
+
+  def one_source(d):
+    return sum([bool(d["data_dir"]), bool(d["tfds_data_dir"]), bool(d["synthetic"])]) == 1
+  flags.register_multi_flags_validator(
+      ["data_dir", "tfds_data_dir", "synthetic"], one_source,
+      message="Give exactly one of --data_dir, --tfds_data_dir, --synthetic.",
+      flag_values=fv)
+
+
+def define_schedule_flags(fv=flags.FLAGS):
+  flags.DEFINE_integer("batch_size", 256, "Global batch size (all replicas).",
+                       flag_values=fv)
+  flags.DEFINE_float("epochs", None, "Epochs to train (default 90 unless --train_steps).",
+                     flag_values=fv)
+  flags.DEFINE_integer("train_steps", None, "Steps to train, instead of --epochs.",
+                       flag_values=fv)
+  flags.DEFINE_float("base_lr", None, "Peak learning rate after warm-up; default "
+                     "0.1 x batch_size / 256 (Goyal et al.'s linear scaling).",
+                     flag_values=fv)
+  flags.DEFINE_float("warmup_epochs", 5.0, "Linear warm-up, in epochs.", flag_values=fv)
+  flags.DEFINE_float("poly_power", 2.0, "Exponent of the polynomial decay.",
+                     flag_values=fv)
+  flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing in [0, 1).", flag_values=fv)
+  flags.DEFINE_integer("epochs_between_evals", 1, "Evaluate every this many epochs.",
+                       flag_values=fv)
+  flags.DEFINE_bool("skip_eval", False, "Train only.", flag_values=fv)
+  for name in ("batch_size", "epochs", "train_steps", "base_lr", "poly_power",
+               "epochs_between_evals"):
+    _positive(name, fv)
+  _positive("warmup_epochs", fv, allow_zero=True)
+  flags.register_validator("label_smoothing", lambda v: 0 <= v < 1,
+                           message="--label_smoothing must be in [0, 1).", flag_values=fv)
+  flags.register_multi_flags_validator(
+      ["epochs", "train_steps"], lambda d: d["epochs"] is None or d["train_steps"] is None,
+      message="Give --epochs or --train_steps, not both.", flag_values=fv)
+
+
+def define_optimizer_flags(fv=flags.FLAGS):
+  flags.DEFINE_enum("optimizer", "lars", ["lars", "sgd"], "LARS (the paper) or SGD with "
+                    "momentum.", flag_values=fv)
+  flags.DEFINE_float("weight_decay", 5e-5, "Weight decay (not on biases and batch norm).",
+                     flag_values=fv)
+  flags.DEFINE_float("lars_eta", 0.001, "LARS trust coefficient.", flag_values=fv)
+  flags.DEFINE_float("momentum", 0.9, "Momentum.", flag_values=fv)
+  _positive("weight_decay", fv, allow_zero=True, allow_none=False)
+  _positive("lars_eta", fv, allow_none=False)
+  flags.register_validator("momentum", lambda v: 0 <= v < 1,
+                           message="--momentum must be in [0, 1).", flag_values=fv)
+
+
+def define_precision_flags(fv=flags.FLAGS):
+  flags.DEFINE_enum("dtype", "fp32", list(DTYPES), "Compute precision: fp16 is the "
+                    "paper's (loss scaling on), bf16 needs none.", flag_values=fv)
+  flags.DEFINE_string("loss_scale", "dynamic", "fp16 only: 'dynamic', or a number: a "
+                      "fixed scale (lowered only if a step overflows).", flag_values=fv)
+  flags.register_validator("loss_scale", lambda v: v == "dynamic" or _float(v) > 0,
+                           message="--loss_scale must be 'dynamic' or a number > 0.",
+                           flag_values=fv)
+
+
+def define_communication_flags(fv=flags.FLAGS):
+  flags.DEFINE_integer("pack_bytes", 32 << 20, "Fusion threshold per pack (bytes); "
+                       "0: one pack per dtype.", flag_values=fv)
+  flags.DEFINE_integer("first_pack_bytes", 1 << 20, "Threshold of the first pack, sent "
+                       "while back-propagation goes on.", flag_values=fv)
+  flags.DEFINE_enum("compression", "none", ["none", "fp16"], "FP16 on the wire.",
+                    flag_values=fv)
+  flags.DEFINE_enum("all_reduce_alg", "auto",
+                    ["auto", "ring", "hierarchical", "reduce_to_one"],
+                    "All-reduce per pack; auto picks per pack from a calibrated cost "
+                    "model.", flag_values=fv)
+  _positive("pack_bytes", fv, allow_zero=True, allow_none=False)
+  _positive("first_pack_bytes", fv, allow_zero=True, allow_none=False)
+
+
+def define_distribution_flags(fv=flags.FLAGS):
+  flags.DEFINE_enum("strategy", "mirrored", ["mirrored", "multi_worker"],
+                    "One host (MirroredStrategy) or several (TF_CONFIG; see "
+                    "python -m tf_fusion.launch).", flag_values=fv)
+  flags.DEFINE_integer("num_devices", None, "Devices per host; default: all GPUs, or "
+                       "1 CPU. On a host without GPUs, N > 1 makes N logical CPUs.",
+                       flag_values=fv)
+  _positive("num_devices", fv)
+
+
+def define_output_flags(fv=flags.FLAGS):
+  flags.DEFINE_string("model_dir", None, "Checkpoints and TensorBoard logs; a run in a "
+                      "model_dir with a checkpoint continues from it.", flag_values=fv)
+  flags.DEFINE_string("profile_steps", "", "'first,last' steps to trace with the "
+                      "TensorBoard profiler, e.g. '20,22'; empty: none.", flag_values=fv)
+  flags.DEFINE_integer("log_steps", 100, "Log loss and images/s every this many steps.",
+                       flag_values=fv)
+  flags.DEFINE_integer("seed", None, "Random seed (weights, data order).", flag_values=fv)
+  flags.mark_flag_as_required("model_dir", flag_values=fv)
+  _positive("log_steps", fv, allow_none=False)
+  flags.register_validator("profile_steps", lambda v: not v or _steps_range(v) is not None,
+                           message="--profile_steps must be 'first,last' with "
+                           "1 <= first <= last, or empty.", flag_values=fv)
+
+
+def define_all(fv=flags.FLAGS):
+  """Every flag of the recipe."""
+  flags.DEFINE_enum("model", "resnet50", sorted(models.MODELS), "Network.",
+                    flag_values=fv)
+  flags.DEFINE_enum("preset", None, sorted(PRESETS), "The paper's hyperparameters; "
+                    "flags given explicitly still win.", flag_values=fv)
+  for define in (define_data_flags, define_schedule_flags, define_optimizer_flags,
+                 define_precision_flags, define_communication_flags,
+                 define_distribution_flags, define_output_flags):
+    define(fv)
+
+  def size_fits(d):
+    model = d["model"]
+    if d["preset"] and not fv["model"].present:
+      model = PRESETS[d["preset"]]["model"]
+    return d["image_size"] is None or d["image_size"] >= models.MIN_IMAGE_SIZE[model]
+  flags.register_multi_flags_validator(
+      ["model", "image_size", "preset"], size_fits,
+      message="--image_size too small for the model: "
+      + ", ".join(f"{m} needs >= {s}" for m, s in sorted(models.MIN_IMAGE_SIZE.items())),
+      flag_values=fv)
+  flags.register_multi_flags_validator(
+      ["model", "preset"],
+      lambda d: not (d["preset"] and fv["model"].present
+                     and PRESETS[d["preset"]]["model"] != d["model"]),
+      message="--preset is for another --model.", flag_values=fv)
+
+
+def resolve(fv):
+  """The settings of a run: flag values, with the preset's where a flag was not given."""
+  preset = PRESETS.get(fv.preset, {}) if fv.preset else {}
+  values = {name: fv[name].value for name in fv}
+  values.update({k: v for k, v in preset.items() if not fv[k].present})
+  return types.SimpleNamespace(**values)
+
+
+def _float(text):
+  try:
+    return float(text)
+  except (TypeError, ValueError):
+    return -1.0
+
+
+def _steps_range(text):
+  """'a,b' -> (a, b) with 1 <= a <= b, else None."""
+  try:
+    first, last = (int(p) for p in text.split(","))
+  except ValueError:
+    return None
+  return (first, last) if 1 <= first <= last else None
+
+
+def profile_range(text):
+  """The validated (first, last) of --profile_steps, or None."""
+  return _steps_range(text) if text else None

@@ -1,0 +1,199 @@
+"""official_recipes.imagenet.main.run: a few steps of each model, each data source,
+resume, bad input, presets."""
+
+import json
+import os
+import re
+
+from absl import flags
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+
+from official_recipes.imagenet import main
+from official_recipes.imagenet import recipe_flags
+from tests import multi_worker
+from tools import make_fake_imagenet
+
+NUM_CLASSES = 6
+
+
+def parse(argv):
+  """A fresh FlagValues of the recipe, parsed from argv (no global state)."""
+  fv = flags.FlagValues()
+  recipe_flags.define_all(fv)
+  fv(["main"] + argv)
+  return fv
+
+
+class RecipeTest(tf.test.TestCase, parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.data_dir = os.path.join(tf.compat.v1.test.get_temp_dir(), "fake_imagenet_recipe")
+    make_fake_imagenet.make(cls.data_dir, num_train=64, num_validation=16,
+                            num_classes=NUM_CLASSES, train_shards=4, validation_shards=2,
+                            min_size=40, max_size=100, log=lambda _: None)
+
+  def _argv(self, model="alexnet_bn", **extra):
+    argv = {"model": model, "image_size": 64 if model == "alexnet_bn" else 32,
+            "num_classes": NUM_CLASSES, "batch_size": 8, "train_steps": 2,
+            "warmup_epochs": 0, "num_devices": 2, "all_reduce_alg": "ring",
+            "model_dir": self.create_tempdir().full_path, "log_steps": 1, "seed": 1}
+    argv.update(extra)
+    if "tfds_data_dir" not in argv and "synthetic" not in argv:
+      argv.setdefault("data_dir", self.data_dir)
+    return [f"--{k}={v}" for k, v in argv.items()]
+
+  def _check(self, stats, steps=2):
+    self.assertEqual(stats["final_step"], steps)
+    self.assertEqual(stats["num_replicas"], 2)
+    for key in ("train_loss", "eval_loss", "eval_top_1", "eval_top_5"):
+      self.assertTrue(np.isfinite(stats[key]), (key, stats[key]))
+    # Top-5 of 6 classes counts more than top-1.
+    self.assertGreaterEqual(stats["eval_top_5"], stats["eval_top_1"])
+    self.assertNotEmpty(stats["packs"])
+    self.assertTrue(all(p["algorithm"] == "ring" for p in stats["packs"]))
+
+  @parameterized.parameters(
+      ("resnet50", "fp32"), ("resnet50", "fp16"), ("alexnet_bn", "fp32"),
+      ("alexnet_bn", "bf16"))
+  def test_fake_tfrecords(self, model, dtype):
+    stats = main.run(parse(self._argv(model, dtype=dtype, compression="fp16")))
+    self._check(stats)
+    self.assertEqual(stats["loss_scale"] is not None, dtype == "fp16")
+    logs = os.listdir(stats["model_dir"])
+    self.assertContainsSubset(["train", "validation", "steps", "backup"], logs)
+
+  def test_tfds_mock_data(self):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    with tfds.testing.mock_data(num_examples=16):
+      stats = main.run(parse(self._argv(tfds_data_dir=self.create_tempdir().full_path,
+                                        num_classes=1000)))
+    self._check(stats)
+
+  def test_synthetic_with_profile(self):
+    stats = main.run(parse(self._argv(synthetic=True, num_train_examples=64,
+                                      num_eval_examples=16, dtype="bf16",
+                                      profile_steps="2,2")))
+    self._check(stats)
+    traces = tf.io.gfile.glob(os.path.join(stats["model_dir"], "plugins", "profile",
+                                           "*", "*.xplane.pb"))
+    self.assertLen(traces, 1)
+
+  def test_resume_continues_the_step_count(self):
+    model_dir = self.create_tempdir().full_path
+    first = main.run(parse(self._argv(model_dir=model_dir, train_steps=3)))
+    self.assertEqual((first["start_step"], first["final_step"]), (0, 3))
+    second = main.run(parse(self._argv(model_dir=model_dir, train_steps=5)))
+    self.assertEqual((second["start_step"], second["final_step"]), (3, 5))
+    # Already there: nothing to train, evaluation only.
+    third = main.run(parse(self._argv(model_dir=model_dir, train_steps=5)))
+    self.assertEqual((third["start_step"], third["final_step"]), (5, 5))
+    # Each replica keeps its own batch-norm moving statistics between evaluations; the
+    # checkpoint holds their mean, so the restored model evaluates a hair differently.
+    self.assertAllClose(third["eval_loss"], second["eval_loss"], rtol=2e-2)
+
+  def test_bad_input_names_it(self):
+    cases = [
+        ({"data_dir": "/no/such/imagenet"}, "'/no/such/imagenet' is not a directory"),
+        ({"data_dir": self.create_tempdir().full_path}, "No file matches"),
+        ({"batch_size": 6, "num_devices": 4}, "does not split over 4 replicas"),
+        ({"batch_size": 128}, "fewer than one global batch"),
+        ({"train_steps": 4, "warmup_epochs": 1}, "--warmup_epochs=1.0 is 8 steps"),
+    ]
+    for extra, message in cases:
+      with self.subTest(message), self.assertRaisesRegex(ValueError, message):
+        main.run(parse(self._argv(**extra)))
+
+  def test_corrupt_record_during_training(self):
+    d = self.create_tempdir().full_path
+    make_fake_imagenet.make(d, num_train=16, num_validation=8, num_classes=NUM_CLASSES,
+                            train_shards=1, validation_shards=1, log=lambda _: None)
+    path = os.path.join(d, "train-00000-of-00001")
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2:len(data) // 2 + 64] = b"\xff" * 64   # the first record is fine
+    open(path, "wb").write(bytes(data))
+    # Found while counting the examples, naming the file...
+    with self.assertRaisesRegex(ValueError, "train-00000-of-00001 is corrupt"):
+      main.run(parse(self._argv(data_dir=d, train_steps=4)))
+    # ... or, when the size is given, while training: the checkpoint is kept.
+    model_dir = self.create_tempdir().full_path
+    with self.assertRaisesRegex(ValueError, "A TFRecord under --data_dir=.* is corrupt.*"
+                                "checkpoint kept in"):
+      main.run(parse(self._argv(data_dir=d, train_steps=4, num_train_examples=16,
+                                model_dir=model_dir)))
+
+
+class MultiWorkerRecipeTest(tf.test.TestCase):
+  """The recipe on 2 worker processes x 2 logical CPUs, through the launcher."""
+
+  def test_two_workers(self):
+    tmp = self.create_tempdir().full_path
+    data_dir = os.path.join(tmp, "data")
+    make_fake_imagenet.make(data_dir, num_train=64, num_validation=16,
+                            num_classes=NUM_CLASSES, train_shards=4, validation_shards=2,
+                            log=lambda _: None)
+    model_dir = os.path.join(tmp, "model")
+    code, out = multi_worker.launch_script(
+        ["-m", "official_recipes.imagenet.main", "--strategy=multi_worker",
+         "--model=alexnet_bn", "--image_size=64", f"--data_dir={data_dir}",
+         f"--num_classes={NUM_CLASSES}", "--batch_size=16", "--train_steps=3",
+         "--warmup_epochs=0", f"--model_dir={model_dir}", "--compression=fp16",
+         "--seed=1"], timeout=300)
+    self.assertEqual(code, 0, out[-3000:])
+    found = dict(re.findall(r"^\[worker (\d)\] (\{.*\})$", out, re.M))
+    stats = [json.loads(found[k]) for k in sorted(found)]
+    self.assertLen(stats, 2, out[-3000:])
+    for s in stats:
+      self.assertEqual((s["num_replicas"], s["final_step"]), (4, 3))
+    # Same all-reduced model on both workers; each wrote its own logs and checkpoint.
+    self.assertEqual(stats[0]["train_loss"], stats[1]["train_loss"])
+    self.assertEqual(stats[1]["model_dir"], os.path.join(model_dir, "worker1"))
+    for d in (model_dir, stats[1]["model_dir"]):
+      self.assertTrue(os.path.exists(os.path.join(d, "backup", "latest.weights.h5")), d)
+
+
+class FlagsTest(tf.test.TestCase):
+
+  def test_presets_carry_the_papers_values(self):
+    # PAPER.md: 64K batch, LARS eta 0.001, momentum 0.9, poly(2), FP16 compute and
+    # wire; ResNet-50 90 epochs, AlexNet-BN 95 epochs.
+    for preset, model, epochs in (("jia2018_resnet50_64k", "resnet50", 90),
+                                  ("jia2018_alexnet_bn_64k", "alexnet_bn", 95)):
+      cfg = recipe_flags.resolve(parse([f"--preset={preset}", "--synthetic",
+                                        "--model_dir=/tmp/x"]))
+      self.assertEqual((cfg.model, cfg.batch_size, cfg.epochs), (model, 65536, epochs))
+      self.assertEqual((cfg.optimizer, cfg.lars_eta, cfg.momentum, cfg.poly_power),
+                       ("lars", 0.001, 0.9, 2.0))
+      self.assertEqual((cfg.dtype, cfg.compression), ("fp16", "fp16"))
+
+  def test_explicit_flags_beat_the_preset(self):
+    cfg = recipe_flags.resolve(parse(["--preset=jia2018_resnet50_64k", "--synthetic",
+                                      "--model_dir=/tmp/x", "--batch_size=1024"]))
+    self.assertEqual((cfg.batch_size, cfg.epochs), (1024, 90))
+
+  def test_validators(self):
+    base = ["--synthetic", "--model_dir=/tmp/x"]
+    cases = [
+        (["--model_dir=/tmp/x"], "exactly one of --data_dir"),
+        (base + ["--data_dir=/d"], "exactly one of --data_dir"),
+        (base + ["--model=alexnet_bn", "--image_size=48"], "alexnet_bn needs >= 57"),
+        (base + ["--image_size=16"], "resnet50 needs >= 32"),
+        (base + ["--epochs=2", "--train_steps=3"], "not both"),
+        (base + ["--batch_size=0"], "--batch_size must be > 0"),
+        (base + ["--loss_scale=big"], "'dynamic' or a number"),
+        (base + ["--profile_steps=5,2"], "first,last"),
+        (base + ["--label_smoothing=1.5"], r"\[0, 1\)"),
+        (base + ["--preset=jia2018_alexnet_bn_64k", "--model=resnet50"],
+         "another --model"),
+        (["--synthetic"], "model_dir"),
+    ]
+    for argv, message in cases:
+      with self.subTest(argv=argv), self.assertRaisesRegex(flags.Error, message):
+        parse(argv)
+
+
+if __name__ == "__main__":
+  tf.test.main()
