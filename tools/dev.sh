@@ -10,7 +10,7 @@ VENV=${TF_FUSION_VENV:-.venv}
 STAMP="$VENV/.tf_fusion-setup.cfg.sha256"
 want=$(sha256sum setup.cfg | cut -d' ' -f1)
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ] \
-    || ! "$VENV/bin/python" -c "import tf_fusion, pytest, matplotlib, sklearn" 2>/dev/null; then
+    || ! "$VENV/bin/python" -c "import tf_fusion, pytest, matplotlib, sklearn, tensorboard, tensorflow_datasets" 2>/dev/null; then
   echo "[dev] setting up $VENV: tf_fusion with its pinned dependencies" >&2
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
@@ -22,7 +22,21 @@ cmd=${1:-}
 shift || true
 case "$cmd" in
   main)
-    exec "$VENV/bin/python" tools/allreduce_bench.py --out_dir out/allreduce_bench "$@" ;;
+    # The ImageNet recipe on generated ImageNet-format data: ResNet-50 v1.5 on 4 logical
+    # CPU replicas, LARS + warm-up + poly(2), bf16 compute, fused all-reduce with FP16 on
+    # the wire (hybrid algorithm). Extra arguments override these flags.
+    DATA=out/fake_imagenet
+    if [ ! -f "$DATA/validation-00001-of-00002" ]; then
+      "$VENV/bin/python" tools/make_fake_imagenet.py --out_dir "$DATA" --num_train 1024 \
+          --num_validation 256 --num_classes 10
+    fi
+    MODEL_DIR=out/main_job/$(date +%Y%m%d-%H%M%S)
+    echo "[dev] TensorBoard logs in $MODEL_DIR: tensorboard --logdir $MODEL_DIR" >&2
+    exec "$VENV/bin/python" -m official_recipes.imagenet.main --model=resnet50 \
+        --data_dir="$DATA" --num_classes=10 --image_size=32 --batch_size=64 --epochs=8 \
+        --optimizer=lars --base_lr=4 --warmup_epochs=1 --dtype=bf16 --compression=fp16 \
+        --all_reduce_alg=auto --num_devices=4 --epochs_between_evals=2 --log_steps=16 \
+        --model_dir="$MODEL_DIR" "$@" ;;
   test)
     exec "$VENV/bin/python" -m pytest -q "$@" ;;
   *)
