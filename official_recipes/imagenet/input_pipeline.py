@@ -87,14 +87,13 @@ def check_record(path):
   raise ValueError(f"{path} is empty: no records.")
 
 
-def count_examples(data_dir, is_training):
-  """Examples in a split: counted when the files are small, else ImageNet's size."""
-  files = tfrecord_files(data_dir, is_training)
+def count_examples(files, is_training):
+  """Examples in a split's `files`: counted when they are small, else ImageNet's size."""
   total = sum(tf.io.gfile.stat(f).length for f in files)
   if total > _COUNT_LIMIT_BYTES:
     n = IMAGENET_TRAIN_EXAMPLES if is_training else IMAGENET_EVAL_EXAMPLES
-    logging.info("Assuming ImageNet's %d %s examples in %s (pass --num_%s_examples "
-                 "otherwise).", n, SPLITS[is_training], data_dir,
+    logging.info("Assuming ImageNet's %d %s examples in %s... (pass --num_%s_examples "
+                 "otherwise).", n, SPLITS[is_training], files[0],
                  "train" if is_training else "eval")
     return n
   return sum(_count(f) for f in files)
