@@ -41,6 +41,9 @@ class MultiWorkerReduceTest(tf.test.TestCase):
     for w in workers:   # absolute error on values of ~100 summed over 4 replicas
       self.assertLess(w["paths"]["strategy.reduce"], 1e-3)
       self.assertLess(w["paths"]["_all_reduce"], 1e-3)
+      # Replicas 0..3 held r + [0, .5, .25]: the mean over both workers is 1.5 + that.
+      for replica in w["moving_statistics"]:
+        self.assertAllClose(replica, [1.5, 2.0, 1.75], rtol=1e-7)
 
   def test_dead_peer_is_an_error_not_a_hang(self):
     # Worker 1 is SIGKILLed after one reduction; worker 0's next one (timeout 10 s)

@@ -4,6 +4,7 @@ Tensor fusion, FP16 on the wire and per-pack choice of all-reduce algorithm, aft
 Jia et al. 2018, "Training ImageNet in Four Minutes" (arXiv:1807.11205).
 """
 
+from tf_fusion import callbacks
 from tf_fusion import mixed_precision
 from tf_fusion.algorithms import CostModel
 from tf_fusion.algorithms import calibrate
@@ -28,6 +29,7 @@ __all__ = [
     "MultiWorkerFusedAllReduce",
     "PackPlan",
     "calibrate",
+    "callbacks",
     "fused_ops_of",
     "mirrored_strategy",
     "mixed_precision",

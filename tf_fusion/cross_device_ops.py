@@ -112,6 +112,11 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
         results[i] = mirrored
     return results
 
+  def _gather_implementation(self, per_replica_value, destinations, axis, options):
+    # strategy.gather: TF's own, exact (no packs, no FP16 wire); CrossDeviceOps has none.
+    return self._fallback._gather_implementation(  # pylint: disable=protected-access
+        per_replica_value, destinations, axis, options)
+
   # --- the fused path ----------------------------------------------------------------
 
   def _fusible(self, value, destinations):

@@ -103,9 +103,9 @@ def make_datasets(cfg, strategy, global_batch):
       return lambda ctx: input_pipeline.tfrecord_dataset(
           files[is_training], is_training, ctx.get_per_replica_batch_size(global_batch),
           input_context=ctx, seed=cfg.seed, **args)
-    n_train = cfg.num_train_examples or input_pipeline.count_examples(cfg.data_dir, True)
+    n_train = cfg.num_train_examples or input_pipeline.count_examples(files[True], True)
     n_eval = cfg.num_eval_examples or (
-        0 if cfg.skip_eval else input_pipeline.count_examples(cfg.data_dir, False))
+        0 if cfg.skip_eval else input_pipeline.count_examples(files[False], False))
   train = strategy.distribute_datasets_from_function(fn(True))
   evaluation = None if cfg.skip_eval else strategy.distribute_datasets_from_function(fn(False))
   return train, evaluation, n_train, n_eval
@@ -185,7 +185,8 @@ def _run(cfg):
                steps_per_epoch, start_step, total, base_lr, warmup)
   logger = recipe_callbacks.StepLogger(cfg.batch_size, cfg.log_steps, total,
                                        os.path.join(out_dir, "steps"))
-  callbacks = [backup, logger, recipe_callbacks.StopAtStep(total),
+  # First: the checkpoint written at an epoch's end then holds the replicas' average.
+  callbacks = [tf_fusion.callbacks.SyncMovingStatistics(), backup, logger, recipe_callbacks.StopAtStep(total),
                keras.callbacks.TensorBoard(out_dir, write_graph=False, profile_batch=0)]
   profile = recipe_flags.profile_range(cfg.profile_steps)
   if profile:

@@ -1,0 +1,84 @@
+"""Keras callbacks for data-parallel training with tf_fusion.
+
+Batch-norm moving statistics are not gradients: Keras 3 creates them as mirrored
+variables with aggregation "none", and under a tf.distribute strategy every replica
+updates its own copy from its own shard of the batch. Left alone, the replicas evaluate
+with different statistics, and a checkpoint (which saves the first replica's copy) holds
+the statistics of 1/N of the data, so the restored model does not evaluate like the one
+that was trained. `SyncMovingStatistics` averages the copies over all replicas of all
+workers before each evaluation, at the end of each epoch (before a checkpoint is
+written, when it comes first in the callback list) and at the end of training.
+
+The average is exact: it gathers the copies through the strategy (TF's own gather,
+never the FP16 wire), one collective for all variables.
+"""
+
+from typing import List, Optional
+
+import keras
+import tensorflow as tf
+from tensorflow.python.distribute import values as values_lib  # pylint: disable=g-direct-tensorflow-import
+
+
+def moving_statistics(model) -> List[keras.Variable]:
+  """The model's floating non-trainable variables that have one copy per replica.
+
+  Batch-norm moving mean and variance; not seed-generator states (integers) and not
+  variables that the strategy already aggregates (sync-on-read metrics).
+  """
+  out = []
+  for v in model.non_trainable_variables:
+    tf_var = getattr(v, "value", None)
+    if (isinstance(tf_var, values_lib.MirroredVariable) and tf_var.dtype.is_floating
+        and tf_var.aggregation == tf.VariableAggregation.NONE):
+      out.append(v)
+  return out
+
+
+def sync_moving_statistics(model, strategy: Optional[tf.distribute.Strategy] = None):
+  """Sets every replica's copy of the moving statistics to their mean over replicas.
+
+  Args:
+    model: a Keras model built under `strategy`.
+    strategy: defaults to the model's.
+
+  Returns:
+    The number of variables averaged (0 with one replica or no such variables).
+  """
+  strategy = strategy or model.distribute_strategy
+  variables = moving_statistics(model)
+  if strategy.num_replicas_in_sync < 2 or not variables:
+    return 0
+  sizes = [v.value.shape.num_elements() for v in variables]
+  local = []
+  for i in range(len(variables[0].value.values)):
+    component = variables[0].value.values[i]
+    with tf.device(component.device):
+      local.append(tf.concat([tf.reshape(tf.cast(v.value.values[i], tf.float32), [-1])
+                              for v in variables], 0))
+  gathered = strategy.gather(values_lib.PerReplica(local), axis=0)
+  mean = tf.reduce_mean(tf.reshape(gathered, [strategy.num_replicas_in_sync, -1]), 0)
+  for v, part in zip(variables, tf.split(mean, sizes)):
+    v.assign(tf.cast(tf.reshape(part, v.shape), v.dtype))
+  return len(variables)
+
+
+class SyncMovingStatistics(keras.callbacks.Callback):
+  """Averages batch-norm moving statistics over replicas whenever they are used or saved.
+
+  Put it before BackupAndRestore / ModelCheckpoint in the callback list, so that the
+  checkpoint written at the end of an epoch holds the average.
+
+  Example:
+    >>> model.fit(ds, callbacks=[tf_fusion.callbacks.SyncMovingStatistics(),
+    ...                          keras.callbacks.BackupAndRestore(backup_dir)])
+  """
+
+  def on_test_begin(self, logs=None):
+    sync_moving_statistics(self.model)
+
+  def on_epoch_end(self, epoch, logs=None):
+    sync_moving_statistics(self.model)
+
+  def on_train_end(self, logs=None):
+    sync_moving_statistics(self.model)
