@@ -211,11 +211,12 @@ def mode_dead_peer(strategy):
 
 def main(argv):
   mode, out_path = argv[1], argv[2]
-  # fit runs "auto" with no cost model: the calibration runs across the workers too.
-  algorithm = "auto" if mode == "fit" else "ring"
+  # fit and resume run "auto" with no cost model: the calibration runs across the
+  # workers too (resume keeps it in TF_FUSION_COST_MODEL_FILE when the test sets it).
+  algorithm = "auto" if mode in ("fit", "resume") else "ring"
   timeout = 10 if mode == "dead_peer" else 60
-  strategy = tf_fusion.multi_worker_strategy(tf_fusion.FusionOptions(timeout_seconds=timeout,
-                                                                     algorithm=algorithm))
+  strategy = tf_fusion.multi_worker_strategy(tf_fusion.FusionOptions.from_env(
+      timeout_seconds=timeout, algorithm=algorithm))
   result = {"reduce": mode_reduce, "fit": mode_fit,
             "mismatch": mode_mismatch, "resume": mode_resume,
             "dead_peer": mode_dead_peer}[mode](strategy)

@@ -83,20 +83,6 @@ class AssignTest(tf.test.TestCase):
     with self.assertRaisesRegex(ValueError, "CostModel"):
       algorithms.assign(packing.plan_packs(specs, 0), specs, _identity_wire, "auto")
 
-  def test_choose_pack_bytes_minimises_predicted_time(self):
-    m = tf_fusion.CostModel({"ring": 1e-3}, {"ring": 1e-10}, copy_beta=1e-11)
-    specs = self._specs(*[1000] * 50)
-    chosen = algorithms.choose_pack_bytes(specs, 0, _identity_wire, m,
-                                          candidates=(4000, 40_000, 400_000))
-
-    def predicted(pack_bytes):
-      packs = packing.plan_packs(specs, pack_bytes)
-      return sum(t for _, _, t in algorithms.assign(packs, specs, _identity_wire, "auto", m))
-
-    # High latency, cheap copies: everything in one pack (0 or the largest).
-    self.assertEqual(len(packing.plan_packs(specs, chosen)), 1)
-    self.assertLessEqual(predicted(chosen), min(predicted(p) for p in (4000, 40_000)))
-
 
 class CalibrateTest(tf.test.TestCase):
 

@@ -84,8 +84,12 @@ class RecipeTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_resume_continues_the_step_count(self):
     model_dir = self.create_tempdir().full_path
-    first = main.run(parse(self._argv(model_dir=model_dir, train_steps=3)))
+    first = main.run(parse(self._argv(model_dir=model_dir, train_steps=3,
+                                      pack_bytes="auto")))
     self.assertEqual((first["start_step"], first["final_step"]), (0, 3))
+    # The autotuner's cost model is kept with the run.
+    self.assertIn("1 worker(s) x 2 CPU device(s)",
+                  json.load(open(os.path.join(model_dir, "cost_model.json")))["topology"])
     second = main.run(parse(self._argv(model_dir=model_dir, train_steps=5)))
     self.assertEqual((second["start_step"], second["final_step"]), (3, 5))
     # Already there: nothing to train, evaluation only.
@@ -170,6 +174,12 @@ class FlagsTest(tf.test.TestCase):
                        ("lars", 0.001, 0.9, 2.0))
       self.assertEqual((cfg.dtype, cfg.compression), ("fp16", "fp16"))
 
+  def test_pack_bytes_auto_or_bytes(self):
+    for text, want in (("auto", None), ("AUTO", None), ("0", 0), ("4194304", 4 << 20)):
+      cfg = recipe_flags.resolve(parse(["--synthetic", "--model_dir=/tmp/x",
+                                        f"--pack_bytes={text}"]))
+      self.assertEqual(cfg.pack_bytes, want)
+
   def test_explicit_flags_beat_the_preset(self):
     cfg = recipe_flags.resolve(parse(["--preset=jia2018_resnet50_64k", "--synthetic",
                                       "--model_dir=/tmp/x", "--batch_size=1024"]))
@@ -190,6 +200,8 @@ class FlagsTest(tf.test.TestCase):
         (base + ["--preset=jia2018_alexnet_bn_64k", "--model=resnet50"],
          "another --model"),
         (["--synthetic"], "model_dir"),
+        (base + ["--pack_bytes=64MB"], "whole number of bytes >= 0, or auto"),
+        (base + ["--backward_seconds=-1"], "--backward_seconds must be >= 0"),
     ]
     for argv, message in cases:
       with self.subTest(argv=argv), self.assertRaisesRegex(flags.Error, message):

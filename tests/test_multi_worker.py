@@ -90,14 +90,22 @@ class KillAndResumeTest(tf.test.TestCase):
   def test_sigkill_one_worker_then_rerun_resumes_from_backup(self):
     """Worker 1 SIGKILLs itself at the start of epoch 2 (of 4, 4 steps each)."""
     tmp = self.create_tempdir().full_path
+    cost_model_file = os.path.join(tmp, "cost_model.json")
     env = {"TF_FUSION_TEST_BACKUP_DIR": os.path.join(tmp, "backup"),
-           "TF_FUSION_TEST_KILL_MARKER": os.path.join(tmp, "killed")}
+           "TF_FUSION_TEST_KILL_MARKER": os.path.join(tmp, "killed"),
+           "TF_FUSION_COST_MODEL_FILE": cost_model_file}
     code, out = multi_worker.launch_job("resume", tmp, extra_env=env)
     self.assertNotEqual(code, 0, msg=out)
     self.assertIn("[launch] worker 1 was killed by SIGKILL; stopping the others", out)
     self.assertFalse(os.path.exists(os.path.join(tmp, "worker0.json")))
+    # Calibrated across both workers before the kill, and kept.
+    with open(cost_model_file) as f:
+      self.assertIn("2 worker(s) x 2 CPU device(s)", json.load(f)["topology"])
+    written = os.stat(cost_model_file).st_mtime_ns
 
     code, out = multi_worker.launch_job("resume", tmp, extra_env=env)  # the same command
+    # Both workers read the file and agreed on it: no second calibration, no rewrite.
+    self.assertEqual(os.stat(cost_model_file).st_mtime_ns, written)
     self.assertEqual(code, 0, msg=out[-3000:])
     self.assertIn("[launch] all 2 workers finished", out)
     workers = multi_worker.read_results(tmp)

@@ -28,6 +28,9 @@ class FusionOptionsTest(tf.test.TestCase, parameterized.TestCase):
       dict(kwargs=dict(algorithm="tree"),
            message="valid values: ring, hierarchical, reduce_to_one, auto"),
       dict(kwargs=dict(timeout_seconds=0), message="timeout_seconds"),
+      dict(kwargs=dict(backward_seconds=-0.1), message="backward_seconds"),
+      dict(kwargs=dict(backward_seconds=float("nan")), message="backward_seconds"),
+      dict(kwargs=dict(cost_model_file=""), message="cost_model_file"),
   )
   def test_bad_values_name_the_value_and_the_valid_ones(self, kwargs, message):
     with self.assertRaisesRegex(ValueError, message):
@@ -49,6 +52,9 @@ class FusionOptionsTest(tf.test.TestCase, parameterized.TestCase):
         algorithm="reduce_to_one", timeout_seconds=30.0))
     self.assertIsNone(
         tf_fusion.FusionOptions.from_env({"TF_FUSION_PACK_BYTES": "auto"}).pack_bytes)
+    auto = tf_fusion.FusionOptions.from_env({
+        "TF_FUSION_COST_MODEL_FILE": "/tmp/cm.json", "TF_FUSION_BACKWARD_SECONDS": "0.12"})
+    self.assertEqual((auto.cost_model_file, auto.backward_seconds), ("/tmp/cm.json", 0.12))
     self.assertEqual(tf_fusion.FusionOptions.from_env(
         env, compression="none").compression, "none")
 

@@ -213,6 +213,8 @@ class CostModel:
     copy_beta: seconds per byte to pack (concat) and unpack (split) a buffer on
       every device.
     description: where the constants come from (devices, date).
+    topology: what the constants are valid for (autotune.topology); a cost model file
+      of another topology is not used.
 
   Example:
     >>> m = CostModel({"ring": 1e-4, "reduce_to_one": 2e-5},
@@ -225,6 +227,7 @@ class CostModel:
   beta: Mapping[str, float]
   copy_beta: float = 0.0
   description: str = ""
+  topology: str = ""
 
   def __post_init__(self):
     if set(self.alpha) != set(self.beta) or not self.alpha:
@@ -366,28 +369,31 @@ def calibrate(devices: Sequence[str],
         per_size.append(_per_unit_seconds(unit, inputs, low, repeats))
       alpha[algorithm], beta[algorithm] = _fit_line(list(sizes), per_size)
     copy_beta = _measure_copy_beta(devices, max(sizes), repeats)
+    model = CostModel(alpha, beta, copy_beta)
     if collectives.num_workers > 1:
-      alpha, beta, copy_beta = _average_across_workers(collectives, alpha, beta, copy_beta)
+      model = average_across_workers(collectives, model)
   elapsed = time.perf_counter() - start
-  model = CostModel(alpha, beta, copy_beta,
-                    description=f"calibrated on {collectives.num_workers} worker(s) x "
-                    f"{len(devices)} devices ({devices[0]} ...) in {elapsed:.1f}s")
+  model = dataclasses.replace(
+      model, description=f"calibrated on {collectives.num_workers} worker(s) x "
+      f"{len(devices)} devices ({devices[0]} ...) in {elapsed:.1f}s")
   logging.info("tf_fusion cost model: %s", model.to_json())
   return model
 
 
-def _average_across_workers(collectives, alpha, beta, copy_beta):
-  """Means of the constants over workers: bit-identical on every worker afterwards.
+def average_across_workers(collectives, model: CostModel) -> CostModel:
+  """The constants' means over workers: bit-identical on every worker afterwards.
 
   Timings differ from worker to worker; plans built from different models would
   launch different collectives and hang.
   """
-  names = sorted(alpha)
-  vector = [alpha[n] for n in names] + [beta[n] for n in names] + [copy_beta]
+  names = sorted(model.alpha)
+  vector = ([model.alpha[n] for n in names] + [model.beta[n] for n in names]
+            + [model.copy_beta])
   summed = collectives.sum_across_workers(vector) / collectives.num_workers
   k = len(names)
-  return (dict(zip(names, map(float, summed[:k]))),
-          dict(zip(names, map(float, summed[k:2 * k]))), float(summed[-1]))
+  return dataclasses.replace(
+      model, alpha=dict(zip(names, map(float, summed[:k]))),
+      beta=dict(zip(names, map(float, summed[k:2 * k]))), copy_beta=float(summed[-1]))
 
 
 def _measure_copy_beta(devices, nbytes, repeats, pieces=8):
@@ -405,9 +411,6 @@ def _measure_copy_beta(devices, nbytes, repeats, pieces=8):
     return out
 
   return _per_unit_seconds(unit, inputs, 1, repeats) / (per_piece * pieces * 4)
-
-
-AUTO_PACK_BYTES = tuple(1 << s for s in range(16, 29, 2))  # 64 KiB ... 256 MiB
 
 
 def assign(packs: Sequence[packing.Pack],
@@ -463,15 +466,6 @@ def assign(packs: Sequence[packing.Pack],
     else:
       out.append((p, fused_alg, fused))
   return out
-
-
-def choose_pack_bytes(specs, first_pack_bytes, wire_dtype, model,
-                      candidates=AUTO_PACK_BYTES) -> int:
-  """The threshold among `candidates` (and 0) with the lowest predicted total time."""
-  def total(pack_bytes):
-    packs = packing.plan_packs(specs, pack_bytes, first_pack_bytes)
-    return sum(s or 0.0 for _, _, s in assign(packs, specs, wire_dtype, "auto", model))
-  return min((0,) + tuple(candidates), key=total)
 
 
 def wire_nbytes(p: packing.Pack, specs, wire_dtype) -> Optional[int]:

@@ -26,6 +26,7 @@ from tensorflow.python.distribute import distribute_utils
 from tensorflow.python.distribute import values as values_lib
 
 from tf_fusion import algorithms
+from tf_fusion import autotune
 from tf_fusion import compression as compression_lib
 from tf_fusion import packing
 from tf_fusion import stats
@@ -233,10 +234,11 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
       return self._given_cost_model
     devices = algorithms.canonical_devices(devices)
     if devices not in self._cost_models:
-      logging.info("tf_fusion: calibrating the all-reduce cost model on %d devices "
-                   "(once; pass cost_model= to skip).", len(devices))
-      self._cost_models[devices] = algorithms.calibrate(
-          devices, self._algorithms,
+      logging.info("tf_fusion: the all-reduce cost model for %d devices: from %s, or "
+                   "measured (once; pass cost_model= to skip).", len(devices),
+                   self._options.cost_model_file or "no file")
+      self._cost_models[devices] = autotune.load_or_calibrate(
+          self._options.cost_model_file, devices, self._algorithms,
           timeout_seconds=self._options.timeout_seconds,
           group_size=self._group_size(devices))
     return self._cost_models[devices]
@@ -251,10 +253,16 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
     needs_model = algorithm == "auto" or opts.pack_bytes is None
     model = self.cost_model(devices) if needs_model else self._given_cost_model
     wire = self._compressor.wire_dtype
-    pack_bytes = opts.pack_bytes
+    pack_bytes, first_pack_bytes = opts.pack_bytes, opts.first_pack_bytes
     if pack_bytes is None:
-      pack_bytes = algorithms.choose_pack_bytes(specs, opts.first_pack_bytes, wire, model)
-    packs = packing.plan_packs(specs, pack_bytes, opts.first_pack_bytes)
+      pack_bytes, first_pack_bytes, _ = autotune.choose(
+          specs, wire, model, algorithm, opts.backward_seconds,
+          unknown_size_algorithm=self._unknown_size_algorithm)
+      if (pack_bytes, first_pack_bytes) not in self._warned:
+        self._warned.add((pack_bytes, first_pack_bytes))
+        logging.info("tf_fusion autotune: pack_bytes=%d, first_pack_bytes=%d (%s)",
+                     pack_bytes, first_pack_bytes, model.description)
+    packs = packing.plan_packs(specs, pack_bytes, first_pack_bytes)
     plan = []
     for index, (p, alg, seconds) in enumerate(
         algorithms.assign(packs, specs, wire, algorithm, model,

@@ -29,6 +29,15 @@ def _check_bytes(name, value, allow_none):
     raise ValueError(f"{name} must be >= 0 bytes, got {value}.")
 
 
+def _check_seconds(name, value, allow_zero):
+  if value is None:
+    return
+  if (isinstance(value, bool) or not isinstance(value, (int, float))
+      or not value >= 0 or (value == 0 and not allow_zero) or value == float("inf")):
+    raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} "
+                     f"finite number of seconds or None, got {value!r}.")
+
+
 def _check_choice(name, value, choices):
   if not isinstance(value, str) or value.lower() not in choices:
     raise ValueError(
@@ -55,6 +64,12 @@ class FusionOptions:
       cheapest per pack from the calibrated cost model).
     timeout_seconds: optional timeout for each collective, so a dead peer gives
       an error instead of a hang. None waits forever.
+    cost_model_file: where the calibrated cost model is kept (JSON). Read when it
+      exists and fits the topology; else the model is measured and written there.
+      None: measured in every process that needs it.
+    backward_seconds: how long one step's back-propagation takes, for the autotuner
+      (pack_bytes=None) to count the communication hidden behind it. None: no overlap
+      assumed. With pack_bytes=None the autotuner also chooses first_pack_bytes.
 
   Example:
     >>> opts = FusionOptions(pack_bytes=4 << 20, compression="fp16")
@@ -71,6 +86,8 @@ class FusionOptions:
   compression: str = "none"
   algorithm: str = "auto"
   timeout_seconds: Optional[float] = None
+  cost_model_file: Optional[str] = None
+  backward_seconds: Optional[float] = None
 
   def __post_init__(self):
     _check_bytes("pack_bytes", self.pack_bytes, allow_none=True)
@@ -79,12 +96,12 @@ class FusionOptions:
                        _check_choice("compression", self.compression, COMPRESSIONS))
     object.__setattr__(self, "algorithm",
                        _check_choice("algorithm", self.algorithm, ALGORITHMS))
-    if self.timeout_seconds is not None:
-      if isinstance(self.timeout_seconds, bool) or not isinstance(
-          self.timeout_seconds, (int, float)) or self.timeout_seconds <= 0:
-        raise ValueError(
-            f"timeout_seconds must be a positive number or None, got "
-            f"{self.timeout_seconds!r}.")
+    _check_seconds("timeout_seconds", self.timeout_seconds, allow_zero=False)
+    _check_seconds("backward_seconds", self.backward_seconds, allow_zero=True)
+    if self.cost_model_file is not None and (
+        not isinstance(self.cost_model_file, str) or not self.cost_model_file):
+      raise ValueError(f"cost_model_file must be a non-empty path or None, got "
+                       f"{self.cost_model_file!r}.")
 
   def replace(self, **changes) -> "FusionOptions":
     """Returns a copy with `changes` applied (and validated)."""
@@ -96,7 +113,8 @@ class FusionOptions:
     """Builds options from TF_FUSION_* variables; keyword overrides win.
 
     Reads TF_FUSION_PACK_BYTES ("auto" for None), TF_FUSION_FIRST_PACK_BYTES,
-    TF_FUSION_COMPRESSION, TF_FUSION_ALGORITHM and TF_FUSION_TIMEOUT_SECONDS.
+    TF_FUSION_COMPRESSION, TF_FUSION_ALGORITHM, TF_FUSION_TIMEOUT_SECONDS,
+    TF_FUSION_COST_MODEL_FILE and TF_FUSION_BACKWARD_SECONDS.
     Sizes are plain integers of bytes; a suffix such as "MB" is refused rather
     than guessed, because byte-versus-megabyte confusion is a known pain with
     Horovod's HOROVOD_FUSION_THRESHOLD.
@@ -123,14 +141,15 @@ class FusionOptions:
           kwargs[field.name] = None
         elif field.name in ("pack_bytes", "first_pack_bytes"):
           kwargs[field.name] = int(raw)
-        elif field.name == "timeout_seconds":
+        elif field.name in ("timeout_seconds", "backward_seconds"):
           kwargs[field.name] = float(raw)
         else:
           kwargs[field.name] = raw
       except ValueError:
         expected = {"pack_bytes": "a plain integer number of bytes or auto",
                     "first_pack_bytes": "a plain integer number of bytes",
-                    "timeout_seconds": "a number of seconds"}[field.name]
+                    "timeout_seconds": "a number of seconds",
+                    "backward_seconds": "a number of seconds"}[field.name]
         raise ValueError(
             f"{key}={raw!r} does not parse; expected {expected}.") from None
     kwargs.update(overrides)

@@ -38,9 +38,12 @@ NO_DECAY = ("bias", "beta", "gamma", "batch_norm")
 
 def make_strategy(cfg):
   """The strategy of --strategy / --num_devices, reducing through tf_fusion."""
+  cost_model_file = cfg.cost_model_file or (
+      os.path.join(cfg.model_dir, "cost_model.json") if cfg.model_dir else None)
   options = tf_fusion.FusionOptions.from_env(
       pack_bytes=cfg.pack_bytes, first_pack_bytes=cfg.first_pack_bytes,
-      compression=cfg.compression, algorithm=cfg.all_reduce_alg)
+      compression=cfg.compression, algorithm=cfg.all_reduce_alg,
+      cost_model_file=cost_model_file, backward_seconds=cfg.backward_seconds)
   if cfg.strategy == "multi_worker":
     return tf_fusion.multi_worker_strategy(options, devices_per_worker=cfg.num_devices)
   # Physical first: listing logical devices would start TF before CPUs can be split.

@@ -121,18 +121,37 @@ def define_precision_flags(fv=flags.FLAGS):
 
 
 def define_communication_flags(fv=flags.FLAGS):
-  flags.DEFINE_integer("pack_bytes", 32 << 20, "Fusion threshold per pack (bytes); "
-                       "0: one pack per dtype.", flag_values=fv)
+  flags.DEFINE_string("pack_bytes", str(32 << 20), "Fusion threshold per pack (bytes); "
+                      "0: one pack per dtype; auto: chosen with first_pack_bytes from the "
+                      "calibrated cost model.", flag_values=fv)
   flags.DEFINE_integer("first_pack_bytes", 1 << 20, "Threshold of the first pack, sent "
                        "while back-propagation goes on.", flag_values=fv)
+  flags.DEFINE_string("cost_model_file", None, "Where the calibrated all-reduce cost "
+                      "model is kept (read if it fits, else measured and written); "
+                      "default: <model_dir>/cost_model.json.", flag_values=fv)
+  flags.DEFINE_float("backward_seconds", None, "One step's back-propagation time, so "
+                     "--pack_bytes=auto counts the communication hidden behind it "
+                     "(tools/profile_step.py measures it).", flag_values=fv)
   flags.DEFINE_enum("compression", "none", ["none", "fp16"], "FP16 on the wire.",
                     flag_values=fv)
   flags.DEFINE_enum("all_reduce_alg", "auto",
                     ["auto", "ring", "hierarchical", "reduce_to_one"],
                     "All-reduce per pack; auto picks per pack from a calibrated cost "
                     "model.", flag_values=fv)
-  _positive("pack_bytes", fv, allow_zero=True, allow_none=False)
+  flags.register_validator(
+      "pack_bytes", lambda v: pack_bytes_value(v) != -1,
+      message="--pack_bytes must be a whole number of bytes >= 0, or auto.",
+      flag_values=fv)
   _positive("first_pack_bytes", fv, allow_zero=True, allow_none=False)
+  _positive("backward_seconds", fv, allow_zero=True)
+
+
+def pack_bytes_value(text):
+  """--pack_bytes as FusionOptions wants it: an int, None for auto; -1 if invalid."""
+  text = str(text).strip().lower()
+  if text == "auto":
+    return None
+  return int(text) if text.isdigit() else -1
 
 
 def define_distribution_flags(fv=flags.FLAGS):
@@ -193,6 +212,7 @@ def resolve(fv):
   preset = PRESETS.get(fv.preset, {}) if fv.preset else {}
   values = {name: fv[name].value for name in fv}
   values.update({k: v for k, v in preset.items() if not fv[k].present})
+  values["pack_bytes"] = pack_bytes_value(values["pack_bytes"])
   return types.SimpleNamespace(**values)
 
 

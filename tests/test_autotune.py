@@ -1,0 +1,154 @@
+"""Autotuning: exposed time with and without overlap, the threshold choice, the cost
+model file, and FusedAllReduce(pack_bytes=None) using them."""
+
+import json
+import os
+from unittest import mock
+
+import numpy as np
+import tensorflow as tf
+
+import tf_fusion
+from tf_fusion import algorithms
+from tf_fusion import autotune
+from tf_fusion import packing
+from tests import helpers
+
+F32 = tf.float32
+
+
+def _wire(dtype):
+  return tf.as_dtype(dtype)
+
+
+def _specs(*elements):
+  return [(F32, tf.TensorShape([n])) for n in elements]
+
+
+def _entries(specs, pack_bytes, first=0, model=None):
+  model = model or tf_fusion.CostModel({"ring": 1.0}, {"ring": 0.0})
+  return algorithms.assign(packing.plan_packs(specs, pack_bytes, first), specs, _wire,
+                           "ring", model)
+
+
+class ExposedSecondsTest(tf.test.TestCase):
+
+  def test_without_overlap_it_is_the_sum(self):
+    specs = _specs(25, 25, 25)
+    self.assertEqual(autotune.exposed_seconds(_entries(specs, 1), specs), 3.0)
+    self.assertEqual(autotune.exposed_seconds(_entries(specs, 0), specs), 1.0)
+
+  def test_overlap_by_hand(self):
+    # Three 100-byte tensors made at t = 1, 2, 3 s (backward 3 s, last layer first);
+    # each pack takes 1 s. Singles: 1->2, 2->3, 3->4: 1 s exposed.
+    specs = _specs(25, 25, 25)
+    self.assertAlmostEqual(
+        autotune.exposed_seconds(_entries(specs, 1), specs, backward_seconds=3.0), 1.0)
+    # One pack of 1.5 s, ready at 3 s: 1.5 s exposed.
+    model = tf_fusion.CostModel({"ring": 1.5}, {"ring": 0.0})
+    self.assertAlmostEqual(autotune.exposed_seconds(
+        _entries(specs, 0, model=model), specs, backward_seconds=3.0), 1.5)
+    # Slow packs (4 s each) queue behind each other: 1 + 3 x 4 - 3 = 10 s exposed.
+    model = tf_fusion.CostModel({"ring": 4.0}, {"ring": 0.0})
+    self.assertAlmostEqual(autotune.exposed_seconds(
+        _entries(specs, 1, model=model), specs, backward_seconds=3.0), 10.0)
+
+  def test_unequal_sizes_set_the_ready_times(self):
+    # 300 B made first (backprop order: the last tensor), then 100 B: ready at 3/4 and
+    # 4/4 of an 8 s backward pass; packs of 1 s: 6->7, 8->9: 1 s exposed.
+    specs = _specs(25, 75)
+    self.assertAlmostEqual(
+        autotune.exposed_seconds(_entries(specs, 1), specs, backward_seconds=8.0), 1.0)
+    specs = _specs(25, 75)
+    model = tf_fusion.CostModel({"ring": 3.0}, {"ring": 0.0})
+    # 6 -> 9, then 9 -> 12: 4 s exposed.
+    self.assertAlmostEqual(autotune.exposed_seconds(
+        _entries(specs, 1, model=model), specs, backward_seconds=8.0), 4.0)
+
+
+class ChooseTest(tf.test.TestCase):
+
+  # Eight 1 MiB tensors; 1 ms per launch, 1 ns per byte, no packing cost.
+  SPECS = _specs(*[1 << 18] * 8)
+  MODEL = tf_fusion.CostModel({"ring": 1e-3}, {"ring": 1e-9})
+
+  def test_no_overlap_fuses_everything(self):
+    pack_bytes, first, seconds = autotune.choose(self.SPECS, _wire, self.MODEL, "ring")
+    self.assertEqual((pack_bytes, first), (0, 0))   # one pack: one launch
+    self.assertAlmostEqual(seconds, 1e-3 + 1e-9 * (8 << 20))
+
+  def test_long_backward_pass_sends_each_tensor_as_it_is_made(self):
+    # Only the pack holding the first layer's tensor runs after the backward pass:
+    # best is that tensor alone, 1 ms + 1 MiB x 1 ns exposed.
+    pack_bytes, first, seconds = autotune.choose(self.SPECS, _wire, self.MODEL, "ring",
+                                                 backward_seconds=1.0)
+    last = packing.plan_packs(self.SPECS, pack_bytes, first)[-1]
+    self.assertEqual(last.indices, (0,))
+    self.assertAlmostEqual(seconds, 1e-3 + 1e-9 * (1 << 20))
+
+  def test_choice_is_the_minimum_over_the_grid(self):
+    model = helpers.fixed_cost_model()
+    specs = _specs(*[int(n) for n in np.random.RandomState(0).randint(1, 300_000, 60)])
+    for backward in (None, 0.002, 0.05):
+      pack_bytes, first, seconds = autotune.choose(specs, _wire, model, "auto", backward)
+      for p in autotune.PACK_BYTES_GRID:
+        for f in autotune.FIRST_PACK_BYTES_GRID:
+          entries = algorithms.assign(packing.plan_packs(specs, p, f), specs, _wire,
+                                      "auto", model)
+          self.assertLessEqual(seconds,
+                               autotune.exposed_seconds(entries, specs, backward) + 1e-15)
+
+
+class CostModelFileTest(tf.test.TestCase):
+
+  def test_calibrates_once_then_reads_the_file(self):
+    path = os.path.join(self.create_tempdir().full_path, "sub", "cost_model.json")
+    devices = helpers.devices(2)
+    first = autotune.load_or_calibrate(path, devices, algorithms.LOCAL_ALGORITHMS)
+    self.assertTrue(os.path.exists(path))
+    self.assertIn("1 worker(s) x 2 CPU device(s)", first.topology)
+    with mock.patch.object(algorithms, "calibrate",
+                           side_effect=AssertionError("calibrated again")):
+      again = autotune.load_or_calibrate(path, devices, algorithms.LOCAL_ALGORITHMS)
+    self.assertEqual(again, first)
+
+  def test_a_file_for_another_topology_or_unreadable_is_replaced(self):
+    devices = helpers.devices(2)
+    for content in (helpers.fixed_cost_model().to_json(), "{not json"):
+      path = self.create_tempfile(content=content).full_path
+      model = autotune.load_or_calibrate(path, devices, algorithms.LOCAL_ALGORITHMS)
+      self.assertEqual(model.algorithms, ("reduce_to_one", "ring"))
+      with open(path) as f:
+        self.assertEqual(json.load(f)["topology"], model.topology)
+
+  def test_fused_all_reduce_uses_the_file_and_autotunes(self):
+    path = self.create_tempfile().full_path
+    os.remove(path)
+    model = helpers.fixed_cost_model()
+    devices = helpers.devices(2)
+    model = algorithms.CostModel(
+        model.alpha, model.beta, model.copy_beta, "kept by the user",
+        topology=autotune.topology(algorithms.canonical_devices(devices), 1,
+                                   algorithms.LOCAL_ALGORITHMS))
+    model.save(path)
+    ops = tf_fusion.FusedAllReduce(tf_fusion.FusionOptions(
+        pack_bytes=None, cost_model_file=path, backward_seconds=0.01))
+    strategy = tf.distribute.MirroredStrategy(devices, cross_device_ops=ops)
+    shapes = [[3000], [20], [70000], [5], [900]]
+    arrays = [[np.full(s, r + 1.0, np.float32) for s in shapes] for r in range(2)]
+    values = [helpers.per_replica(strategy, [a[i] for a in arrays])
+              for i in range(len(shapes))]
+    with strategy.scope(), mock.patch.object(
+        algorithms, "calibrate", side_effect=AssertionError("calibrated")):
+      out = ops.batch_reduce(tf.distribute.ReduceOp.SUM, [(v, v) for v in values])
+    for got, shape in zip(out, shapes):
+      self.assertAllEqual(got.values[0], np.full(shape, 3.0))
+    specs = _specs(*[s[0] for s in shapes])
+    pack_bytes, first, _ = autotune.choose(specs, _wire, model, "auto", 0.01)
+    want = [e[0].indices for e in algorithms.assign(
+        packing.plan_packs(specs, pack_bytes, first), specs, _wire, "auto", model)]
+    self.assertEqual([p.tensor_indices for p in ops.last_plan], want)
+
+
+if __name__ == "__main__":
+  tf.test.main()

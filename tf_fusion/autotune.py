@@ -1,0 +1,161 @@
+"""Autotuning: the fusion thresholds from the calibrated cost model, and a cost model
+the user can keep in a file.
+
+With `FusionOptions(pack_bytes=None)` nobody guesses a threshold. `choose` tries every
+(pack_bytes, first_pack_bytes) pair of a grid, gives each pack its algorithm as the
+hybrid assignment does, and keeps the pair with the lowest predicted *exposed*
+communication time:
+
+- without `backward_seconds`, communication is assumed to start when
+  back-propagation ends, and the exposed time is the sum of the packs' times;
+- with `backward_seconds` (the backward pass of one step, e.g. read from a profile,
+  tools/profile_step.py), gradients are assumed to appear at a uniform rate in bytes
+  over the backward pass, in back-propagation order. Packs are reduced one after the
+  other (our launcher orders the collectives), each when its last tensor exists and
+  the previous pack is done; the exposed time is what runs past the backward pass.
+  This is the timing model Jia et al. 2018 used to split layers into fused segments.
+
+`load_or_calibrate` keeps the measured constants in `FusionOptions.cost_model_file`:
+the first run calibrates (a few seconds) and writes the file; later runs on the same
+topology read it. With several workers, they first agree (one small collective)
+whether every one of them has a usable file; if any has none, all calibrate together,
+and in either case the constants are averaged across workers, so every worker plans
+the same packs (different plans would hang).
+
+References:
+  Jia et al. 2018, arXiv:1807.11205, section 4 (tensor fusion from a timing model).
+"""
+
+import os
+import tempfile
+from typing import Callable, Optional, Sequence, Tuple
+
+from absl import logging
+import tensorflow as tf
+
+from tf_fusion import algorithms
+from tf_fusion import packing
+
+PACK_BYTES_GRID = (0,) + tuple(1 << s for s in range(16, 29))   # 0, 64 KiB ... 256 MiB
+FIRST_PACK_BYTES_GRID = (0, 256 << 10, 1 << 20, 4 << 20)
+
+
+def exposed_seconds(entries, specs, backward_seconds: Optional[float] = None) -> float:
+  """Predicted communication time not hidden behind back-propagation.
+
+  Args:
+    entries: (pack, algorithm, predicted seconds) in launch order, from
+      algorithms.assign.
+    specs: the (dtype, shape) list the packs index into, in forward order.
+    backward_seconds: the backward pass's duration; None or 0: no overlap.
+  """
+  if not backward_seconds:
+    return sum(s or 0.0 for _, _, s in entries)
+  sizes = [packing.tensor_nbytes(*spec) or 0 for spec in specs]
+  total = float(sum(sizes)) or 1.0
+  # Bytes produced before tensor i is done, in back-propagation order (last first).
+  done_at, produced = [0.0] * len(specs), 0.0
+  for i in reversed(range(len(specs))):
+    produced += sizes[i]
+    done_at[i] = produced / total
+  clock = 0.0
+  for pack, _, seconds in entries:
+    ready = backward_seconds * max(done_at[i] for i in pack.indices)
+    clock = max(clock, ready) + (seconds or 0.0)
+  return max(clock - backward_seconds, 0.0)
+
+
+def choose(specs, wire_dtype: Callable, model: algorithms.CostModel, algorithm: str,
+           backward_seconds: Optional[float] = None,
+           unknown_size_algorithm: str = "reduce_to_one",
+           pack_grid: Sequence[int] = PACK_BYTES_GRID,
+           first_grid: Sequence[int] = FIRST_PACK_BYTES_GRID) -> Tuple[int, int, float]:
+  """The (pack_bytes, first_pack_bytes) of the grids with the least exposed time.
+
+  Ties go to the larger thresholds (fewer launches when the model cannot tell).
+
+  Returns:
+    (pack_bytes, first_pack_bytes, predicted exposed seconds).
+  """
+  best = None
+  for pack_bytes in pack_grid:
+    for first in first_grid:
+      if first and pack_bytes and first >= pack_bytes:
+        continue   # the same plan as first=0
+      packs = packing.plan_packs(specs, pack_bytes, first)
+      entries = algorithms.assign(packs, specs, wire_dtype, algorithm, model,
+                                  unknown_size_algorithm=unknown_size_algorithm)
+      seconds = exposed_seconds(entries, specs, backward_seconds)
+      key = (seconds, -_as_size(pack_bytes), -_as_size(first))
+      if best is None or key < best[0]:
+        best = (key, pack_bytes, first, seconds)
+  return best[1], best[2], best[3]
+
+
+def _as_size(threshold):
+  return float("inf") if threshold == 0 else threshold
+
+
+def topology(devices: Sequence[str], num_workers: int, algorithm_names) -> str:
+  """What a cost model is valid for: worker count, local devices, algorithms."""
+  kinds = sorted({d.split("/device:")[-1].rsplit(":", 1)[0] for d in devices})
+  return (f"{num_workers} worker(s) x {len(devices)} {'+'.join(kinds)} device(s); "
+          f"algorithms {','.join(sorted(algorithm_names))}")
+
+
+def load_or_calibrate(path: Optional[str], devices: Sequence[str], algorithm_names,
+                      timeout_seconds=None, group_size=None) -> algorithms.CostModel:
+  """The cost model from `path` if it fits this topology, else calibrated (and saved).
+
+  Every worker must call this at the same point of the program (see the module doc).
+  """
+  collectives = algorithms.Collectives.get(devices, group_size, timeout_seconds)
+  devices = collectives.devices
+  want = topology(devices, collectives.num_workers, algorithm_names)
+  model = _load(path, want) if path else None
+  if collectives.num_workers > 1:
+    have = collectives.sum_across_workers([1.0 if model else 0.0])[0]
+    if have < collectives.num_workers:
+      model = None
+    elif model is not None:
+      model = algorithms.average_across_workers(collectives, model)
+  if model is None:
+    model = algorithms.calibrate(devices, algorithm_names, timeout_seconds=timeout_seconds,
+                                 group_size=group_size)
+    model = algorithms.CostModel(model.alpha, model.beta, model.copy_beta,
+                                 description=model.description, topology=want)
+    if path:
+      _save(model, path)
+  return model
+
+
+def _load(path, want):
+  if not tf.io.gfile.exists(path):
+    return None
+  try:
+    model = algorithms.CostModel.load(path)
+  except (ValueError, TypeError, KeyError) as e:
+    logging.warning("tf_fusion: ignoring the cost model in %s (%s); calibrating again.",
+                    path, e)
+    return None
+  if model.topology != want:
+    logging.warning("tf_fusion: the cost model in %s is for %r, not %r; calibrating "
+                    "again.", path, model.topology, want)
+    return None
+  logging.info("tf_fusion: cost model read from %s (%s).", path, model.description)
+  return model
+
+
+def _save(model, path):
+  """Writes atomically: workers sharing a file system may write the same path."""
+  directory = os.path.dirname(path)
+  if directory:
+    tf.io.gfile.makedirs(directory)
+  if "://" in path:
+    model.save(path)
+    return
+  fd, tmp = tempfile.mkstemp(dir=directory or ".", prefix=".cost_model.")
+  os.close(fd)
+  model.save(tmp)
+  os.replace(tmp, path)
+  logging.info("tf_fusion: cost model written to %s.", path)
