@@ -34,14 +34,33 @@ class CostModelTest(tf.test.TestCase, parameterized.TestCase):
     m.save(path)
     self.assertEqual(tf_fusion.CostModel.load(path), m)
 
+  def test_measured_points_are_interpolated(self):
+    # 1 KB: 1 ms, 1 MB: 2 ms, 2 MB: 5 ms (the per-byte cost rises), 3 MB measured
+    # faster than 2 MB (noise): taken as 5 ms.
+    m = tf_fusion.CostModel({"ring": 1e-3}, {"ring": 1e-9}, points={"ring": [
+        (1000, 1e-3), (2_000_000, 5e-3), (1_000_000, 2e-3), (3_000_000, 4e-3)]})
+    self.assertAlmostEqual(m.seconds("ring", 10), 1e-3)            # flat below
+    self.assertAlmostEqual(m.seconds("ring", 1_000_000), 2e-3)
+    self.assertAlmostEqual(m.seconds("ring", 1_500_000), 3.5e-3)   # linear between
+    self.assertAlmostEqual(m.seconds("ring", 2_500_000), 5e-3)     # non-decreasing
+    # Past 3 MB: the last segment (flat, 5 ms -> 5 ms) extended.
+    self.assertAlmostEqual(m.seconds("ring", 4_000_000), 5e-3)
+    self.assertAlmostEqual(m.seconds("ring", 4_000_000, num_tensors=2), 5e-3)
+    m2 = tf_fusion.CostModel({"ring": 0.0}, {"ring": 0.0},
+                             points={"ring": [(0, 0.0), (100, 1.0), (200, 3.0)]})
+    self.assertAlmostEqual(m2.seconds("ring", 300), 5.0)           # slope 2 s / 100 B
+    self.assertEqual(tf_fusion.CostModel.from_json(m.to_json()), m)
+
   @parameterized.parameters(
+      dict(alpha={"ring": 1.0}, beta={"ring": 0.0}, points={"tree": [(1, 1.0)]}),
+      dict(alpha={"ring": 1.0}, beta={"ring": 0.0}, points={"ring": [(1, -1.0)]}),
       dict(alpha={"ring": -1.0}, beta={"ring": 0.0}),
       dict(alpha={"ring": 1.0}, beta={"reduce_to_one": 0.0}),
       dict(alpha={"ring": float("nan")}, beta={"ring": 0.0}),
   )
-  def test_bad_constants(self, alpha, beta):
+  def test_bad_constants(self, alpha, beta, points=None):
     with self.assertRaises(ValueError):
-      tf_fusion.CostModel(alpha, beta)
+      tf_fusion.CostModel(alpha, beta, points=points or {})
 
 
 class AssignTest(tf.test.TestCase):

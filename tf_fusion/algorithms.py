@@ -215,6 +215,12 @@ class CostModel:
     description: where the constants come from (devices, date).
     topology: what the constants are valid for (autotune.topology); a cost model file
       of another topology is not used.
+    points: the measured (bytes, seconds) per algorithm that alpha and beta summarise.
+      When present, `seconds` interpolates them (made non-decreasing) instead of the
+      line: on CPUs and GPUs alike the per-byte cost of very large buffers rises
+      (caches, memory bandwidth), which a straight line cannot show and which decides
+      whether a 16 MiB or a 100 MiB pack is faster. Past the largest point the last
+      segment's slope is extended.
 
   Example:
     >>> m = CostModel({"ring": 1e-4, "reduce_to_one": 2e-5},
@@ -228,6 +234,8 @@ class CostModel:
   copy_beta: float = 0.0
   description: str = ""
   topology: str = ""
+  points: Mapping[str, Sequence[Tuple[int, float]]] = dataclasses.field(
+      default_factory=dict)
 
   def __post_init__(self):
     if set(self.alpha) != set(self.beta) or not self.alpha:
@@ -239,6 +247,15 @@ class CostModel:
           raise ValueError(f"{name}[{alg!r}]={value} must be finite and >= 0.")
     object.__setattr__(self, "alpha", dict(self.alpha))
     object.__setattr__(self, "beta", dict(self.beta))
+    points = {}
+    for alg, pts in dict(self.points).items():
+      pts = tuple(sorted((int(n), float(t)) for n, t in pts))
+      if alg not in self.alpha or not pts or any(
+          n < 0 or not np.isfinite(t) or t < 0 for n, t in pts):
+        raise ValueError(f"points[{alg!r}]={pts!r}: need an algorithm of alpha and "
+                         "(bytes >= 0, finite seconds >= 0) pairs.")
+      points[alg] = pts
+    object.__setattr__(self, "points", points)
 
   @property
   def algorithms(self) -> Tuple[str, ...]:
@@ -247,7 +264,10 @@ class CostModel:
   def seconds(self, algorithm: str, nbytes: int, num_tensors: int = 1) -> float:
     """Predicted time of one pack of `nbytes` holding `num_tensors` tensors."""
     copy = self.copy_beta * nbytes if num_tensors > 1 else 0.0
-    return self.alpha[algorithm] + self.beta[algorithm] * nbytes + copy
+    points = self.points.get(algorithm)
+    if not points:
+      return self.alpha[algorithm] + self.beta[algorithm] * nbytes + copy
+    return _interpolate(points, nbytes) + copy
 
   def best(self, nbytes: int, algorithms: Optional[Sequence[str]] = None,
            num_tensors: int = 1) -> str:
@@ -271,6 +291,17 @@ class CostModel:
   def load(cls, path: str) -> "CostModel":
     with tf.io.gfile.GFile(path, "r") as f:
       return cls.from_json(f.read())
+
+
+def _interpolate(points, nbytes):
+  """Piecewise-linear through the points, non-decreasing; flat below the first point,
+  the last segment's slope past the last."""
+  sizes = np.array([n for n, _ in points], np.float64)
+  times = np.maximum.accumulate(np.array([t for _, t in points], np.float64))
+  if nbytes <= sizes[-1] or len(sizes) == 1:
+    return float(np.interp(nbytes, sizes, times))
+  slope = (times[-1] - times[-2]) / max(sizes[-1] - sizes[-2], 1.0)
+  return float(times[-1] + slope * (nbytes - sizes[-1]))
 
 
 def time_calls(fn, repeats, warmup=2):
@@ -331,7 +362,8 @@ def _fit_line(sizes, seconds):
 
 def calibrate(devices: Sequence[str],
               algorithms: Sequence[str] = LOCAL_ALGORITHMS,
-              sizes: Sequence[int] = (4 << 10, 256 << 10, 4 << 20, 16 << 20),
+              sizes: Sequence[int] = (4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20,
+                                      16 << 20, 64 << 20),
               repeats: int = 5,
               timeout_seconds: Optional[float] = None,
               group_size: Optional[int] = None) -> CostModel:
@@ -358,7 +390,7 @@ def calibrate(devices: Sequence[str],
   collectives = Collectives.get(devices, group_size, timeout_seconds=timeout_seconds)
   devices = collectives.devices
   start = time.perf_counter()
-  alpha, beta = {}, {}
+  alpha, beta, points = {}, {}, {}
   with tf.init_scope():
     for algorithm in algorithms:
       per_size = []
@@ -368,8 +400,9 @@ def calibrate(devices: Sequence[str],
         unit = lambda bufs, a=algorithm: [o[0] for o in run(a, bufs, collectives)]
         per_size.append(_per_unit_seconds(unit, inputs, low, repeats))
       alpha[algorithm], beta[algorithm] = _fit_line(list(sizes), per_size)
-    copy_beta = _measure_copy_beta(devices, max(sizes), repeats)
-    model = CostModel(alpha, beta, copy_beta)
+      points[algorithm] = list(zip(sizes, per_size))
+    copy_beta = _measure_copy_beta(devices, min(max(sizes), 16 << 20), repeats)
+    model = CostModel(alpha, beta, copy_beta, points=points)
     if collectives.num_workers > 1:
       model = average_across_workers(collectives, model)
   elapsed = time.perf_counter() - start
@@ -387,13 +420,16 @@ def average_across_workers(collectives, model: CostModel) -> CostModel:
   launch different collectives and hang.
   """
   names = sorted(model.alpha)
+  with_points = sorted(model.points)
   vector = ([model.alpha[n] for n in names] + [model.beta[n] for n in names]
-            + [model.copy_beta])
-  summed = collectives.sum_across_workers(vector) / collectives.num_workers
+            + [model.copy_beta] + [t for n in with_points for _, t in model.points[n]])
+  summed = list(map(float, collectives.sum_across_workers(vector) / collectives.num_workers))
   k = len(names)
+  times = iter(summed[2 * k + 1:])
   return dataclasses.replace(
-      model, alpha=dict(zip(names, map(float, summed[:k]))),
-      beta=dict(zip(names, map(float, summed[k:2 * k]))), copy_beta=float(summed[-1]))
+      model, alpha=dict(zip(names, summed[:k])), beta=dict(zip(names, summed[k:2 * k])),
+      copy_beta=summed[2 * k],
+      points={n: [(size, next(times)) for size, _ in model.points[n]] for n in with_points})
 
 
 def _measure_copy_beta(devices, nbytes, repeats, pieces=8):

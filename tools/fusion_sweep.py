@@ -1,0 +1,304 @@
+"""Fusion-threshold sweep: measured all-reduce time against pack_bytes, and where the
+autotuner (FusionOptions(pack_bytes=None)) lands.
+
+For each gradient set (ResNet-50, AlexNet-BN) and each algorithm, reduces the set with
+pack_bytes = 0 (one pack) and 64 KiB ... 256 MiB, and with pack_bytes=None (the
+autotuner picks pack_bytes and first_pack_bytes from the calibrated cost model). All
+configurations are traced first, then timed round-robin (one call of each per round),
+so that drift on a noisy machine hits every configuration alike. Prints a table per set
+with the measured and predicted times, the autotuned choice and its ratio to the best
+swept point (target <= 1.05); writes JSON and a PNG with the chosen point marked.
+
+  python tools/fusion_sweep.py --devices 4 --reps 7                 # one host
+  python tools/fusion_sweep.py --workers 2 --devices 2 --reps 5     # 2 workers x 2
+
+With --workers N the same script runs as N processes on 127.0.0.1 (tf_fusion.launch);
+worker 0 writes the results.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+KIB = 1 << 10
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--sets", default="resnet50,alexnet_bn")
+  p.add_argument("--algorithms", default="",
+                 help="comma-separated; default ring,reduce_to_one,auto on one host and "
+                 "ring,hierarchical,auto with several workers")
+  p.add_argument("--compression", default="none", choices=("none", "fp16"))
+  p.add_argument("--grid", default="pow2", choices=("pow2", "pow4"),
+                 help="swept pack_bytes: every power of 2 or of 4 from 64 KiB to 256 MiB")
+  p.add_argument("--devices", type=int, default=4, help="logical CPUs per worker")
+  p.add_argument("--workers", type=int, default=1)
+  p.add_argument("--reps", type=int, default=7, help="timed rounds")
+  p.add_argument("--cost_model_file", default="",
+                 help="keep the calibrated cost model here (read if it fits); default "
+                 "<out_dir>/cost_model_<workers>x<devices>.json, shared by the sets")
+  p.add_argument("--out_dir", default="out/fusion_sweep")
+  p.add_argument("--worker_out", default="", help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.workers < 1 or args.reps < 1 or args.devices < 1 or (
+      args.workers == 1 and args.devices < 2):
+    p.error("need --workers >= 1, --reps >= 1 and >= 2 devices in all")
+  if not args.cost_model_file:
+    args.cost_model_file = os.path.abspath(os.path.join(
+        args.out_dir, f"cost_model_{args.workers}x{args.devices}.json"))
+  return args
+
+
+def grid(name):
+  step = 1 if name == "pow2" else 2
+  return (0,) + tuple(1 << s for s in range(16, 29, step))
+
+
+def measure(args):
+  """Runs the sweep in this process (one host, or one worker); returns the report."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tf_fusion  # pylint: disable=g-import-not-at-top
+  from tf_fusion import algorithms, autotune  # pylint: disable=g-import-not-at-top
+  from tools import allreduce_bench, gradient_sets  # pylint: disable=g-import-not-at-top
+
+  tf.get_logger().setLevel("ERROR")   # one trace per configuration is the point here
+  multi = bool(os.environ.get("TF_CONFIG"))
+  if multi:
+    strategy = tf_fusion.multi_worker_strategy(
+        tf_fusion.FusionOptions(timeout_seconds=600), devices_per_worker=args.devices)
+    num_workers = strategy.extended._num_workers  # pylint: disable=protected-access
+    tf_ops = tf_fusion.fused_ops_of(strategy)._tf_ops  # pylint: disable=protected-access
+    names = algorithms.MULTI_WORKER_ALGORITHMS
+
+    def make_ops(options, model):
+      return tf_fusion.MultiWorkerFusedAllReduce(options, tf_ops, num_workers,
+                                                 cost_model=model)
+  else:
+    tf_fusion.strategy._make_logical_cpus(args.devices)  # pylint: disable=protected-access
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:args.devices]
+    strategy = tf_fusion.mirrored_strategy(devices)
+    num_workers = 1
+    names = algorithms.LOCAL_ALGORITHMS
+
+    def make_ops(options, model):
+      return tf_fusion.FusedAllReduce(options, cost_model=model)
+
+  devices = strategy.extended.worker_devices
+  group = len(devices) * num_workers
+  start = time.perf_counter()
+  model = autotune.load_or_calibrate(args.cost_model_file, devices, names,
+                                     timeout_seconds=600, group_size=group)
+  say = print if not multi or strategy.cluster_resolver.task_id == 0 else (lambda *a, **k: None)
+  say(f"cost model ({time.perf_counter() - start:.1f} s): {model.description}; "
+      f"alpha {model.alpha}, beta {model.beta}, copy_beta {model.copy_beta:.3g}", flush=True)
+  chosen_algorithms = (args.algorithms.split(",") if args.algorithms
+                       else list(names) + ["auto"])
+  wire = tf_fusion.Compression.get(args.compression).wire_dtype
+  unknown = "hierarchical" if multi else "reduce_to_one"
+  results = []
+  for set_name in args.sets.split(","):
+    shapes = gradient_sets.SETS[set_name]()
+    specs = [(tf.float32, tf.TensorShape(s)) for s in shapes]
+    grads = allreduce_bench._per_replica(strategy, shapes, seed=1)  # pylint: disable=protected-access
+    configs = []
+    for alg in chosen_algorithms:
+      for pack_bytes in grid(args.grid) + (None,):
+        options = tf_fusion.FusionOptions(
+            pack_bytes=pack_bytes, first_pack_bytes=0 if pack_bytes is not None else 1 << 20,
+            algorithm=alg, compression=args.compression, timeout_seconds=600)
+        configs.append(dict(algorithm=alg, pack_bytes=pack_bytes,
+                            ops=make_ops(options, model)))
+    steps = []
+    for c in configs:
+      step = _step_fn(strategy, c["ops"], grads)
+      with strategy.scope():
+        step()   # trace
+        step()
+      steps.append(step)
+    times = [[] for _ in configs]
+    for _ in range(args.reps):
+      for i, step in enumerate(steps):
+        with strategy.scope():
+          t0 = time.perf_counter()
+          step()
+          times[i].append(time.perf_counter() - t0)
+    rows = []
+    for c, t in zip(configs, times):
+      plan = c["ops"].last_plan
+      row = dict(algorithm=c["algorithm"], pack_bytes=c["pack_bytes"],
+                 median_ms=1e3 * float(np.median(t)), min_ms=1e3 * min(t),
+                 times_ms=[1e3 * x for x in t], packs=len(plan),
+                 predicted_ms=1e3 * sum(p.predicted_seconds or 0.0 for p in plan))
+      if c["pack_bytes"] is None:
+        alg = c["algorithm"]
+        if alg == "reduce_to_one" and multi:
+          alg = "hierarchical"
+        row["chosen_pack_bytes"], row["chosen_first_pack_bytes"], _ = autotune.choose(
+            specs, wire, model, alg, unknown_size_algorithm=unknown)
+      rows.append(row)
+    results.append(dict(set=set_name, description=gradient_sets.describe(shapes),
+                        rows=rows))
+  return dict(workers=num_workers, devices_per_worker=len(devices),
+              compression=args.compression, cost_model=json.loads(model.to_json()),
+              results=results, is_chief=not multi or strategy.cluster_resolver.task_id == 0)
+
+
+def _step_fn(strategy, ops, grads):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  @tf.function
+  def step():
+    local = strategy.run(lambda *g: [tf.identity(x) for x in g], args=tuple(grads))
+    reduced = ops.batch_reduce(tf.distribute.ReduceOp.SUM, [(v, v) for v in local])
+    return [t for r in reduced for t in strategy.experimental_local_results(r)]
+  return step
+
+
+def summarize(result):
+  """Per algorithm: the best swept point and the autotuned one, with their ratio."""
+  out = {}
+  for alg in dict.fromkeys(r["algorithm"] for r in result["rows"]):
+    rows = [r for r in result["rows"] if r["algorithm"] == alg]
+    swept = [r for r in rows if r["pack_bytes"] is not None]
+    best = min(swept, key=lambda r: r["median_ms"])
+    auto = next(r for r in rows if r["pack_bytes"] is None)
+    out[alg] = dict(best_pack_bytes=best["pack_bytes"], best_ms=best["median_ms"],
+                    auto_pack_bytes=auto["chosen_pack_bytes"],
+                    auto_first_pack_bytes=auto["chosen_first_pack_bytes"],
+                    auto_ms=auto["median_ms"], ratio=auto["median_ms"] / best["median_ms"])
+  result["summary"] = out
+  return out
+
+
+def _size(n):
+  if n is None:
+    return "auto"
+  if n == 0:
+    return "0 (one)"
+  return f"{n // KIB} KiB" if n < (1 << 20) else f"{n >> 20} MiB"
+
+
+def print_table(result, header):
+  summary = summarize(result)
+  algs = list(summary)
+  print(f"\n== {result['set']} ({result['description']}); {header}")
+  print(f"{'pack_bytes':>12s} " + " ".join(f"{a + ' ms (pred)':>26s}" for a in algs))
+  for pack_bytes in dict.fromkeys(r["pack_bytes"] for r in result["rows"]):
+    cells = []
+    for a in algs:
+      r = next(x for x in result["rows"]
+               if x["algorithm"] == a and x["pack_bytes"] == pack_bytes)
+      mark = "*" if pack_bytes is not None and pack_bytes == summary[a]["best_pack_bytes"] else " "
+      cells.append(f"{r['median_ms']:9.1f}{mark} ({r['predicted_ms']:7.1f}) {r['packs']:4d}p")
+    print(f"{_size(pack_bytes):>12s} " + " ".join(f"{c:>26s}" for c in cells))
+  for a, s in summary.items():
+    verdict = "met" if s["ratio"] <= 1.05 else "MISSED"
+    print(f"  {a}: autotuned pack_bytes={_size(s['auto_pack_bytes'])}, first="
+          f"{_size(s['auto_first_pack_bytes'])}: {s['auto_ms']:.1f} ms vs best swept "
+          f"{_size(s['best_pack_bytes'])} {s['best_ms']:.1f} ms -> {s['ratio']:.3f}x "
+          f"(target <= 1.05: {verdict})")
+
+
+def plot(report, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  results = report["results"]
+  fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
+  for ax, result in zip(axes[0], results):
+    for alg, s in result["summary"].items():
+      rows = [r for r in result["rows"] if r["algorithm"] == alg and r["pack_bytes"]]
+      xs = [r["pack_bytes"] for r in rows]
+      line, = ax.plot(xs, [r["median_ms"] for r in rows], "o-", label=alg, ms=3)
+      one = next(r for r in result["rows"] if r["algorithm"] == alg and r["pack_bytes"] == 0)
+      ax.axhline(one["median_ms"], color=line.get_color(), ls=":", lw=0.8)
+      x = s["auto_pack_bytes"] or max(xs)
+      ax.plot([x], [s["auto_ms"]], "*", color=line.get_color(), ms=14, mec="k",
+              label=f"{alg} autotuned ({s['ratio']:.2f}x best)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("pack_bytes (dotted: one pack)")
+    ax.set_ylabel("all-reduce, median ms")
+    ax.set_title(f"{result['set']}: {report['workers']} worker(s) x "
+                 f"{report['devices_per_worker']} devices")
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _without(argv, flag):
+  """argv without `flag` and its value (either --flag=v or --flag v)."""
+  out, skip = [], False
+  for a in argv:
+    if skip:
+      skip = False
+    elif a == flag:
+      skip = True
+    elif not a.startswith(flag + "="):
+      out.append(a)
+  return out
+
+
+def run_set(args, argv, set_name):
+  """One gradient set in fresh processes (TF keeps a few hundred idle collective
+  threads per traced configuration; one process for every set runs out of threads)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  tag = f"{args.workers}x{args.devices}"
+  raw = os.path.abspath(os.path.join(args.out_dir, f"sweep_{tag}_{set_name}.raw.json"))
+  command = [sys.executable, os.path.abspath(__file__)] + _without(argv, "--sets") + [
+      "--sets", set_name, "--worker_out", raw]
+  env = dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
+  if args.workers > 1:
+    from tf_fusion import launch  # pylint: disable=g-import-not-at-top
+    code = launch.launch(command, args.workers, args.devices, env=env)
+  else:
+    code = subprocess.call(command, env=env)
+  if code:
+    raise SystemExit(f"the sweep of {set_name} failed (exit {code})")
+  with open(raw) as f:
+    report = json.load(f)
+  os.remove(raw)
+  return report
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else argv
+  args = parse_args(argv)
+  if args.worker_out:   # a child: one set, in this process (or this worker)
+    report = measure(args)
+    if report.pop("is_chief"):
+      with open(args.worker_out, "w") as f:
+        json.dump(report, f)
+    return None
+  os.makedirs(args.out_dir, exist_ok=True)
+  report = None
+  for set_name in args.sets.split(","):
+    part = run_set(args, argv, set_name)
+    if report is None:
+      report = part
+    else:
+      report["results"] += part["results"]
+  header = (f"{report['workers']} worker(s) x {report['devices_per_worker']} devices, "
+            f"compression {report['compression']}, medians of {args.reps} rounds; "
+            "* best swept; (pred) = cost model; Np = packs")
+  for result in report["results"]:
+    print_table(result, header)
+  tag = f"{args.workers}x{args.devices}"
+  path = os.path.join(args.out_dir, f"sweep_{tag}.json")
+  with open(path, "w") as f:
+    json.dump(report, f, indent=2)
+  plot(report, os.path.join(args.out_dir, f"sweep_{tag}.png"))
+  print(f"\nwrote {path} and sweep_{tag}.png")
+  return report
+
+
+if __name__ == "__main__":
+  main()

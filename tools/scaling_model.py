@@ -1,0 +1,474 @@
+"""Scaling model: one data-parallel training step of ResNet-50 or AlexNet(-BN) on 1 to
+2048 GPUs, from an alpha-beta model of the all-reduce and a FLOP model of the compute.
+
+  python tools/scaling_model.py                       # the paper's cluster, a table, a PNG
+  python tools/scaling_model.py --hardware v100_ib,h100_ib
+  python tools/scaling_model.py --machine_json out/fusion_sweep/sweep_2x2.json \
+      --machine_images_per_sec 99                     # a profile fitted to this machine
+
+What one step costs (`step_seconds`):
+- compute: forward FLOPs x batch / (peak x efficiency); backward = 2 x forward, spread
+  over the layers by their FLOPs and run last layer first;
+- gradients: one tensor per weight, in back-propagation order; fused into packs of up
+  to `pack_bytes` (a larger tensor goes alone; None = one collective per tensor), FP16
+  or FP32 on the wire;
+- each pack, in order, on one communication channel, starting when its last tensor
+  exists and the previous pack is done (overlap) or after the backward pass (no overlap):
+    ring          2(N-1) alpha_inter + 2(N-1)/N S / B_inter   (one ring over all GPUs;
+                  its slowest hop is the network once there are several nodes)
+    hierarchical  2 [(k-1) alpha_intra + (k-1)/k S / B_intra] + ring over the N/k node
+                  masters (reduce in the node, all-reduce across nodes, broadcast back)
+    hybrid        the cheaper of the two, per pack (Jia et al. 2018)
+  with k GPUs per node. On one node the ring uses the intra-node constants.
+- time to train = steps x step time, steps = epochs x 1,281,167 / global batch.
+
+Every hardware constant is in HARDWARE with its source. One constant is fitted, not
+taken from a source: the P40's compute efficiency (the fraction of the datasheet's FLOPS
+that conv-net training reaches), chosen so that ResNet-50 on 2048 P40s takes the paper's
+6.6 minutes. AlexNet on 1024 P40s (4 minutes in the paper) and the speed-ups over an
+NCCL-style ring are then predictions of the model, not fits.
+
+References:
+  Jia et al. 2018, arXiv:1807.11205; Thakur, Rabenseifner, Gropp 2005 (alpha-beta
+  model of collectives); Patarasuk & Yuan 2009 (ring all-reduce bandwidth term).
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+IMAGENET_TRAIN = 1_281_167
+GIB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  name: str
+  tensors: Tuple[int, ...]      # parameter count of each trainable tensor
+  flops: float                  # forward FLOPs per image (multiply-add = 2)
+
+
+def _conv(name, k, cin, cout, hw, bias=False):
+  tensors = (k * k * cin * cout,) + ((cout,) if bias else ())
+  return Layer(name, tensors, 2.0 * k * k * cin * cout * hw * hw)
+
+
+def _bn(name, c, hw):
+  return Layer(name, (c, c), 4.0 * c * hw * hw)
+
+
+def _dense(name, cin, cout, bias):
+  return Layer(name, (cin * cout,) + ((cout,) if bias else ()), 2.0 * cin * cout)
+
+
+def resnet50_layers() -> List[Layer]:
+  """ResNet-50 v1.5 at 224 pixels (stride in the 3x3 conv, no conv biases): 161
+  trainable tensors, 25.6M parameters, ~8.2 GFLOPs forward."""
+  out = [_conv("conv1", 7, 3, 64, 112), _bn("bn1", 64, 112)]
+  cin, hw = 64, 56
+  for stage, (blocks, mid, cout) in enumerate(((3, 64, 256), (4, 128, 512),
+                                               (6, 256, 1024), (3, 512, 2048))):
+    for b in range(blocks):
+      name = f"s{stage + 1}b{b + 1}"
+      out_hw = hw // 2 if (b == 0 and stage > 0) else hw
+      out += [_conv(f"{name}_1x1a", 1, cin, mid, hw), _bn(f"{name}_bna", mid, hw),
+              _conv(f"{name}_3x3", 3, mid, mid, out_hw), _bn(f"{name}_bnb", mid, out_hw),
+              _conv(f"{name}_1x1b", 1, mid, cout, out_hw), _bn(f"{name}_bnc", cout, out_hw)]
+      if b == 0:
+        out += [_conv(f"{name}_proj", 1, cin, cout, out_hw),
+                _bn(f"{name}_bnp", cout, out_hw)]
+      cin, hw = cout, out_hw
+  return out + [_dense("fc", 2048, 1000, bias=True)]
+
+
+def alexnet_bn_layers() -> List[Layer]:
+  """AlexNet-BN as official_recipes/imagenet/models/alexnet.py builds it at 224 pixels:
+  62.4M parameters (58.6M in fc6-fc8), ~1.4 GFLOPs forward."""
+  return [_conv("conv1", 11, 3, 96, 56), _bn("bn1", 96, 56),
+          _conv("conv2", 5, 96, 256, 27), _bn("bn2", 256, 27),
+          _conv("conv3", 3, 256, 384, 13), _bn("bn3", 384, 13),
+          _conv("conv4", 3, 384, 384, 13), _bn("bn4", 384, 13),
+          _conv("conv5", 3, 384, 256, 13, bias=True), _bn("pool5_bn", 256, 6),
+          _dense("fc6", 9216, 4096, bias=False), _bn("bn6", 4096, 1),
+          _dense("fc7", 4096, 4096, bias=False), _bn("bn7", 4096, 1),
+          _dense("fc8", 4096, 1000, bias=True)]
+
+
+MODELS = {"resnet50": resnet50_layers, "alexnet_bn": alexnet_bn_layers}
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+  """A GPU cluster: per-GPU compute, and the links inside and between nodes.
+
+  Attributes:
+    peak_flops: per GPU, by compute dtype ("fp32", "fp16").
+    efficiency: the fraction of peak that conv-net training reaches.
+    intra_alpha, intra_bw: seconds per step and bytes/s of a GPU's link in the node.
+    inter_alpha, inter_bw: seconds per step and bytes/s of a node's network link.
+    sources: where each constant comes from.
+  """
+
+  name: str
+  gpus_per_node: int
+  peak_flops: Dict[str, float]
+  efficiency: float
+  intra_alpha: float
+  intra_bw: float
+  inter_alpha: float
+  inter_bw: float
+  sources: Dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+HARDWARE = {
+    "p40_roce": Hardware(
+        "Tesla P40, 8 per node, PCIe 3.0, 100 Gb/s RoCE (Jia et al. 2018)", 8,
+        {"fp32": 11.76e12, "fp16": 11.76e12}, efficiency=0.5,
+        intra_alpha=10e-6, intra_bw=12e9, inter_alpha=20e-6, inter_bw=12.5e9,
+        sources={
+            "gpus_per_node, inter_bw": "PAPER.md: 8 P40 per node, 100 Gb/s RoCE",
+            "peak_flops": "NVIDIA Tesla P40 datasheet: 11.76 TFLOPS FP32; the P40 has "
+                          "no fast FP16 arithmetic (1/64 rate), so the paper's FP16 is "
+                          "modelled as FP32-rate compute",
+            "efficiency": "FITTED: ResNet-50, 2048 GPUs, 64K batch, 90 epochs = 6.6 min",
+            "intra_bw": "assumption: PCIe 3.0 x16, 15.75 GB/s theoretical, ~12 GB/s "
+                        "achieved",
+            "intra_alpha, inter_alpha": "assumption: 10 us per PCIe step, 20 us per "
+                                        "RDMA step (NCCL-era ring step latencies)"}),
+    "v100_ib": Hardware(
+        "Tesla V100 SXM2, 8 per node (NVLink), 4x100 Gb/s InfiniBand EDR", 8,
+        {"fp32": 15.7e12, "fp16": 125e12}, efficiency=0.28,
+        intra_alpha=5e-6, intra_bw=130e9, inter_alpha=5e-6, inter_bw=50e9,
+        sources={
+            "peak_flops": "NVIDIA V100 datasheet: 15.7 TFLOPS FP32, 125 TFLOPS tensor",
+            "efficiency": "assumption: ~1,400 ResNet-50 images/s per V100 in mixed "
+                          "precision (NVIDIA's published training figures, unverified)",
+            "intra_bw": "assumption: NCCL all-reduce bus bandwidth on a DGX-1, ~130 GB/s",
+            "inter_bw": "4 x 100 Gb/s EDR per node = 50 GB/s",
+            "intra_alpha, inter_alpha": "assumption: 5 us per step"}),
+    "h100_ib": Hardware(
+        "H100 SXM, 8 per node (NVLink 4), 8x400 Gb/s InfiniBand NDR", 8,
+        {"fp32": 67e12, "fp16": 989e12}, efficiency=0.08,
+        intra_alpha=3e-6, intra_bw=360e9, inter_alpha=5e-6, inter_bw=400e9,
+        sources={
+            "peak_flops": "NVIDIA H100 SXM datasheet: 67 TFLOPS FP32, 989 TFLOPS BF16 "
+                          "dense",
+            "efficiency": "assumption: ~3,200 ResNet-50 images/s per H100 (the conv "
+                          "net does not fill the tensor cores; unverified)",
+            "intra_bw": "assumption: NCCL all-reduce bus bandwidth on NVLink 4, "
+                        "~360 GB/s",
+            "inter_bw": "8 x 400 Gb/s NDR per node = 400 GB/s",
+            "intra_alpha, inter_alpha": "assumption: 3 us / 5 us per step"}),
+}
+
+SCHEMES = ("ring", "hierarchical", "hybrid")
+
+
+def _ring(n, alpha, bw, nbytes):
+  if n <= 1:
+    return 0.0
+  return 2 * (n - 1) * alpha + 2 * (n - 1) / n * nbytes / bw
+
+
+def allreduce_seconds(scheme: str, nbytes: float, hw: Hardware, gpus: int) -> float:
+  """One all-reduce of `nbytes` per GPU over `gpus` GPUs (see the module doc)."""
+  if gpus <= 1:
+    return 0.0
+  k = min(hw.gpus_per_node, gpus)
+  nodes = math.ceil(gpus / k)
+  if scheme == "hybrid":
+    return min(allreduce_seconds(s, nbytes, hw, gpus) for s in ("ring", "hierarchical"))
+  if nodes == 1:
+    return _ring(gpus, hw.intra_alpha, hw.intra_bw, nbytes)
+  if scheme == "ring":
+    return _ring(gpus, hw.inter_alpha, hw.inter_bw, nbytes)
+  if scheme == "hierarchical":
+    local = (k - 1) * hw.intra_alpha + (k - 1) / k * nbytes / hw.intra_bw
+    return 2 * local + _ring(nodes, hw.inter_alpha, hw.inter_bw, nbytes)
+  raise ValueError(f"scheme={scheme!r}; valid: {', '.join(SCHEMES)}")
+
+
+def packs(layers: Sequence[Layer], pack_bytes: Optional[int], wire_bytes: int,
+          backward_at: Sequence[float]) -> List[Tuple[float, float]]:
+  """(bytes, ready seconds) per pack, in back-propagation order.
+
+  `backward_at[i]`: when layer i's backward pass is done. pack_bytes None: one per
+  tensor; 0: one pack.
+  """
+  out, size, ready = [], 0.0, 0.0
+  for i in reversed(range(len(layers))):
+    for n in reversed(layers[i].tensors):
+      b = n * wire_bytes
+      if pack_bytes is None or (pack_bytes and size and size + b > pack_bytes):
+        if size:
+          out.append((size, ready))
+        size = 0.0
+      size += b
+      ready = backward_at[i]
+  if size:
+    out.append((size, ready))
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  scheme: str = "hybrid"
+  pack_bytes: Optional[int] = 32 << 20
+  fp16_wire: bool = True
+  overlap: bool = True
+  dtype: str = "fp16"
+
+
+def compute_seconds(layers, hw: Hardware, batch: int, dtype: str) -> Tuple[float, List[float]]:
+  """(forward seconds, each layer's backward seconds) for `batch` images on one GPU."""
+  rate = hw.peak_flops[dtype] * hw.efficiency
+  return (sum(l.flops for l in layers) * batch / rate,
+          [2 * l.flops * batch / rate for l in layers])
+
+
+def step_seconds(model: str, hw: Hardware, gpus: int, batch: int,
+                 config: Config = Config()) -> Dict[str, float]:
+  """One step: compute, communication, exposed communication and total, in seconds."""
+  layers = MODELS[model]()
+  forward, backward = compute_seconds(layers, hw, batch, config.dtype)
+  done, clock = [0.0] * len(layers), forward
+  for i in reversed(range(len(layers))):
+    clock += backward[i]
+    done[i] = clock
+  compute = forward + sum(backward)
+  comm = [(ready, allreduce_seconds(config.scheme, size, hw, gpus))
+          for size, ready in packs(layers, config.pack_bytes, 2 if config.fp16_wire else 4,
+                                   done)]
+  total_comm = sum(t for _, t in comm)
+  if config.overlap:
+    channel = 0.0
+    for ready, t in comm:
+      channel = max(channel, ready) + t
+    end = max(compute, channel)
+  else:
+    end = compute + total_comm
+  return dict(compute=compute, communication=total_comm, exposed=end - compute,
+              total=end, packs=len(comm))
+
+
+def best_pack_bytes(model, hw, gpus, batch, config) -> int:
+  """The fusion threshold of 64 KiB ... 256 MiB (or one pack) with the fastest step."""
+  grid = [0] + [1 << s for s in range(16, 29)]
+  return min(grid, key=lambda p: (step_seconds(
+      model, hw, gpus, batch, dataclasses.replace(config, pack_bytes=p))["total"], -p))
+
+
+def ours(model, hw, gpus, batch) -> Config:
+  """tf_fusion as the paper ran it: hybrid, fused (threshold tuned), FP16 wire, overlap."""
+  config = Config("hybrid", None, True, True, "fp16")
+  return dataclasses.replace(config, pack_bytes=best_pack_bytes(model, hw, gpus, batch,
+                                                                config))
+
+
+# The paper's baseline: NCCL's ring over every GPU, one collective per tensor, FP32
+# gradients on the wire, FP16 compute.
+NCCL_BASELINE = Config("ring", None, False, True, "fp16")
+
+
+def time_to_train(model, hw, gpus, global_batch, epochs, config=None) -> Dict[str, float]:
+  batch = global_batch // gpus
+  config = config or ours(model, hw, gpus, batch)
+  step = step_seconds(model, hw, gpus, batch, config)
+  steps = math.ceil(epochs * IMAGENET_TRAIN / global_batch)
+  one = step_seconds(model, hw, 1, batch, config)["total"]
+  return dict(step, steps=steps, minutes=steps * step["total"] / 60,
+              efficiency=one / step["total"], pack_bytes=config.pack_bytes,
+              images_per_sec=global_batch / step["total"])
+
+
+PAPER = {  # (model, gpus, global batch, epochs) -> minutes (PAPER.md)
+    ("resnet50", 2048, 65536, 90): 6.6,
+    ("alexnet_bn", 1024, 65536, 95): 4.0,
+}
+
+
+def fit_p40_efficiency(target_minutes=6.6) -> float:
+  """The P40 efficiency that gives ResNet-50 on 2048 GPUs the paper's time (bisection:
+  time falls as efficiency rises)."""
+  lo, hi = 0.01, 1.0
+  for _ in range(60):
+    mid = (lo + hi) / 2
+    hw = dataclasses.replace(HARDWARE["p40_roce"], efficiency=mid)
+    if time_to_train("resnet50", hw, 2048, 65536, 90)["minutes"] > target_minutes:
+      lo = mid
+    else:
+      hi = mid
+  return (lo + hi) / 2
+
+
+P40_EFFICIENCY_FITTED = fit_p40_efficiency()
+HARDWARE["p40_roce"] = dataclasses.replace(HARDWARE["p40_roce"],
+                                           efficiency=P40_EFFICIENCY_FITTED)
+
+
+def machine_profile(sweep_json: str, images_per_sec: float, model="resnet50") -> Hardware:
+  """A profile of this machine from tools/fusion_sweep.py or allreduce_bench JSON.
+
+  The calibrated ring constants (alpha, beta of one all-reduce over all the
+  benchmark's devices) are turned into per-step constants of a ring of that size, used
+  for the links inside and between "nodes" (a worker's logical CPUs) alike: on one
+  host, loopback and shared memory are the same wires. Compute: `images_per_sec` of
+  `model` (e.g. the main job's figure).
+  """
+  with open(sweep_json) as f:
+    report = json.load(f)
+  cm = report["cost_model"]
+  devices = report.get("devices_per_worker") or 4
+  n = devices * (report.get("workers") or 1)
+  alpha = cm["alpha"]["ring"] / (2 * (n - 1))
+  bw = 2 * (n - 1) / n / max(cm["beta"]["ring"], 1e-15)
+  rate = 3 * sum(l.flops for l in MODELS[model]()) * images_per_sec
+  return Hardware(
+      f"this machine ({n} logical CPU replicas, {devices} per worker)", devices,
+      {"fp32": rate, "fp16": rate}, 1.0, intra_alpha=alpha, intra_bw=bw,
+      inter_alpha=alpha, inter_bw=bw,
+      sources={"all": f"fitted: ring alpha/beta from {sweep_json}; compute from "
+                      f"{images_per_sec} images/s of {model}"})
+
+
+GPU_COUNTS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+EPOCHS = {"resnet50": 90, "alexnet_bn": 95}
+PER_GPU_BATCH = {"resnet50": 32, "alexnet_bn": 64}   # 64K at 2048 / 1024 GPUs
+
+
+def schemes(model, hw, gpus, batch) -> Dict[str, Config]:
+  """The configurations of the table: each all-reduce with tf_fusion's packing and FP16
+  wire, and the NCCL-style baseline."""
+  out = {}
+  for scheme, name in (("ring", "ring (fused, fp16)"),
+                       ("hierarchical", "hierarchical (fused, fp16)"),
+                       ("hybrid", "hybrid = tf_fusion")):
+    config = Config(scheme, None, True, True, "fp16")
+    out[name] = dataclasses.replace(
+        config, pack_bytes=best_pack_bytes(model, hw, gpus, batch, config))
+  out["NCCL ring, per tensor, fp32"] = NCCL_BASELINE
+  return out
+
+
+def table(model, hw) -> List[Dict]:
+  rows = []
+  batch = PER_GPU_BATCH[model]
+  for gpus in GPU_COUNTS:
+    for name, config in schemes(model, hw, gpus, batch).items():
+      r = time_to_train(model, hw, gpus, gpus * batch, EPOCHS[model], config)
+      rows.append(dict(model=model, hardware=hw.name, gpus=gpus, scheme=name,
+                       global_batch=gpus * batch, **r))
+  return rows
+
+
+def reproduce() -> List[Dict]:
+  """The paper's headline runs and the all-reduce speed-ups over NCCL at 1024 GPUs."""
+  hw = HARDWARE["p40_roce"]
+  out = []
+  for (model, gpus, batch, epochs), minutes in PAPER.items():
+    got = time_to_train(model, hw, gpus, batch, epochs)["minutes"]
+    out.append(dict(run=f"{model} {epochs} epochs, {gpus} P40, batch {batch}",
+                    paper_minutes=minutes, model_minutes=got,
+                    error=got / minutes - 1,
+                    kind="fitted" if model == "resnet50" else "predicted"))
+  for model, paper in (("alexnet_bn", 3.0), ("resnet50", 11.0)):
+    batch = 65536 // 1024
+    best = step_seconds(model, hw, 1024, batch, ours(model, hw, 1024, batch))
+    nccl = step_seconds(model, hw, 1024, batch, NCCL_BASELINE)
+    out.append(dict(run=f"{model}: all-reduce time, NCCL / tf_fusion, 1024 P40",
+                    paper_speedup=paper,
+                    model_speedup=nccl["communication"] / best["communication"],
+                    step_speedup=nccl["total"] / best["total"], kind="predicted"))
+  return out
+
+
+def print_report(rows, checks):
+  print("Reproducing Jia et al. 2018 (P40 profile; one constant fitted, see HARDWARE):")
+  for c in checks:
+    if "paper_minutes" in c:
+      print(f"  {c['run']:48s} paper {c['paper_minutes']:4.1f} min, model "
+            f"{c['model_minutes']:5.2f} min ({100 * c['error']:+.1f}%, {c['kind']})")
+    else:
+      print(f"  {c['run']:48s} paper {c['paper_speedup']:4.1f}x, model "
+            f"{c['model_speedup']:5.1f}x (whole step {c['step_speedup']:.1f}x)")
+  for key in dict.fromkeys((r["model"], r["hardware"]) for r in rows):
+    sub = [r for r in rows if (r["model"], r["hardware"]) == key]
+    names = list(dict.fromkeys(r["scheme"] for r in sub))
+    print(f"\n{key[0]}, {EPOCHS[key[0]]} epochs, {PER_GPU_BATCH[key[0]]} images per GPU; "
+          f"{key[1]}\n  minutes to train / scaling efficiency")
+    print(f"{'GPUs':>6s} " + " ".join(f"{n:>28s}" for n in names))
+    for gpus in GPU_COUNTS:
+      cells = [next(r for r in sub if r["gpus"] == gpus and r["scheme"] == n) for n in names]
+      print(f"{gpus:6d} " + " ".join(
+          f"{r['minutes']:12.2f} min {100 * r['efficiency']:6.1f}%    " for r in cells))
+
+
+def plot(rows, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  keys = list(dict.fromkeys((r["model"], r["hardware"]) for r in rows))
+  fig, axes = plt.subplots(2, len(keys), figsize=(5.5 * len(keys), 7.5), squeeze=False)
+  for col, key in enumerate(keys):
+    sub = [r for r in rows if (r["model"], r["hardware"]) == key]
+    for name in dict.fromkeys(r["scheme"] for r in sub):
+      rs = [r for r in sub if r["scheme"] == name]
+      g = [r["gpus"] for r in rs]
+      axes[0][col].plot(g, [r["minutes"] for r in rs], "o-", ms=3, label=name)
+      axes[1][col].plot(g, [100 * r["efficiency"] for r in rs], "o-", ms=3, label=name)
+    axes[0][col].set_title(f"{key[0]} on {key[1].split(',')[0]}", fontsize=9)
+    axes[0][col].set_yscale("log")
+    axes[0][col].set_ylabel("minutes to train")
+    axes[1][col].set_ylabel("scaling efficiency, %")
+    for ax in axes[:, col]:
+      ax.set_xscale("log", base=2)
+      ax.set_xlabel("GPUs")
+      ax.legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--hardware", default="p40_roce",
+                 help=f"comma-separated: {', '.join(HARDWARE)}")
+  p.add_argument("--models", default="resnet50,alexnet_bn")
+  p.add_argument("--machine_json", default="",
+                 help="tools/fusion_sweep.py JSON: add a profile of this machine")
+  p.add_argument("--machine_images_per_sec", type=float, default=0.0,
+                 help="with --machine_json: measured ResNet-50 images/s per replica set")
+  p.add_argument("--out_dir", default="out/scaling_model")
+  args = p.parse_args(argv)
+  profiles = []
+  for name in filter(None, args.hardware.split(",")):
+    if name not in HARDWARE:
+      p.error(f"unknown --hardware {name!r}; valid: {', '.join(HARDWARE)}")
+    profiles.append(HARDWARE[name])
+  if args.machine_json:
+    if args.machine_images_per_sec <= 0:
+      p.error("--machine_json needs --machine_images_per_sec > 0")
+    profiles.append(machine_profile(args.machine_json, args.machine_images_per_sec))
+  rows = [r for hw in profiles for m in args.models.split(",") for r in table(m, hw)]
+  checks = reproduce()
+  print_report(rows, checks)
+  print("\nAssumptions and sources:")
+  for hw in profiles:
+    for field, source in hw.sources.items():
+      print(f"  {hw.name.split(',')[0]}: {field}: {source}")
+  os.makedirs(args.out_dir, exist_ok=True)
+  with open(os.path.join(args.out_dir, "scaling_model.json"), "w") as f:
+    json.dump(dict(checks=checks, rows=rows,
+                   hardware={hw.name: dataclasses.asdict(hw) for hw in profiles}), f,
+              indent=2)
+  plot(rows, os.path.join(args.out_dir, "scaling_model.png"))
+  print(f"\nwrote {args.out_dir}/scaling_model.json and scaling_model.png")
+  return rows, checks
+
+
+if __name__ == "__main__":
+  main()
