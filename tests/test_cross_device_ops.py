@@ -143,6 +143,33 @@ class FusedAllReduceTest(tf.test.TestCase, parameterized.TestCase):
     for entry in ops.last_plan:
       self.assertIn(tf_fusion.stats.pack_scope(entry), scopes)
 
+  def test_only_the_last_pack_carries_the_timeout(self):
+    # TF gives each timed collective a thread that sleeps for the whole timeout
+    # (tensorflow#62466): one timed collective per device per step, not one per pack.
+    ops = self._ops(pack_bytes=1024, algorithm="ring", timeout_seconds=30)
+    strategy = tf.distribute.MirroredStrategy(self.devices, cross_device_ops=ops)
+    arrays = _arrays("integers")
+    values = [helpers.per_replica(strategy, [r[i] for r in arrays])
+              for i in range(len(arrays[0]))]
+
+    @tf.function
+    def body():
+      return [r.values for r in ops.batch_reduce(SUM, [(v, v) for v in values])]
+
+    with strategy.scope():
+      graph = body.get_concrete_function().graph
+    collectives = [op for op in graph.get_operations() if op.type == "CollectiveReduceV2"]
+    last = tf_fusion.stats.pack_scope(ops.last_plan[-1])
+    self.assertGreater(len(ops.last_plan), 2)
+    for op in collectives:
+      want = 30.0 if op.name.startswith(last + "/") else 0.0
+      self.assertEqual(op.get_attr("timeout_seconds"), want, op.name)
+    self.assertLen([op for op in collectives if op.get_attr("timeout_seconds")],
+                   len(self.devices))
+    with strategy.scope():
+      out = body()
+    self.assertAllEqual(out[0][0], sum(r[0] for r in arrays))
+
   def test_unknown_shapes(self):
     ops = self._ops(pack_bytes=1 << 20, algorithm="ring")
     strategy = tf.distribute.MirroredStrategy(self.devices, cross_device_ops=ops)

@@ -14,6 +14,7 @@ from official_recipes.imagenet import main
 from official_recipes.imagenet import recipe_flags
 from tests import multi_worker
 from tools import make_fake_imagenet
+from tools import profile_step
 
 NUM_CLASSES = 6
 
@@ -81,6 +82,16 @@ class RecipeTest(tf.test.TestCase, parameterized.TestCase):
     traces = tf.io.gfile.glob(os.path.join(stats["model_dir"], "plugins", "profile",
                                            "*", "*.xplane.pb"))
     self.assertLen(traces, 1)
+    # tools/profile_step.py finds the profiled step and the packs of the plan in it.
+    ops, steps = profile_step.read_trace(traces[0])
+    self.assertLen(steps, 1)
+    (summary,) = profile_step.analyze(ops, steps)
+    scopes = {f"tf_fusion_pack_{p['index']:03d}_{p['algorithm']}_{p['wire_bytes']}B"
+              for p in stats["packs"]}
+    self.assertNotEmpty(summary["packs"])
+    self.assertContainsSubset(summary["packs"], scopes)
+    self.assertGreater(summary["compute"], 0)
+    self.assertBetween(summary["overlap_fraction"], 0.0, 1.0)
 
   def test_resume_continues_the_step_count(self):
     model_dir = self.create_tempdir().full_path

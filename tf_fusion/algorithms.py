@@ -72,9 +72,13 @@ class Collectives:
     # The size is part of the key: the same devices in a local and a global group are
     # two groups.
     group_key = _KEYS.get_group_key(self.devices + (f"group_size:{group_size}",))
+    # No timeout by default: TF 2.21 gives every collective run with a timeout a thread
+    # that sleeps for the whole timeout (tensorflow#62466), so timing every pack of
+    # every step piles up (packs x devices x timeout / step time) threads until the
+    # process cannot start one more. Only "watched" calls carry the timeout (below).
     self._options = collective_util.Options(
-        implementation=collective_util.CommunicationImplementation.AUTO,
-        timeout_seconds=timeout_seconds)
+        implementation=collective_util.CommunicationImplementation.AUTO)
+    self._watched = collective_util.Options(timeout_seconds=timeout_seconds)
     self._launchers = [
         cross_device_utils.CollectiveReplicaLauncher(
             group_key, group_size, _KEYS, d, self._options) for d in self.devices
@@ -89,9 +93,16 @@ class Collectives:
       _COLLECTIVES_CACHE[key] = cls(devices, group_size, timeout_seconds)
     return _COLLECTIVES_CACHE[key]
 
-  def all_reduce(self, buffers: Sequence[tf.Tensor]) -> List[tf.Tensor]:
-    """Sums `buffers` (one per local device) across the whole group."""
-    return [l.all_reduce(b) for l, b in zip(self._launchers, buffers)]
+  def all_reduce(self, buffers: Sequence[tf.Tensor], watched: bool = False
+                 ) -> List[tf.Tensor]:
+    """Sums `buffers` (one per local device) across the whole group.
+
+    `watched`: this call carries the group's timeout. One watched collective per step,
+    launched last, is enough: it cannot finish while a peer is dead or stuck, and its
+    timeout aborts every pending collective of the step (TF's StartAbort).
+    """
+    options = self._watched if watched and self._timeout_seconds else None
+    return [l.all_reduce(b, options=options) for l, b in zip(self._launchers, buffers)]
 
   def launcher(self, index):
     """The launcher of local device `index` (for per-replica, no-merge-call reductions)."""
@@ -108,14 +119,14 @@ class Collectives:
     """
     across = self.across_workers()
     with tf.init_scope(), tf.device(across.devices[0]):
-      return tf.function(lambda v: across.all_reduce([v])[0])(
+      return tf.function(lambda v: across.all_reduce([v], watched=True)[0])(
           tf.constant(vector, tf.float64)).numpy()
 
 
-def ring(buffers, collectives, finish=None, root=0):
+def ring(buffers, collectives, finish=None, root=0, watched=False):
   """All-reduce with TF's collective ops; `finish` runs on every device's result."""
   del root
-  reduced = collectives.all_reduce(buffers)
+  reduced = collectives.all_reduce(buffers, watched)
   if finish is None:
     return reduced
   out = []
@@ -125,10 +136,10 @@ def ring(buffers, collectives, finish=None, root=0):
   return out
 
 
-def copy_only(buffers, collectives, finish=None, root=0):
+def copy_only(buffers, collectives, finish=None, root=0, watched=False):
   """For empty packs: nothing to add, so no collective (TF's CPU collective crashes
   on zero elements); each device keeps its own, equally empty, buffer."""
-  del root
+  del root, watched
   out = []
   for device, b in zip(collectives.devices, buffers):
     with tf.device(device):
@@ -136,7 +147,7 @@ def copy_only(buffers, collectives, finish=None, root=0):
   return out
 
 
-def reduce_to_one(buffers, collectives, finish=None, root=0):
+def reduce_to_one(buffers, collectives, finish=None, root=0, watched=False):
   """Sums in device order onto one device, runs `finish` there once, copies back.
 
   The sum is a chain of binary adds, step k placed on device k: (((b0 + b1) + b2) + b3).
@@ -148,11 +159,11 @@ def reduce_to_one(buffers, collectives, finish=None, root=0):
   the chain is also the fastest form measured (ResNet-50 gradients, 4 logical CPUs:
   39.8 ms against 43.9 ms for AddN).
   """
-  del root  # The order, hence the last device, is fixed by the device order.
+  del root, watched  # The order, hence the last device, is fixed; no collective.
   return _sum_then_copy(buffers, collectives.devices, finish)
 
 
-def hierarchical(buffers, collectives, finish=None, root=0):
+def hierarchical(buffers, collectives, finish=None, root=0, watched=False):
   """Jia et al. 2018, §6: reduce inside the worker, all-reduce across workers, broadcast.
 
   The local sum is reduce_to_one's chain of adds onto the last local device; that
@@ -163,7 +174,7 @@ def hierarchical(buffers, collectives, finish=None, root=0):
   del root
   across = None
   if collectives.num_workers > 1:
-    across = lambda total: collectives.across_workers().all_reduce([total])[0]
+    across = lambda total: collectives.across_workers().all_reduce([total], watched)[0]
   return _sum_then_copy(buffers, collectives.devices, finish, across)
 
 
@@ -190,8 +201,9 @@ _IMPLEMENTATIONS = {"ring": ring, "reduce_to_one": reduce_to_one,
                     "hierarchical": hierarchical, "none": copy_only}
 
 
-def run(algorithm, buffers, collectives, finish=None, root=0):
-  """Reduces one pack with `algorithm` (a key of _IMPLEMENTATIONS)."""
+def run(algorithm, buffers, collectives, finish=None, root=0, watched=False):
+  """Reduces one pack with `algorithm` (a key of _IMPLEMENTATIONS); `watched`: its
+  collective carries the timeout (Collectives.all_reduce)."""
   try:
     fn = _IMPLEMENTATIONS[algorithm]
   except KeyError:
@@ -200,7 +212,7 @@ def run(algorithm, buffers, collectives, finish=None, root=0):
   if algorithm == "reduce_to_one" and collectives.num_workers > 1:
     raise ValueError("reduce_to_one stays on one worker; across workers use "
                      "hierarchical (its multi-worker form).")
-  return fn(buffers, collectives, finish=finish, root=root)
+  return fn(buffers, collectives, finish=finish, root=root, watched=watched)
 
 
 @dataclasses.dataclass(frozen=True)

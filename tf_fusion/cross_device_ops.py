@@ -184,6 +184,10 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
         devices, self._group_size(devices), self._options.timeout_seconds)
     group_size = collectives.group_size
     outputs = [[None] * len(per_device[0]) for _ in devices]
+    # The timeout rides on the last pack that runs a collective (see
+    # Collectives.all_reduce): launched last, it cannot finish while a peer is gone.
+    watched = max((e.index for e in plan if e.algorithm in ("ring", "hierarchical")),
+                  default=None)
     for entry in plan:
       with tf.name_scope(stats.pack_scope(entry)):
         buffers, ctx = [], None
@@ -200,7 +204,8 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
             reduced = _divide(reduced, group_size)
           return reduced
 
-        reduced = self._run(entry, buffers, collectives, finish)
+        reduced = self._run(entry, buffers, collectives, finish,
+                            watched=entry.index == watched)
         for d, device in enumerate(collectives.devices):
           with tf.device(device):
             like = [per_device[d][i] for i in entry.tensor_indices]
@@ -208,9 +213,9 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
               outputs[d][i] = part
     return outputs
 
-  def _run(self, entry, buffers, collectives, finish):
+  def _run(self, entry, buffers, collectives, finish, watched=False):
     return algorithms.run(entry.algorithm, buffers, collectives, finish=finish,
-                          root=entry.index)
+                          root=entry.index, watched=watched)
 
   # --- planning ----------------------------------------------------------------------
 

@@ -247,14 +247,17 @@ def _without(argv, flag):
   return out
 
 
-def run_set(args, argv, set_name):
-  """One gradient set in fresh processes (TF keeps a few hundred idle collective
-  threads per traced configuration; one process for every set runs out of threads)."""
+def run_part(args, argv, set_name, algorithm):
+  """One gradient set and algorithm in fresh processes: TF keeps hundreds of idle
+  collective threads per traced configuration, and one process for the whole sweep
+  runs out of threads."""
   import subprocess  # pylint: disable=g-import-not-at-top
   tag = f"{args.workers}x{args.devices}"
-  raw = os.path.abspath(os.path.join(args.out_dir, f"sweep_{tag}_{set_name}.raw.json"))
-  command = [sys.executable, os.path.abspath(__file__)] + _without(argv, "--sets") + [
-      "--sets", set_name, "--worker_out", raw]
+  raw = os.path.abspath(os.path.join(args.out_dir,
+                                     f"sweep_{tag}_{set_name}_{algorithm}.raw.json"))
+  command = ([sys.executable, os.path.abspath(__file__)]
+             + _without(_without(argv, "--sets"), "--algorithms")
+             + ["--sets", set_name, "--algorithms", algorithm, "--worker_out", raw])
   env = dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
   if args.workers > 1:
     from tf_fusion import launch  # pylint: disable=g-import-not-at-top
@@ -279,13 +282,19 @@ def main(argv=None):
         json.dump(report, f)
     return None
   os.makedirs(args.out_dir, exist_ok=True)
-  report = None
+  algorithms = (args.algorithms.split(",") if args.algorithms else
+                ["ring", "hierarchical" if args.workers > 1 else "reduce_to_one", "auto"])
+  report, by_set = None, {}
   for set_name in args.sets.split(","):
-    part = run_set(args, argv, set_name)
-    if report is None:
-      report = part
-    else:
-      report["results"] += part["results"]
+    for algorithm in algorithms:
+      part = run_part(args, argv, set_name, algorithm)
+      report = report or dict(part, results=[])
+      for result in part["results"]:
+        if result["set"] in by_set:
+          by_set[result["set"]]["rows"] += result["rows"]
+        else:
+          by_set[result["set"]] = result
+          report["results"].append(result)
   header = (f"{report['workers']} worker(s) x {report['devices_per_worker']} devices, "
             f"compression {report['compression']}, medians of {args.reps} rounds; "
             "* best swept; (pred) = cost model; Np = packs")
