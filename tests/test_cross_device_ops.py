@@ -114,9 +114,8 @@ class FusedAllReduceTest(tf.test.TestCase, parameterized.TestCase):
         tol = 2e-2 if (compression == "fp16" or want.dtype == np.float16) else 1e-5
         self.assertAllClose(per_device[0], want, rtol=tol, atol=tol)
 
-  @parameterized.parameters("ring", "reduce_to_one")
-  def test_one_collective_per_pack(self, algorithm):
-    ops = self._ops(pack_bytes=1024, algorithm=algorithm)
+  def _traceable_reduction(self, ops):
+    """(strategy, tf.function reducing the "integers" arrays, the arrays)."""
     strategy = tf.distribute.MirroredStrategy(self.devices, cross_device_ops=ops)
     arrays = _arrays("integers")
     values = [helpers.per_replica(strategy, [r[i] for r in arrays])
@@ -126,6 +125,12 @@ class FusedAllReduceTest(tf.test.TestCase, parameterized.TestCase):
     def body():
       return [r.values for r in ops.batch_reduce(SUM, [(v, v) for v in values])]
 
+    return strategy, body, arrays
+
+  @parameterized.parameters("ring", "reduce_to_one")
+  def test_one_collective_per_pack(self, algorithm):
+    ops = self._ops(pack_bytes=1024, algorithm=algorithm)
+    strategy, body, _ = self._traceable_reduction(ops)
     with strategy.scope():
       graph = body.get_concrete_function().graph
     types = [op.type for op in graph.get_operations()]
@@ -147,15 +152,7 @@ class FusedAllReduceTest(tf.test.TestCase, parameterized.TestCase):
     # TF gives each timed collective a thread that sleeps for the whole timeout
     # (tensorflow#62466): one timed collective per device per step, not one per pack.
     ops = self._ops(pack_bytes=1024, algorithm="ring", timeout_seconds=30)
-    strategy = tf.distribute.MirroredStrategy(self.devices, cross_device_ops=ops)
-    arrays = _arrays("integers")
-    values = [helpers.per_replica(strategy, [r[i] for r in arrays])
-              for i in range(len(arrays[0]))]
-
-    @tf.function
-    def body():
-      return [r.values for r in ops.batch_reduce(SUM, [(v, v) for v in values])]
-
+    strategy, body, arrays = self._traceable_reduction(ops)
     with strategy.scope():
       graph = body.get_concrete_function().graph
     collectives = [op for op in graph.get_operations() if op.type == "CollectiveReduceV2"]
