@@ -136,6 +136,7 @@ def measure(args):
       row = dict(algorithm=c["algorithm"], pack_bytes=c["pack_bytes"],
                  median_ms=1e3 * float(np.median(t)), min_ms=1e3 * min(t),
                  times_ms=[1e3 * x for x in t], packs=len(plan),
+                 plan=[[p.algorithm, list(p.tensor_indices)] for p in plan],
                  predicted_ms=1e3 * sum(p.predicted_seconds or 0.0 for p in plan))
       if c["pack_bytes"] is None:
         alg = c["algorithm"]
@@ -170,10 +171,20 @@ def summarize(result):
     swept = [r for r in rows if r["pack_bytes"] is not None]
     best = min(swept, key=lambda r: r["median_ms"])
     auto = next(r for r in rows if r["pack_bytes"] is None)
+    # The same plan measured under several thresholds: how far apart identical work
+    # lands in one run (this machine's noise), and what the autotuned plan measured
+    # wherever it was swept.
+    same = {}
+    for r in rows:
+      if r.get("plan"):
+        same.setdefault(json.dumps(r["plan"]), []).append(r["median_ms"])
+    spread = max((max(v) / min(v) for v in same.values() if len(v) > 1), default=1.0)
+    as_auto = same.get(json.dumps(auto.get("plan")), [auto["median_ms"]])
     out[alg] = dict(best_pack_bytes=best["pack_bytes"], best_ms=best["median_ms"],
                     auto_pack_bytes=auto["chosen_pack_bytes"],
                     auto_first_pack_bytes=auto["chosen_first_pack_bytes"],
-                    auto_ms=auto["median_ms"], ratio=auto["median_ms"] / best["median_ms"])
+                    auto_ms=auto["median_ms"], ratio=auto["median_ms"] / best["median_ms"],
+                    same_plan_ms=sorted(as_auto), noise=spread)
   result["summary"] = out
   return out
 
@@ -204,7 +215,9 @@ def print_table(result, header):
     print(f"  {a}: autotuned pack_bytes={_size(s['auto_pack_bytes'])}, first="
           f"{_size(s['auto_first_pack_bytes'])}: {s['auto_ms']:.1f} ms vs best swept "
           f"{_size(s['best_pack_bytes'])} {s['best_ms']:.1f} ms -> {s['ratio']:.3f}x "
-          f"(target <= 1.05: {verdict})")
+          f"(target <= 1.05: {verdict}); its plan measured "
+          f"{', '.join(f'{x:.1f}' for x in s['same_plan_ms'])} ms; identical plans "
+          f"differ by up to {100 * (s['noise'] - 1):.0f}% in this run")
 
 
 def plot(report, path):

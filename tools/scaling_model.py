@@ -310,14 +310,16 @@ HARDWARE["p40_roce"] = dataclasses.replace(HARDWARE["p40_roce"],
                                            efficiency=P40_EFFICIENCY_FITTED)
 
 
-def machine_profile(sweep_json: str, images_per_sec: float, model="resnet50") -> Hardware:
+def machine_profile(sweep_json: str, images_per_sec: float, model="resnet50",
+                    image_size=224) -> Hardware:
   """A profile of this machine from tools/fusion_sweep.py or allreduce_bench JSON.
 
   The calibrated ring constants (alpha, beta of one all-reduce over all the
   benchmark's devices) are turned into per-step constants of a ring of that size, used
   for the links inside and between "nodes" (a worker's logical CPUs) alike: on one
   host, loopback and shared memory are the same wires. Compute: `images_per_sec` of
-  `model` (e.g. the main job's figure).
+  `model` at `image_size` pixels (FLOPs scale with the pixel count), e.g. the main job's
+  figure at 32 pixels.
   """
   with open(sweep_json) as f:
     report = json.load(f)
@@ -326,13 +328,15 @@ def machine_profile(sweep_json: str, images_per_sec: float, model="resnet50") ->
   n = devices * (report.get("workers") or 1)
   alpha = cm["alpha"]["ring"] / (2 * (n - 1))
   bw = 2 * (n - 1) / n / max(cm["beta"]["ring"], 1e-15)
-  rate = 3 * sum(l.flops for l in MODELS[model]()) * images_per_sec
+  # Each replica is a "GPU": it has its share of the measured rate.
+  rate = (3 * sum(l.flops for l in MODELS[model]()) * (image_size / 224) ** 2
+          * images_per_sec / n)
   return Hardware(
       f"this machine ({n} logical CPU replicas, {devices} per worker)", devices,
       {"fp32": rate, "fp16": rate}, 1.0, intra_alpha=alpha, intra_bw=bw,
       inter_alpha=alpha, inter_bw=bw,
       sources={"all": f"fitted: ring alpha/beta from {sweep_json}; compute from "
-                      f"{images_per_sec} images/s of {model}"})
+                      f"{images_per_sec} images/s of {model} at {image_size} pixels"})
 
 
 GPU_COUNTS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -408,28 +412,35 @@ def print_report(rows, checks):
 
 
 def plot(rows, path):
+  """One row of panels per hardware profile: minutes to train and scaling efficiency
+  per model."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  keys = list(dict.fromkeys((r["model"], r["hardware"]) for r in rows))
-  fig, axes = plt.subplots(2, len(keys), figsize=(5.5 * len(keys), 7.5), squeeze=False)
-  for col, key in enumerate(keys):
-    sub = [r for r in rows if (r["model"], r["hardware"]) == key]
-    for name in dict.fromkeys(r["scheme"] for r in sub):
-      rs = [r for r in sub if r["scheme"] == name]
-      g = [r["gpus"] for r in rs]
-      axes[0][col].plot(g, [r["minutes"] for r in rs], "o-", ms=3, label=name)
-      axes[1][col].plot(g, [100 * r["efficiency"] for r in rs], "o-", ms=3, label=name)
-    axes[0][col].set_title(f"{key[0]} on {key[1].split(',')[0]}", fontsize=9)
-    axes[0][col].set_yscale("log")
-    axes[0][col].set_ylabel("minutes to train")
-    axes[1][col].set_ylabel("scaling efficiency, %")
-    for ax in axes[:, col]:
-      ax.set_xscale("log", base=2)
-      ax.set_xlabel("GPUs")
-      ax.legend(fontsize=6)
+  models = list(dict.fromkeys(r["model"] for r in rows))
+  profiles = list(dict.fromkeys(r["hardware"] for r in rows))
+  fig, axes = plt.subplots(len(profiles), 2 * len(models),
+                           figsize=(4.2 * 2 * len(models), 3.2 * len(profiles)),
+                           squeeze=False)
+  for i, hardware in enumerate(profiles):
+    for j, model in enumerate(models):
+      sub = [r for r in rows if r["model"] == model and r["hardware"] == hardware]
+      time_ax, eff_ax = axes[i][2 * j], axes[i][2 * j + 1]
+      for name in dict.fromkeys(r["scheme"] for r in sub):
+        rs = [r for r in sub if r["scheme"] == name]
+        g = [r["gpus"] for r in rs]
+        time_ax.plot(g, [r["minutes"] for r in rs], "o-", ms=3, label=name)
+        eff_ax.plot(g, [100 * r["efficiency"] for r in rs], "o-", ms=3, label=name)
+      time_ax.set_title(f"{model}, {hardware.split(',')[0]}", fontsize=8)
+      time_ax.set_yscale("log")
+      time_ax.set_ylabel("minutes to train")
+      eff_ax.set_ylabel("scaling efficiency, %")
+      for ax in (time_ax, eff_ax):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("GPUs")
+      eff_ax.legend(fontsize=6)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=90)
   plt.close(fig)
 
 
@@ -441,7 +452,10 @@ def main(argv=None):
   p.add_argument("--machine_json", default="",
                  help="tools/fusion_sweep.py JSON: add a profile of this machine")
   p.add_argument("--machine_images_per_sec", type=float, default=0.0,
-                 help="with --machine_json: measured ResNet-50 images/s per replica set")
+                 help="with --machine_json: ResNet-50 images/s measured on all the "
+                 "sweep's replicas together")
+  p.add_argument("--machine_image_size", type=int, default=224,
+                 help="the image size that images/s was measured at")
   p.add_argument("--out_dir", default="out/scaling_model")
   args = p.parse_args(argv)
   profiles = []
@@ -452,7 +466,8 @@ def main(argv=None):
   if args.machine_json:
     if args.machine_images_per_sec <= 0:
       p.error("--machine_json needs --machine_images_per_sec > 0")
-    profiles.append(machine_profile(args.machine_json, args.machine_images_per_sec))
+    profiles.append(machine_profile(args.machine_json, args.machine_images_per_sec,
+                                    image_size=args.machine_image_size))
   rows = [r for hw in profiles for m in args.models.split(",") for r in table(m, hw)]
   checks = reproduce()
   print_report(rows, checks)

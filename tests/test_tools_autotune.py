@@ -1,0 +1,71 @@
+"""tools/fusion_sweep.py and tools/scaling_model.py end to end (small), and the sweep's
+summary by hand."""
+
+import json
+import os
+
+import tensorflow as tf
+
+from tools import fusion_sweep
+from tools import scaling_model
+
+
+class SweepSummaryTest(tf.test.TestCase):
+
+  def test_summary_by_hand(self):
+    one, two = [["ring", [0, 1]]], [["ring", [0]], ["ring", [1]]]
+    result = {"rows": [
+        dict(algorithm="ring", pack_bytes=0, median_ms=30.0, plan=one),
+        dict(algorithm="ring", pack_bytes=1 << 20, median_ms=20.0, plan=two),
+        dict(algorithm="ring", pack_bytes=4 << 20, median_ms=25.0, plan=one),
+        dict(algorithm="ring", pack_bytes=None, median_ms=21.0, plan=one,
+             chosen_pack_bytes=4 << 20, chosen_first_pack_bytes=0)]}
+    summary = fusion_sweep.summarize(result)["ring"]
+    self.assertEqual((summary["best_pack_bytes"], summary["best_ms"]), (1 << 20, 20.0))
+    self.assertAlmostEqual(summary["ratio"], 1.05)
+    # The one-pack plan ran three times: 21, 25 and 30 ms.
+    self.assertEqual(summary["same_plan_ms"], [21.0, 25.0, 30.0])
+    self.assertAlmostEqual(summary["noise"], 30.0 / 21.0)
+
+
+class SweepRunTest(tf.test.TestCase):
+
+  def test_small_sweep_writes_table_json_and_png(self):
+    out = self.create_tempdir().full_path
+    report = fusion_sweep.main(["--sets", "alexnet_bn", "--algorithms", "reduce_to_one",
+                                "--devices", "2", "--reps", "1", "--grid", "pow4",
+                                "--out_dir", out])
+    (result,) = report["results"]
+    self.assertLen(result["rows"], 9)    # one pack, 64 KiB ... 256 MiB by 4x, auto
+    summary = result["summary"]["reduce_to_one"]
+    self.assertIn(summary["auto_pack_bytes"], (0,) + tuple(1 << s for s in range(16, 29)))
+    self.assertGreater(summary["ratio"], 0)
+    for name in ("sweep_1x2.json", "sweep_1x2.png", "cost_model_1x2.json"):
+      self.assertTrue(os.path.exists(os.path.join(out, name)), name)
+    with open(os.path.join(out, "sweep_1x2.json")) as f:
+      self.assertEqual(json.load(f)["results"][0]["set"], "alexnet_bn")
+
+
+class ScalingModelRunTest(tf.test.TestCase):
+
+  def test_cli_with_a_machine_profile(self):
+    out = self.create_tempdir().full_path
+    sweep = self.create_tempfile(content=json.dumps({
+        "workers": 2, "devices_per_worker": 2,
+        "cost_model": {"alpha": {"ring": 3e-4}, "beta": {"ring": 1e-9}}})).full_path
+    rows, checks = scaling_model.main(["--models", "alexnet_bn", "--out_dir", out,
+                                       "--machine_json", sweep,
+                                       "--machine_images_per_sec", "100"])
+    machine = [r for r in rows if r["hardware"].startswith("this machine")]
+    self.assertLen(machine, len(scaling_model.GPU_COUNTS) * 4)
+    # 4 replicas' ring of 3e-4 s per all-reduce = 6 steps of 5e-5 s.
+    hw = scaling_model.machine_profile(sweep, 100, "alexnet_bn")
+    self.assertAlmostEqual(hw.intra_alpha, 5e-5)
+    self.assertAlmostEqual(scaling_model.allreduce_seconds("ring", 0, hw, 2)
+                           / hw.intra_alpha, 2.0)
+    self.assertNotEmpty(checks)
+    self.assertTrue(os.path.exists(os.path.join(out, "scaling_model.png")))
+
+
+if __name__ == "__main__":
+  tf.test.main()
