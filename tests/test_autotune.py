@@ -150,5 +150,59 @@ class CostModelFileTest(tf.test.TestCase):
     self.assertEqual([p.tensor_indices for p in ops.last_plan], want)
 
 
+class MeasuredAutotuneTest(tf.test.TestCase):
+
+  def test_measures_once_keeps_the_fastest_and_reuses_it(self):
+    path = self.create_tempfile().full_path
+    devices = helpers.devices(2)
+    model = helpers.fixed_cost_model()
+    algorithms.CostModel(model.alpha, model.beta, model.copy_beta, "for the test",
+                         topology=autotune.topology(algorithms.canonical_devices(devices),
+                                                    1, algorithms.LOCAL_ALGORITHMS)
+                         ).save(path)
+    options = tf_fusion.FusionOptions(pack_bytes=None, autotune="measure",
+                                      cost_model_file=path, algorithm="reduce_to_one")
+    shapes = [[70000], [20], [300000], [5], [90000]]
+    arrays = [[np.full(s, r + 1.0, np.float32) for s in shapes] for r in range(2)]
+    specs = _specs(*[s[0] for s in shapes])
+    plans = []
+    for attempt in range(2):
+      ops = tf_fusion.FusedAllReduce(options)
+      strategy = tf.distribute.MirroredStrategy(devices, cross_device_ops=ops)
+      values = [helpers.per_replica(strategy, [a[i] for a in arrays])
+                for i in range(len(shapes))]
+      patch = (mock.patch.object(algorithms, "time_calls",
+                                 side_effect=AssertionError("measured again"))
+               if attempt else mock.patch.object(algorithms, "time_calls",
+                                                 wraps=algorithms.time_calls))
+      with strategy.scope(), patch as timed:
+        out = ops.batch_reduce(tf.distribute.ReduceOp.SUM, [(v, v) for v in values])
+      for got, shape in zip(out, shapes):
+        self.assertAllEqual(got.values[1], np.full(shape, 3.0))
+      plans.append([p.tensor_indices for p in ops.last_plan])
+      if not attempt:
+        # One timing per distinct candidate plan.
+        want = autotune.candidates(specs, _wire, model, "reduce_to_one")
+        self.assertEqual(timed.call_count, len(want))
+    self.assertEqual(plans[0], plans[1])
+    with open(path) as f:
+      tuned = json.load(f)["tuned"]
+    (key, (pack_bytes, first, seconds)), = tuned.items()
+    self.assertEqual(key, autotune.list_key(specs, "reduce_to_one", "none"))
+    self.assertIn((pack_bytes, first), want)
+    self.assertGreater(seconds, 0)
+    self.assertEqual(plans[0], [p.indices for p in packing.plan_packs(specs, pack_bytes,
+                                                                      first)])
+
+  def test_candidates_are_distinct_plans(self):
+    specs = _specs(*[1 << 18] * 8)      # eight 1 MiB tensors
+    pairs = autotune.candidates(specs, _wire, ChooseTest.MODEL, "ring")
+    plans = [tuple(p.indices for p in packing.plan_packs(specs, pb, f)) for pb, f in pairs]
+    self.assertLen(set(plans), len(plans))
+    # The model's pick (one pack; as are 0, 16, 64 and 256 MiB), singles (64 KiB ...
+    # 1 MiB) and two packs of four (4 MiB).
+    self.assertEqual([len(p) for p in plans], [1, 8, 2])
+
+
 if __name__ == "__main__":
   tf.test.main()

@@ -93,14 +93,19 @@ class KillAndResumeTest(tf.test.TestCase):
     cost_model_file = os.path.join(tmp, "cost_model.json")
     env = {"TF_FUSION_TEST_BACKUP_DIR": os.path.join(tmp, "backup"),
            "TF_FUSION_TEST_KILL_MARKER": os.path.join(tmp, "killed"),
-           "TF_FUSION_COST_MODEL_FILE": cost_model_file}
+           "TF_FUSION_COST_MODEL_FILE": cost_model_file,
+           # The measured autotuner: the workers time the same candidates, average the
+           # times and must pick the same thresholds, or the run hangs.
+           "TF_FUSION_PACK_BYTES": "auto", "TF_FUSION_AUTOTUNE": "measure"}
     code, out = multi_worker.launch_job("resume", tmp, extra_env=env)
     self.assertNotEqual(code, 0, msg=out)
     self.assertIn("[launch] worker 1 was killed by SIGKILL; stopping the others", out)
     self.assertFalse(os.path.exists(os.path.join(tmp, "worker0.json")))
     # Calibrated across both workers before the kill, and kept.
     with open(cost_model_file) as f:
-      self.assertIn("2 worker(s) x 2 CPU device(s)", json.load(f)["topology"])
+      kept = json.load(f)
+    self.assertIn("2 worker(s) x 2 CPU device(s)", kept["topology"])
+    self.assertLen(kept["tuned"], 1)
     written = os.stat(cost_model_file).st_mtime_ns
 
     code, out = multi_worker.launch_job("resume", tmp, extra_env=env)  # the same command

@@ -31,6 +31,7 @@ class FusionOptionsTest(tf.test.TestCase, parameterized.TestCase):
       dict(kwargs=dict(backward_seconds=-0.1), message="backward_seconds"),
       dict(kwargs=dict(backward_seconds=float("nan")), message="backward_seconds"),
       dict(kwargs=dict(cost_model_file=""), message="cost_model_file"),
+      dict(kwargs=dict(autotune="bayes"), message="valid values: model, measure"),
   )
   def test_bad_values_name_the_value_and_the_valid_ones(self, kwargs, message):
     with self.assertRaisesRegex(ValueError, message):

@@ -36,9 +36,13 @@ class SweepRunTest(tf.test.TestCase):
                                 "--devices", "2", "--reps", "1", "--grid", "pow4",
                                 "--out_dir", out])
     (result,) = report["results"]
-    self.assertLen(result["rows"], 9)    # one pack, 64 KiB ... 256 MiB by 4x, auto
+    # One pack, 64 KiB ... 256 MiB by 4x, the model's and the measured autotuner's.
+    self.assertLen(result["rows"], 10)
     summary = result["summary"]["reduce_to_one"]
     self.assertIn(summary["auto_pack_bytes"], (0,) + tuple(1 << s for s in range(16, 29)))
+    self.assertIn(summary["measured_pack_bytes"],
+                  (0,) + tuple(1 << s for s in range(16, 29)))
+    self.assertGreater(summary["measured_ratio"], 0)
     self.assertGreater(summary["ratio"], 0)
     for name in ("sweep_1x2.json", "sweep_1x2.png", "cost_model_1x2.json"):
       self.assertTrue(os.path.exists(os.path.join(out, name)), name)

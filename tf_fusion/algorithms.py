@@ -233,6 +233,8 @@ class CostModel:
       (caches, memory bandwidth), which a straight line cannot show and which decides
       whether a 16 MiB or a 100 MiB pack is faster. Past the largest point the last
       segment's slope is extended.
+    tuned: thresholds the "measure" autotuner chose, by gradient-list key
+      (autotune.list_key): [pack_bytes, first_pack_bytes, seconds].
 
   Example:
     >>> m = CostModel({"ring": 1e-4, "reduce_to_one": 2e-5},
@@ -248,6 +250,7 @@ class CostModel:
   topology: str = ""
   points: Mapping[str, Sequence[Tuple[int, float]]] = dataclasses.field(
       default_factory=dict)
+  tuned: Mapping[str, Sequence[float]] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if set(self.alpha) != set(self.beta) or not self.alpha:
@@ -268,6 +271,8 @@ class CostModel:
                          "(bytes >= 0, finite seconds >= 0) pairs.")
       points[alg] = pts
     object.__setattr__(self, "points", points)
+    object.__setattr__(self, "tuned", {k: [int(v[0]), int(v[1]), float(v[2])]
+                                       for k, v in dict(self.tuned).items()})
 
   @property
   def algorithms(self) -> Tuple[str, ...]:

@@ -26,8 +26,10 @@ References:
   Jia et al. 2018, arXiv:1807.11205, section 4 (tensor fusion from a timing model).
 """
 
+import dataclasses
 import os
 import tempfile
+import zlib
 from typing import Callable, Optional, Sequence, Tuple
 
 from absl import logging
@@ -92,6 +94,35 @@ def choose(specs, wire_dtype: Callable, model: algorithms.CostModel, algorithm: 
   return best[1], best[2], best[3]
 
 
+MEASURED_PACK_BYTES = (0,) + tuple(1 << s for s in range(16, 29, 2))  # 0, 64 KiB x 4^k
+
+
+def candidates(specs, wire_dtype, model, algorithm, backward_seconds=None,
+               unknown_size_algorithm="reduce_to_one"):
+  """The thresholds the "measure" autotuner times: (pack_bytes, 0) for 0 and 64 KiB ...
+  256 MiB by 4x, and the model's own pick; one per distinct plan, in that order."""
+  pairs = [choose(specs, wire_dtype, model, algorithm, backward_seconds,
+                  unknown_size_algorithm)[:2]]
+  pairs += [(p, 0) for p in MEASURED_PACK_BYTES]
+  out, seen = [], set()
+  for pack_bytes, first in pairs:
+    plan = tuple((p.indices, alg) for p, alg, _ in algorithms.assign(
+        packing.plan_packs(specs, pack_bytes, first), specs, wire_dtype, algorithm, model,
+        unknown_size_algorithm=unknown_size_algorithm))
+    if plan not in seen:
+      seen.add(plan)
+      out.append((pack_bytes, first))
+  return out
+
+
+def list_key(specs, algorithm, compression) -> str:
+  """A readable key of a gradient list and what it is reduced with."""
+  text = repr([(tf.as_dtype(d).name, tuple(tf.TensorShape(s).as_list())) for d, s in specs])
+  nbytes = sum(packing.tensor_nbytes(*spec) or 0 for spec in specs)
+  return (f"{len(specs)} tensors, {nbytes} B, {algorithm}, {compression}, "
+          f"crc {zlib.crc32(text.encode()):08x}")
+
+
 def _as_size(threshold):
   return float("inf") if threshold == 0 else threshold
 
@@ -122,10 +153,9 @@ def load_or_calibrate(path: Optional[str], devices: Sequence[str], algorithm_nam
   if model is None:
     model = algorithms.calibrate(devices, algorithm_names, timeout_seconds=timeout_seconds,
                                  group_size=group_size)
-    model = algorithms.CostModel(model.alpha, model.beta, model.copy_beta,
-                                 description=model.description, topology=want)
+    model = dataclasses.replace(model, topology=want)
     if path:
-      _save(model, path)
+      save(model, path)
   return model
 
 
@@ -146,7 +176,7 @@ def _load(path, want):
   return model
 
 
-def _save(model, path):
+def save(model, path):
   """Writes atomically: workers sharing a file system may write the same path."""
   directory = os.path.dirname(path)
   if directory:

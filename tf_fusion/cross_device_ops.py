@@ -257,16 +257,21 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
       logging.warning("tf_fusion: %s.", note)
     needs_model = algorithm == "auto" or opts.pack_bytes is None
     model = self.cost_model(devices) if needs_model else self._given_cost_model
-    wire = self._compressor.wire_dtype
     pack_bytes, first_pack_bytes = opts.pack_bytes, opts.first_pack_bytes
     if pack_bytes is None:
-      pack_bytes, first_pack_bytes, _ = autotune.choose(
-          specs, wire, model, algorithm, opts.backward_seconds,
-          unknown_size_algorithm=self._unknown_size_algorithm)
+      pack_bytes, first_pack_bytes = self._autotune(specs, devices, model, algorithm,
+                                                    note)
       if (pack_bytes, first_pack_bytes) not in self._warned:
         self._warned.add((pack_bytes, first_pack_bytes))
-        logging.info("tf_fusion autotune: pack_bytes=%d, first_pack_bytes=%d (%s)",
-                     pack_bytes, first_pack_bytes, model.description)
+        logging.info("tf_fusion autotune (%s): pack_bytes=%d, first_pack_bytes=%d (%s)",
+                     opts.autotune, pack_bytes, first_pack_bytes, model.description)
+    plan = self._plan(specs, pack_bytes, first_pack_bytes, model, algorithm, note)
+    if not tf.executing_eagerly():
+      logging.info("tf_fusion plan:\n%s", stats.summarize(plan))
+    return plan
+
+  def _plan(self, specs, pack_bytes, first_pack_bytes, model, algorithm, note) -> tuple:
+    wire = self._compressor.wire_dtype
     packs = packing.plan_packs(specs, pack_bytes, first_pack_bytes)
     plan = []
     for index, (p, alg, seconds) in enumerate(
@@ -277,10 +282,55 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
           algorithm=alg, wire_dtype=wire(p.dtype),
           wire_bytes=algorithms.wire_nbytes(p, specs, wire),
           tensor_indices=p.indices, predicted_seconds=seconds, note=note))
-    plan = tuple(plan)
-    if not tf.executing_eagerly():
-      logging.info("tf_fusion plan:\n%s", stats.summarize(plan))
-    return plan
+    return tuple(plan)
+
+  def _autotune(self, specs, devices, model, algorithm, note):
+    """(pack_bytes, first_pack_bytes) for pack_bytes=None: predicted by the cost model,
+    or, under autotune="measure", the fastest of the candidates timed on this very
+    gradient list (once; kept in the cost model and its file)."""
+    wire, unknown = self._compressor.wire_dtype, self._unknown_size_algorithm
+    opts = self._options
+    if opts.autotune == "model" or any(
+        packing.tensor_nbytes(*spec) is None for spec in specs):
+      return autotune.choose(specs, wire, model, algorithm, opts.backward_seconds,
+                             unknown_size_algorithm=unknown)[:2]
+    key = autotune.list_key(specs, algorithm, opts.compression)
+    collectives = algorithms.Collectives.get(devices, self._group_size(devices),
+                                             opts.timeout_seconds)
+    known = key in model.tuned
+    if collectives.num_workers > 1:   # all workers must measure, or none
+      known = collectives.sum_across_workers([float(known)])[0] == collectives.num_workers
+    if known:
+      return tuple(model.tuned[key][:2])
+    candidates = autotune.candidates(specs, wire, model, algorithm, opts.backward_seconds,
+                                     unknown)
+    seconds = []
+    with tf.init_scope():
+      buffers = []
+      for device in collectives.devices:
+        with tf.device(device):
+          buffers.append([tf.zeros(shape, dtype) for dtype, shape in specs])
+      for pack_bytes, first in candidates:
+        plan = self._plan(specs, pack_bytes, first, model, algorithm, note)
+        fn = tf.function(functools.partial(self._reduce_dense, tf.distribute.ReduceOp.SUM,
+                                           collectives.devices, plan))
+        with _explain_collective_errors(self):
+          seconds.append(float(np.median(algorithms.time_calls(
+              lambda fn=fn: fn(buffers), repeats=3, warmup=2)[1])))
+      if collectives.num_workers > 1:   # the same choice everywhere
+        seconds = list(collectives.sum_across_workers(seconds) / collectives.num_workers)
+    best = int(np.argmin(seconds))
+    logging.info("tf_fusion autotune measured %s: %s", key, ", ".join(
+        f"{p}/{f}: {1e3 * t:.1f} ms" for (p, f), t in zip(candidates, seconds)))
+    model = dataclasses.replace(model, tuned={**model.tuned, key: [
+        candidates[best][0], candidates[best][1], seconds[best]]})
+    if self._given_cost_model is None:
+      self._cost_models[algorithms.canonical_devices(devices)] = model
+      if opts.cost_model_file:
+        autotune.save(model, opts.cost_model_file)
+    else:
+      self._given_cost_model = model
+    return candidates[best]
 
 
 def _divide(tensor, n):

@@ -11,6 +11,7 @@ import os
 from typing import Mapping, Optional
 
 COMPRESSIONS = ("none", "fp16")
+AUTOTUNE = ("model", "measure")
 ALGORITHMS = ("ring", "hierarchical", "reduce_to_one", "auto")
 
 _ENV_PREFIX = "TF_FUSION_"
@@ -70,6 +71,9 @@ class FusionOptions:
     backward_seconds: how long one step's back-propagation takes, for the autotuner
       (pack_bytes=None) to count the communication hidden behind it. None: no overlap
       assumed. With pack_bytes=None the autotuner also chooses first_pack_bytes.
+    autotune: how pack_bytes=None decides: "model" (the cost model's prediction, with
+      overlap) or "measure" (times the reduction of the actual gradient list under a
+      few candidate thresholds, once, and keeps the fastest; kept in cost_model_file).
 
   Example:
     >>> opts = FusionOptions(pack_bytes=4 << 20, compression="fp16")
@@ -88,6 +92,7 @@ class FusionOptions:
   timeout_seconds: Optional[float] = None
   cost_model_file: Optional[str] = None
   backward_seconds: Optional[float] = None
+  autotune: str = "model"
 
   def __post_init__(self):
     _check_bytes("pack_bytes", self.pack_bytes, allow_none=True)
@@ -96,6 +101,8 @@ class FusionOptions:
                        _check_choice("compression", self.compression, COMPRESSIONS))
     object.__setattr__(self, "algorithm",
                        _check_choice("algorithm", self.algorithm, ALGORITHMS))
+    object.__setattr__(self, "autotune",
+                       _check_choice("autotune", self.autotune, AUTOTUNE))
     _check_seconds("timeout_seconds", self.timeout_seconds, allow_zero=False)
     _check_seconds("backward_seconds", self.backward_seconds, allow_zero=True)
     if self.cost_model_file is not None and (
@@ -114,7 +121,7 @@ class FusionOptions:
 
     Reads TF_FUSION_PACK_BYTES ("auto" for None), TF_FUSION_FIRST_PACK_BYTES,
     TF_FUSION_COMPRESSION, TF_FUSION_ALGORITHM, TF_FUSION_TIMEOUT_SECONDS,
-    TF_FUSION_COST_MODEL_FILE and TF_FUSION_BACKWARD_SECONDS.
+    TF_FUSION_COST_MODEL_FILE, TF_FUSION_BACKWARD_SECONDS and TF_FUSION_AUTOTUNE.
     Sizes are plain integers of bytes; a suffix such as "MB" is refused rather
     than guessed, because byte-versus-megabyte confusion is a known pain with
     Horovod's HOROVOD_FUSION_THRESHOLD.

@@ -35,7 +35,7 @@ case "$cmd" in
     exec "$VENV/bin/python" -m official_recipes.imagenet.main --model=resnet50 \
         --data_dir="$DATA" --num_classes=10 --image_size=32 --batch_size=64 --epochs=8 \
         --optimizer=lars --base_lr=4 --warmup_epochs=1 --dtype=bf16 --compression=fp16 \
-        --pack_bytes=auto \
+        --pack_bytes=auto --autotune=measure \
         --all_reduce_alg=auto --num_devices=4 --epochs_between_evals=2 --log_steps=16 \
         --model_dir="$MODEL_DIR" "$@" ;;
   test)

@@ -2,8 +2,9 @@
 autotuner (FusionOptions(pack_bytes=None)) lands.
 
 For each gradient set (ResNet-50, AlexNet-BN) and each algorithm, reduces the set with
-pack_bytes = 0 (one pack) and 64 KiB ... 256 MiB, and with pack_bytes=None (the
-autotuner picks pack_bytes and first_pack_bytes from the calibrated cost model). All
+pack_bytes = 0 (one pack) and 64 KiB ... 256 MiB, and with pack_bytes=None under both
+autotuners: "model" (pack_bytes and first_pack_bytes predicted by the calibrated cost
+model) and "measure" (the fastest of a few candidate plans, timed on the set). All
 configurations are traced first, then timed round-robin (one call of each per round),
 so that drift on a noisy machine hits every configuration alike. Prints a table per set
 with the measured and predicted times, the autotuned choice and its ratio to the best
@@ -110,9 +111,11 @@ def measure(args):
     grads = allreduce_bench._per_replica(strategy, shapes, seed=1)  # pylint: disable=protected-access
     configs = []
     for alg in chosen_algorithms:
-      for pack_bytes in grid(args.grid) + (None,):
+      for pack_bytes in grid(args.grid) + (None, "measure"):
         options = tf_fusion.FusionOptions(
-            pack_bytes=pack_bytes, first_pack_bytes=0 if pack_bytes is not None else 1 << 20,
+            pack_bytes=pack_bytes if pack_bytes != "measure" else None,
+            first_pack_bytes=0 if isinstance(pack_bytes, int) else 1 << 20,
+            autotune="measure" if pack_bytes == "measure" else "model",
             algorithm=alg, compression=args.compression, timeout_seconds=600)
         configs.append(dict(algorithm=alg, pack_bytes=pack_bytes,
                             ops=make_ops(options, model)))
@@ -138,12 +141,16 @@ def measure(args):
                  times_ms=[1e3 * x for x in t], packs=len(plan),
                  plan=[[p.algorithm, list(p.tensor_indices)] for p in plan],
                  predicted_ms=1e3 * sum(p.predicted_seconds or 0.0 for p in plan))
+      alg = c["algorithm"]
+      if alg == "reduce_to_one" and multi:
+        alg = "hierarchical"
       if c["pack_bytes"] is None:
-        alg = c["algorithm"]
-        if alg == "reduce_to_one" and multi:
-          alg = "hierarchical"
         row["chosen_pack_bytes"], row["chosen_first_pack_bytes"], _ = autotune.choose(
             specs, wire, model, alg, unknown_size_algorithm=unknown)
+      elif c["pack_bytes"] == "measure":
+        tuned = c["ops"].cost_model(devices).tuned[
+            autotune.list_key(specs, alg, args.compression)]
+        row["chosen_pack_bytes"], row["chosen_first_pack_bytes"] = tuned[:2]
       rows.append(row)
     results.append(dict(set=set_name, description=gradient_sets.describe(shapes),
                         rows=rows))
@@ -168,9 +175,10 @@ def summarize(result):
   out = {}
   for alg in dict.fromkeys(r["algorithm"] for r in result["rows"]):
     rows = [r for r in result["rows"] if r["algorithm"] == alg]
-    swept = [r for r in rows if r["pack_bytes"] is not None]
+    swept = [r for r in rows if isinstance(r["pack_bytes"], int)]
     best = min(swept, key=lambda r: r["median_ms"])
     auto = next(r for r in rows if r["pack_bytes"] is None)
+    measured = next((r for r in rows if r["pack_bytes"] == "measure"), None)
     # The same plan measured under several thresholds: how far apart identical work
     # lands in one run (this machine's noise), and what the autotuned plan measured
     # wherever it was swept.
@@ -185,13 +193,20 @@ def summarize(result):
                     auto_first_pack_bytes=auto["chosen_first_pack_bytes"],
                     auto_ms=auto["median_ms"], ratio=auto["median_ms"] / best["median_ms"],
                     same_plan_ms=sorted(as_auto), noise=spread)
+    if measured is not None:
+      out[alg].update(measured_pack_bytes=measured["chosen_pack_bytes"],
+                      measured_first_pack_bytes=measured["chosen_first_pack_bytes"],
+                      measured_ms=measured["median_ms"],
+                      measured_ratio=measured["median_ms"] / best["median_ms"])
   result["summary"] = out
   return out
 
 
 def _size(n):
   if n is None:
-    return "auto"
+    return "auto model"
+  if n == "measure":
+    return "auto measure"
   if n == 0:
     return "0 (one)"
   return f"{n // KIB} KiB" if n < (1 << 20) else f"{n >> 20} MiB"
@@ -207,7 +222,7 @@ def print_table(result, header):
     for a in algs:
       r = next(x for x in result["rows"]
                if x["algorithm"] == a and x["pack_bytes"] == pack_bytes)
-      mark = "*" if pack_bytes is not None and pack_bytes == summary[a]["best_pack_bytes"] else " "
+      mark = "*" if isinstance(pack_bytes, int) and pack_bytes == summary[a]["best_pack_bytes"] else " "
       cells.append(f"{r['median_ms']:9.1f}{mark} ({r['predicted_ms']:7.1f}) {r['packs']:4d}p")
     print(f"{_size(pack_bytes):>12s} " + " ".join(f"{c:>26s}" for c in cells))
   for a, s in summary.items():
@@ -218,6 +233,11 @@ def print_table(result, header):
           f"(target <= 1.05: {verdict}); its plan measured "
           f"{', '.join(f'{x:.1f}' for x in s['same_plan_ms'])} ms; identical plans "
           f"differ by up to {100 * (s['noise'] - 1):.0f}% in this run")
+    if "measured_ms" in s:
+      verdict = "met" if s["measured_ratio"] <= 1.05 else "MISSED"
+      print(f"  {a}: measured autotune pack_bytes={_size(s['measured_pack_bytes'])}, "
+            f"first={_size(s['measured_first_pack_bytes'])}: {s['measured_ms']:.1f} ms -> "
+            f"{s['measured_ratio']:.3f}x best swept (target <= 1.05: {verdict})")
 
 
 def plot(report, path):
@@ -228,14 +248,19 @@ def plot(report, path):
   fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
   for ax, result in zip(axes[0], results):
     for alg, s in result["summary"].items():
-      rows = [r for r in result["rows"] if r["algorithm"] == alg and r["pack_bytes"]]
+      rows = [r for r in result["rows"] if r["algorithm"] == alg
+              and isinstance(r["pack_bytes"], int) and r["pack_bytes"]]
       xs = [r["pack_bytes"] for r in rows]
       line, = ax.plot(xs, [r["median_ms"] for r in rows], "o-", label=alg, ms=3)
       one = next(r for r in result["rows"] if r["algorithm"] == alg and r["pack_bytes"] == 0)
       ax.axhline(one["median_ms"], color=line.get_color(), ls=":", lw=0.8)
       x = s["auto_pack_bytes"] or max(xs)
       ax.plot([x], [s["auto_ms"]], "*", color=line.get_color(), ms=14, mec="k",
-              label=f"{alg} autotuned ({s['ratio']:.2f}x best)")
+              label=f"{alg} autotuned, model ({s['ratio']:.2f}x best)")
+      if "measured_ms" in s:
+        ax.plot([s["measured_pack_bytes"] or max(xs)], [s["measured_ms"]], "D",
+                color=line.get_color(), ms=8, mec="k",
+                label=f"{alg} autotuned, measured ({s['measured_ratio']:.2f}x best)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("pack_bytes (dotted: one pack)")
     ax.set_ylabel("all-reduce, median ms")

@@ -43,7 +43,8 @@ def make_strategy(cfg):
   options = tf_fusion.FusionOptions.from_env(
       pack_bytes=cfg.pack_bytes, first_pack_bytes=cfg.first_pack_bytes,
       compression=cfg.compression, algorithm=cfg.all_reduce_alg,
-      cost_model_file=cost_model_file, backward_seconds=cfg.backward_seconds)
+      cost_model_file=cost_model_file, backward_seconds=cfg.backward_seconds,
+      autotune=cfg.autotune)
   if cfg.strategy == "multi_worker":
     return tf_fusion.multi_worker_strategy(options, devices_per_worker=cfg.num_devices)
   # Physical first: listing logical devices would start TF before CPUs can be split.

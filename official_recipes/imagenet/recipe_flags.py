@@ -129,6 +129,10 @@ def define_communication_flags(fv=flags.FLAGS):
   flags.DEFINE_string("cost_model_file", None, "Where the calibrated all-reduce cost "
                       "model is kept (read if it fits, else measured and written); "
                       "default: <model_dir>/cost_model.json.", flag_values=fv)
+  flags.DEFINE_enum("autotune", "model", ["model", "measure"], "How --pack_bytes=auto "
+                    "decides: the cost model's prediction, or timing a few candidate "
+                    "thresholds on the model's gradients once (kept in --cost_model_file).",
+                    flag_values=fv)
   flags.DEFINE_float("backward_seconds", None, "One step's back-propagation time, so "
                      "--pack_bytes=auto counts the communication hidden behind it "
                      "(tools/profile_step.py measures it).", flag_values=fv)
