@@ -11,6 +11,7 @@ import tensorflow as tf
 import tf_fusion
 from tf_fusion import algorithms
 from tf_fusion import autotune
+from tf_fusion import cost_model as cost_lib
 from tf_fusion import packing
 from tests import helpers
 
@@ -107,7 +108,7 @@ class CostModelFileTest(tf.test.TestCase):
     first = autotune.load_or_calibrate(path, devices, algorithms.LOCAL_ALGORITHMS)
     self.assertTrue(os.path.exists(path))
     self.assertIn("1 worker(s) x 2 CPU device(s)", first.topology)
-    with mock.patch.object(algorithms, "calibrate",
+    with mock.patch.object(cost_lib, "calibrate",
                            side_effect=AssertionError("calibrated again")):
       again = autotune.load_or_calibrate(path, devices, algorithms.LOCAL_ALGORITHMS)
     self.assertEqual(again, first)
@@ -126,7 +127,7 @@ class CostModelFileTest(tf.test.TestCase):
     os.remove(path)
     model = helpers.fixed_cost_model()
     devices = helpers.devices(2)
-    model = algorithms.CostModel(
+    model = cost_lib.CostModel(
         model.alpha, model.beta, model.copy_beta, "kept by the user",
         topology=autotune.topology(algorithms.canonical_devices(devices), 1,
                                    algorithms.LOCAL_ALGORITHMS))
@@ -139,7 +140,7 @@ class CostModelFileTest(tf.test.TestCase):
     values = [helpers.per_replica(strategy, [a[i] for a in arrays])
               for i in range(len(shapes))]
     with strategy.scope(), mock.patch.object(
-        algorithms, "calibrate", side_effect=AssertionError("calibrated")):
+        cost_lib, "calibrate", side_effect=AssertionError("calibrated")):
       out = ops.batch_reduce(tf.distribute.ReduceOp.SUM, [(v, v) for v in values])
     for got, shape in zip(out, shapes):
       self.assertAllEqual(got.values[0], np.full(shape, 3.0))
@@ -156,7 +157,7 @@ class MeasuredAutotuneTest(tf.test.TestCase):
     path = self.create_tempfile().full_path
     devices = helpers.devices(2)
     model = helpers.fixed_cost_model()
-    algorithms.CostModel(model.alpha, model.beta, model.copy_beta, "for the test",
+    cost_lib.CostModel(model.alpha, model.beta, model.copy_beta, "for the test",
                          topology=autotune.topology(algorithms.canonical_devices(devices),
                                                     1, algorithms.LOCAL_ALGORITHMS)
                          ).save(path)
@@ -171,10 +172,10 @@ class MeasuredAutotuneTest(tf.test.TestCase):
       strategy = tf.distribute.MirroredStrategy(devices, cross_device_ops=ops)
       values = [helpers.per_replica(strategy, [a[i] for a in arrays])
                 for i in range(len(shapes))]
-      patch = (mock.patch.object(algorithms, "time_calls",
+      patch = (mock.patch.object(cost_lib, "time_calls",
                                  side_effect=AssertionError("measured again"))
-               if attempt else mock.patch.object(algorithms, "time_calls",
-                                                 wraps=algorithms.time_calls))
+               if attempt else mock.patch.object(cost_lib, "time_calls",
+                                                 wraps=cost_lib.time_calls))
       with strategy.scope(), patch as timed:
         out = ops.batch_reduce(tf.distribute.ReduceOp.SUM, [(v, v) for v in values])
       for got, shape in zip(out, shapes):

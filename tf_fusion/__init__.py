@@ -6,8 +6,8 @@ Jia et al. 2018, "Training ImageNet in Four Minutes" (arXiv:1807.11205).
 
 from tf_fusion import callbacks
 from tf_fusion import mixed_precision
-from tf_fusion.algorithms import CostModel
-from tf_fusion.algorithms import calibrate
+from tf_fusion.cost_model import CostModel
+from tf_fusion.cost_model import calibrate
 from tf_fusion.compression import Compression
 from tf_fusion.cross_device_ops import FusedAllReduce
 from tf_fusion.cross_device_ops import MultiWorkerFusedAllReduce

@@ -1,4 +1,4 @@
-"""All-reduce algorithms on TensorFlow's collectives, their cost model, and the hybrid pick.
+"""All-reduce algorithms on TensorFlow's collectives, and the hybrid pick.
 
 One pack, already flattened into one buffer per local device, is reduced by one of:
 - ring: TensorFlow's collective all-reduce across the group (CollectiveReduceV2; ring on
@@ -8,23 +8,17 @@ One pack, already flattened into one buffer per local device, is reduced by one 
 - hierarchical: the multi-worker scheme of Jia et al. 2018 (reduce in a worker, all-reduce
   across workers, broadcast in a worker); on one worker it *is* reduce_to_one.
 
-The cost of one pack of S bytes is modelled as alpha + beta * S per algorithm (the
-alpha-beta model of Thakur et al. 2005), plus copy_beta * S for packing and unpacking
-when a pack holds more than one tensor. Every constant is measured by `calibrate` on the
-devices in use; nothing is guessed. The hybrid ("auto") choice picks, per pack, the
+The cost of one pack comes from a calibrated cost model (cost_model.py): measured on
+the devices in use, never guessed. The hybrid ("auto") choice picks, per pack, the
 algorithm with the lowest predicted time, and splits a pack back into single tensors
 when the copies cost more than the launches they save (on a shared-memory CPU host they
 do; on GPUs with per-launch latency of tens of microseconds they do not).
 """
 
-import dataclasses
-import json
-import time
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
-from absl import logging
 # Private TF modules: the launcher gives us ordered collective launches and unique
 # per-call instance keys, the two things a hand-rolled launcher gets wrong. Pinned TF.
 from tensorflow.python.distribute import collective_util
@@ -215,262 +209,11 @@ def run(algorithm, buffers, collectives, finish=None, root=0, watched=False):
   return fn(buffers, collectives, finish=finish, root=root, watched=watched)
 
 
-@dataclasses.dataclass(frozen=True)
-class CostModel:
-  """Predicted seconds for one pack: alpha[alg] + beta[alg] * bytes (+ packing copies).
-
-  Attributes:
-    alpha: seconds per collective launch, per algorithm.
-    beta: seconds per byte (per device's buffer), per algorithm.
-    copy_beta: seconds per byte to pack (concat) and unpack (split) a buffer on
-      every device.
-    description: where the constants come from (devices, date).
-    topology: what the constants are valid for (autotune.topology); a cost model file
-      of another topology is not used.
-    points: the measured (bytes, seconds) per algorithm that alpha and beta summarise.
-      When present, `seconds` interpolates them (made non-decreasing) instead of the
-      line: on CPUs and GPUs alike the per-byte cost of very large buffers rises
-      (caches, memory bandwidth), which a straight line cannot show and which decides
-      whether a 16 MiB or a 100 MiB pack is faster. Past the largest point the last
-      segment's slope is extended.
-    tuned: thresholds the "measure" autotuner chose, by gradient-list key
-      (autotune.list_key): [pack_bytes, first_pack_bytes, seconds].
-
-  Example:
-    >>> m = CostModel({"ring": 1e-4, "reduce_to_one": 2e-5},
-    ...               {"ring": 1e-9, "reduce_to_one": 4e-10}, copy_beta=3e-10)
-    >>> m.best(1 << 20)
-    'reduce_to_one'
-  """
-
-  alpha: Mapping[str, float]
-  beta: Mapping[str, float]
-  copy_beta: float = 0.0
-  description: str = ""
-  topology: str = ""
-  points: Mapping[str, Sequence[Tuple[int, float]]] = dataclasses.field(
-      default_factory=dict)
-  tuned: Mapping[str, Sequence[float]] = dataclasses.field(default_factory=dict)
-
-  def __post_init__(self):
-    if set(self.alpha) != set(self.beta) or not self.alpha:
-      raise ValueError(f"alpha and beta must name the same algorithms, got "
-                       f"{sorted(self.alpha)} and {sorted(self.beta)}.")
-    for name, table in (("alpha", self.alpha), ("beta", self.beta)):
-      for alg, value in table.items():
-        if not np.isfinite(value) or value < 0:
-          raise ValueError(f"{name}[{alg!r}]={value} must be finite and >= 0.")
-    object.__setattr__(self, "alpha", dict(self.alpha))
-    object.__setattr__(self, "beta", dict(self.beta))
-    points = {}
-    for alg, pts in dict(self.points).items():
-      pts = tuple(sorted((int(n), float(t)) for n, t in pts))
-      if alg not in self.alpha or not pts or any(
-          n < 0 or not np.isfinite(t) or t < 0 for n, t in pts):
-        raise ValueError(f"points[{alg!r}]={pts!r}: need an algorithm of alpha and "
-                         "(bytes >= 0, finite seconds >= 0) pairs.")
-      points[alg] = pts
-    object.__setattr__(self, "points", points)
-    object.__setattr__(self, "tuned", {k: [int(v[0]), int(v[1]), float(v[2])]
-                                       for k, v in dict(self.tuned).items()})
-
-  @property
-  def algorithms(self) -> Tuple[str, ...]:
-    return tuple(sorted(self.alpha))
-
-  def seconds(self, algorithm: str, nbytes: int, num_tensors: int = 1) -> float:
-    """Predicted time of one pack of `nbytes` holding `num_tensors` tensors."""
-    copy = self.copy_beta * nbytes if num_tensors > 1 else 0.0
-    points = self.points.get(algorithm)
-    if not points:
-      return self.alpha[algorithm] + self.beta[algorithm] * nbytes + copy
-    return _interpolate(points, nbytes) + copy
-
-  def best(self, nbytes: int, algorithms: Optional[Sequence[str]] = None,
-           num_tensors: int = 1) -> str:
-    """The algorithm with the lowest predicted time (ties: alphabetical)."""
-    algorithms = algorithms or self.algorithms
-    return min(sorted(algorithms),
-               key=lambda a: self.seconds(a, nbytes, num_tensors))
-
-  def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-  @classmethod
-  def from_json(cls, text: str) -> "CostModel":
-    return cls(**json.loads(text))
-
-  def save(self, path: str) -> None:
-    with tf.io.gfile.GFile(path, "w") as f:
-      f.write(self.to_json())
-
-  @classmethod
-  def load(cls, path: str) -> "CostModel":
-    with tf.io.gfile.GFile(path, "r") as f:
-      return cls.from_json(f.read())
-
-
-def _interpolate(points, nbytes):
-  """Piecewise-linear through the points, non-decreasing; flat below the first point,
-  the last segment's slope past the last."""
-  sizes = np.array([n for n, _ in points], np.float64)
-  times = np.maximum.accumulate(np.array([t for _, t in points], np.float64))
-  if nbytes <= sizes[-1] or len(sizes) == 1:
-    return float(np.interp(nbytes, sizes, times))
-  slope = (times[-1] - times[-2]) / max(sizes[-1] - sizes[-2], 1.0)
-  return float(times[-1] + slope * (nbytes - sizes[-1]))
-
-
-def time_calls(fn, repeats, warmup=2):
-  """Calls `fn` `warmup` times (the first traces), then `repeats` timed times.
-
-  Returns:
-    (seconds of the first call, list of the timed calls' seconds).
-  """
-  start = time.perf_counter()
-  fn()
-  first = time.perf_counter() - start
-  for _ in range(warmup - 1):
-    fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return first, times
-
-
-def _median_seconds(fn, repeats):
-  return float(np.median(time_calls(fn, repeats)[1]))
-
-
-def _filled(devices, num_elements, value):
-  out = []
-  for i, device in enumerate(devices):
-    with tf.device(device):
-      out.append(tf.fill([max(1, num_elements)], float(value + i)))
-  return out
-
-
-def _per_unit_seconds(unit, inputs, low, repeats):
-  """(T(3 low) - T(low)) / (2 low) for `unit` applied to independent inputs.
-
-  Timing k and 3k independent units in one tf.function and taking the difference
-  cancels the cost of calling the function; distinct inputs keep Grappler from
-  merging identical ops.
-  """
-  def timed(k):
-    fn = tf.function(lambda: [unit(x) for x in inputs[:k]])
-    return _median_seconds(fn, repeats)
-  return max(timed(3 * low) - timed(low), 0.0) / (2 * low)
-
-
-def _fit_line(sizes, seconds):
-  """Least-squares alpha + beta * size with both constants kept >= 0."""
-  a = np.stack([np.ones(len(sizes)), np.asarray(sizes, np.float64)], axis=1)
-  (alpha, beta), *_ = np.linalg.lstsq(a, np.asarray(seconds), rcond=None)
-  if beta < 0:
-    alpha, beta = float(np.mean(seconds)), 0.0
-  if alpha < 0:
-    beta = float(np.dot(sizes, seconds) / np.dot(sizes, sizes))
-    alpha = 0.0
-  return float(alpha), float(beta)
-
-
-def calibrate(devices: Sequence[str],
-              algorithms: Sequence[str] = LOCAL_ALGORITHMS,
-              sizes: Sequence[int] = (4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20,
-                                      16 << 20, 64 << 20),
-              repeats: int = 5,
-              timeout_seconds: Optional[float] = None,
-              group_size: Optional[int] = None) -> CostModel:
-  """Measures alpha, beta per algorithm and the packing copy cost on `devices`.
-
-  Each point is the per-collective time of independent float32 all-reduces of one
-  size (see `_per_unit_seconds`). Runs eagerly, lifted out of any graph being traced,
-  in a few seconds.
-
-  Args:
-    devices: the local devices the model is for.
-    algorithms: which algorithms to measure.
-    sizes: buffer sizes in bytes per device.
-    repeats: timed calls per point (the median is used).
-    timeout_seconds: collective timeout while measuring.
-    group_size: devices of all workers (default: these devices alone). With several
-      workers, every worker must call this at the same point of the program: the
-      measurements run collectives across workers, and the constants are averaged
-      across workers so that every worker plans the same packs and algorithms.
-
-  Returns:
-    A CostModel fitted to the measurements.
-  """
-  collectives = Collectives.get(devices, group_size, timeout_seconds=timeout_seconds)
-  devices = collectives.devices
-  start = time.perf_counter()
-  alpha, beta, points = {}, {}, {}
-  with tf.init_scope():
-    for algorithm in algorithms:
-      per_size = []
-      for nbytes in sizes:
-        low = 4 if nbytes <= (1 << 20) else 1
-        inputs = [_filled(devices, nbytes // 4, j) for j in range(3 * low)]
-        unit = lambda bufs, a=algorithm: [o[0] for o in run(a, bufs, collectives)]
-        per_size.append(_per_unit_seconds(unit, inputs, low, repeats))
-      alpha[algorithm], beta[algorithm] = _fit_line(list(sizes), per_size)
-      points[algorithm] = list(zip(sizes, per_size))
-    copy_beta = _measure_copy_beta(devices, min(max(sizes), 16 << 20), repeats)
-    model = CostModel(alpha, beta, copy_beta, points=points)
-    if collectives.num_workers > 1:
-      model = average_across_workers(collectives, model)
-  elapsed = time.perf_counter() - start
-  model = dataclasses.replace(
-      model, description=f"calibrated on {collectives.num_workers} worker(s) x "
-      f"{len(devices)} devices ({devices[0]} ...) in {elapsed:.1f}s")
-  logging.info("tf_fusion cost model: %s", model.to_json())
-  return model
-
-
-def average_across_workers(collectives, model: CostModel) -> CostModel:
-  """The constants' means over workers: bit-identical on every worker afterwards.
-
-  Timings differ from worker to worker; plans built from different models would
-  launch different collectives and hang.
-  """
-  names = sorted(model.alpha)
-  with_points = sorted(model.points)
-  vector = ([model.alpha[n] for n in names] + [model.beta[n] for n in names]
-            + [model.copy_beta] + [t for n in with_points for _, t in model.points[n]])
-  summed = list(map(float, collectives.sum_across_workers(vector) / collectives.num_workers))
-  k = len(names)
-  times = iter(summed[2 * k + 1:])
-  return dataclasses.replace(
-      model, alpha=dict(zip(names, summed[:k])), beta=dict(zip(names, summed[k:2 * k])),
-      copy_beta=summed[2 * k],
-      points={n: [(size, next(times)) for size, _ in model.points[n]] for n in with_points})
-
-
-def _measure_copy_beta(devices, nbytes, repeats, pieces=8):
-  """Seconds per byte (per device) to pack `pieces` tensors into a buffer and split it."""
-  per_piece = max(1, nbytes // 4 // pieces)
-  inputs = [[_filled(devices, per_piece, j * pieces + p) for p in range(pieces)]
-            for j in range(3)]
-
-  def unit(sets):
-    out = []
-    for i, device in enumerate(devices):
-      with tf.device(device):
-        parts = [s[i] for s in sets]
-        out.extend(p[0] for p in packing.unpack(packing.pack(parts), parts))
-    return out
-
-  return _per_unit_seconds(unit, inputs, 1, repeats) / (per_piece * pieces * 4)
-
-
 def assign(packs: Sequence[packing.Pack],
            specs: Sequence[Tuple[tf.DType, tf.TensorShape]],
            wire_dtype,
            algorithm: str,
-           model: Optional[CostModel] = None,
+           model: Optional["cost_model.CostModel"] = None,
            unknown_size_algorithm: str = "reduce_to_one",
            ) -> List[Tuple[packing.Pack, str, Optional[float]]]:
   """Gives each pack an algorithm; under "auto", may split a pack into singletons.

@@ -36,6 +36,7 @@ from absl import logging
 import tensorflow as tf
 
 from tf_fusion import algorithms
+from tf_fusion import cost_model as cost_lib
 from tf_fusion import packing
 
 PACK_BYTES_GRID = (0,) + tuple(1 << s for s in range(16, 29))   # 0, 64 KiB ... 256 MiB
@@ -67,7 +68,7 @@ def exposed_seconds(entries, specs, backward_seconds: Optional[float] = None) ->
   return max(clock - backward_seconds, 0.0)
 
 
-def choose(specs, wire_dtype: Callable, model: algorithms.CostModel, algorithm: str,
+def choose(specs, wire_dtype: Callable, model: cost_lib.CostModel, algorithm: str,
            backward_seconds: Optional[float] = None,
            unknown_size_algorithm: str = "reduce_to_one",
            pack_grid: Sequence[int] = PACK_BYTES_GRID,
@@ -135,7 +136,7 @@ def topology(devices: Sequence[str], num_workers: int, algorithm_names) -> str:
 
 
 def load_or_calibrate(path: Optional[str], devices: Sequence[str], algorithm_names,
-                      timeout_seconds=None, group_size=None) -> algorithms.CostModel:
+                      timeout_seconds=None, group_size=None) -> cost_lib.CostModel:
   """The cost model from `path` if it fits this topology, else calibrated (and saved).
 
   Every worker must call this at the same point of the program (see the module doc).
@@ -149,9 +150,9 @@ def load_or_calibrate(path: Optional[str], devices: Sequence[str], algorithm_nam
     if have < collectives.num_workers:
       model = None
     elif model is not None:
-      model = algorithms.average_across_workers(collectives, model)
+      model = cost_lib.average_across_workers(collectives, model)
   if model is None:
-    model = algorithms.calibrate(devices, algorithm_names, timeout_seconds=timeout_seconds,
+    model = cost_lib.calibrate(devices, algorithm_names, timeout_seconds=timeout_seconds,
                                  group_size=group_size)
     model = dataclasses.replace(model, topology=want)
     if path:
@@ -163,7 +164,7 @@ def _load(path, want):
   if not tf.io.gfile.exists(path):
     return None
   try:
-    model = algorithms.CostModel.load(path)
+    model = cost_lib.CostModel.load(path)
   except (ValueError, TypeError, KeyError) as e:
     logging.warning("tf_fusion: ignoring the cost model in %s (%s); calibrating again.",
                     path, e)

@@ -26,6 +26,7 @@ from tensorflow.python.distribute import distribute_utils
 from tensorflow.python.distribute import values as values_lib
 
 from tf_fusion import algorithms
+from tf_fusion import cost_model as cost_lib
 from tf_fusion import autotune
 from tf_fusion import compression as compression_lib
 from tf_fusion import packing
@@ -46,8 +47,8 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
 
   Args:
     options: a FusionOptions (defaults: FusionOptions()).
-    cost_model: an algorithms.CostModel for algorithm="auto" or pack_bytes=None;
-      measured on first use (algorithms.calibrate) when not given.
+    cost_model: a cost_lib.CostModel for algorithm="auto" or pack_bytes=None;
+      measured on first use (cost_lib.calibrate) when not given.
 
   References:
     Jia et al., "Highly Scalable Deep Learning Training System with Mixed-Precision:
@@ -55,7 +56,7 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
   """
 
   def __init__(self, options: Optional[FusionOptions] = None,
-               cost_model: Optional[algorithms.CostModel] = None):
+               cost_model: Optional[cost_lib.CostModel] = None):
     super().__init__()
     if options is None:
       options = FusionOptions()
@@ -233,7 +234,7 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
     algorithm = self._options.algorithm
     return self._same_as.get(algorithm, (algorithm, ""))
 
-  def cost_model(self, devices) -> algorithms.CostModel:
+  def cost_model(self, devices) -> cost_lib.CostModel:
     """The cost model for `devices`: given, or calibrated once and kept."""
     if self._given_cost_model is not None:
       return self._given_cost_model
@@ -315,7 +316,7 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
         fn = tf.function(functools.partial(self._reduce_dense, tf.distribute.ReduceOp.SUM,
                                            collectives.devices, plan))
         with _explain_collective_errors(self):
-          seconds.append(float(np.median(algorithms.time_calls(
+          seconds.append(float(np.median(cost_lib.time_calls(
               lambda fn=fn: fn(buffers), repeats=3, warmup=2)[1])))
       if collectives.num_workers > 1:   # the same choice everywhere
         seconds = list(collectives.sum_across_workers(seconds) / collectives.num_workers)

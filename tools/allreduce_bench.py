@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from tf_fusion import algorithms  # pylint: disable=wrong-import-position
+from tf_fusion import cost_model as cost_lib  # pylint: disable=wrong-import-position
 from tools import gradient_sets  # pylint: disable=wrong-import-position
 
 MIB = 1 << 20
@@ -119,7 +119,7 @@ def time_config(strategy, options, shapes, reps, warmup):
         tf.distribute.ReduceOp.SUM, [(v, v) for v in local], options=options)
     return [t for r in reduced for t in strategy.experimental_local_results(r)]
 
-  return algorithms.time_calls(step, reps, warmup)
+  return cost_lib.time_calls(step, reps, warmup)
 
 
 def run_set(set_name, devices, args, cost_model, selected):

@@ -76,6 +76,7 @@ def worker_main(args):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tf_fusion  # pylint: disable=g-import-not-at-top
   from tf_fusion import algorithms  # pylint: disable=g-import-not-at-top
+  from tf_fusion import cost_model as cost_lib  # pylint: disable=g-import-not-at-top
   from tools import allreduce_bench  # pylint: disable=g-import-not-at-top
   from tools import gradient_sets  # pylint: disable=g-import-not-at-top
 
@@ -118,7 +119,7 @@ def worker_main(args):
         return [t for r in reduced for t in strategy.experimental_local_results(r)]
 
       with strategy.scope():
-        first, times = algorithms.time_calls(step, args.reps, args.warmup)
+        first, times = cost_lib.time_calls(step, args.reps, args.warmup)
       row = dict(config=name, kind=kind, first_call_s=first,
                  median_ms=1e3 * float(np.median(times)), min_ms=1e3 * min(times),
                  max_ms=1e3 * max(times), times_ms=[1e3 * t for t in times])
