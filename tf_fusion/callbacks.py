@@ -74,11 +74,23 @@ class SyncMovingStatistics(keras.callbacks.Callback):
     ...                          keras.callbacks.BackupAndRestore(backup_dir)])
   """
 
+  def __init__(self):
+    super().__init__()
+    self._trained = True   # since the last average: nothing known yet
+
+  def on_train_batch_end(self, batch, logs=None):
+    self._trained = True
+
   def on_test_begin(self, logs=None):
-    sync_moving_statistics(self.model)
+    self._sync()
 
   def on_epoch_end(self, epoch, logs=None):
-    sync_moving_statistics(self.model)
+    self._sync()   # after a validation pass: nothing trained since, nothing to do
 
   def on_train_end(self, logs=None):
-    sync_moving_statistics(self.model)
+    self._sync()
+
+  def _sync(self):
+    if self._trained:
+      sync_moving_statistics(self.model)
+      self._trained = False
