@@ -15,6 +15,7 @@ when the copies cost more than the launches they save (on a shared-memory CPU ho
 do; on GPUs with per-launch latency of tens of microseconds they do not).
 """
 
+import threading
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -23,6 +24,7 @@ import tensorflow as tf
 # per-call instance keys, the two things a hand-rolled launcher gets wrong. Pinned TF.
 from tensorflow.python.distribute import collective_util
 from tensorflow.python.distribute import cross_device_utils
+from tensorflow.python.ops import resource_variable_ops
 
 from tf_fusion import packing
 
@@ -35,6 +37,48 @@ MULTI_WORKER_ALGORITHMS = ("ring", "hierarchical")
 _GROUP_KEY_BASE = 1 << 28
 _KEYS = cross_device_utils.CollectiveKeys(group_key_start=_GROUP_KEY_BASE)
 _COLLECTIVES_CACHE = {}
+_COUNTERS = {}
+_COUNTERS_LOCK = threading.Lock()
+
+
+def _instance_key_counter(group_key, device):
+  """The counter that numbers the collectives of (group, device): one per pair in the
+  process, so every launcher of the pair draws from the same sequence."""
+  with _COUNTERS_LOCK:
+    key = (group_key, device)
+    if key not in _COUNTERS:
+      host = tf.DeviceSpec.from_string(device).replace(device_type="CPU", device_index=0)
+      # ResourceVariable, not tf.Variable: a strategy's scope would make it mirrored.
+      with tf.init_scope(), tf.device(host.to_string()):
+        _COUNTERS[key] = resource_variable_ops.ResourceVariable(
+            0, dtype=tf.int64, trainable=False, name="tf_fusion_instance_key")
+    return _COUNTERS[key]
+
+
+class _Launcher(cross_device_utils.CollectiveReplicaLauncher):
+  """TF's launcher of one device's collectives, with instance keys drawn at run time.
+
+  TF's launcher gives each call a fresh instance key by capturing a Python counter at
+  call time (`FuncGraph.capture_call_time_value`). When the function holding the
+  collective is itself called inside a `tf.cond` of another function (Keras's
+  `steps_per_execution` loop calls its one-step tf.function in a cond in a while), TF
+  re-captures that value in the cond's branch graph, which nothing feeds: "You must
+  feed a value for placeholder tensor ...". TF's own CollectiveAllReduce fails the same
+  way. Here the key is read from a counter variable on the host, incremented by the
+  collective itself: fresh on every run, as TF's, with nothing captured, so it works in
+  any control flow. Automatic control dependencies order a device's increments as its
+  collectives are ordered; every device and worker runs the same sequence, so the k-th
+  collective gets the same key everywhere.
+  """
+
+  def __init__(self, group_key, group_size, device, options):
+    super().__init__(group_key, group_size, _KEYS, device, options)
+    self._counter = _instance_key_counter(group_key, device)
+
+  def _next_instance_key(self):
+    with tf.device(self._counter.device):
+      count = self._counter.assign_add(1)
+      return tf.cast(tf.math.floormod(count, (1 << 31) - 1), tf.int32)
 
 
 def canonical_devices(devices: Sequence[str]) -> Tuple[str, ...]:
@@ -73,10 +117,8 @@ class Collectives:
     self._options = collective_util.Options(
         implementation=collective_util.CommunicationImplementation.AUTO)
     self._watched = collective_util.Options(timeout_seconds=timeout_seconds)
-    self._launchers = [
-        cross_device_utils.CollectiveReplicaLauncher(
-            group_key, group_size, _KEYS, d, self._options) for d in self.devices
-    ]
+    self._launchers = [_Launcher(group_key, group_size, d, self._options)
+                       for d in self.devices]
 
   @classmethod
   def get(cls, devices, group_size=None, timeout_seconds=None):
