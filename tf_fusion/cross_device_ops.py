@@ -180,6 +180,67 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
   def _group_size(self, devices):
     return len(devices)
 
+  # --- the no-merge-call path --------------------------------------------------------
+
+  def _local_devices(self):
+    """This worker's replica devices, from the strategy in scope."""
+    if not tf.distribute.has_strategy():
+      raise ValueError("tf_fusion: a replica-context all-reduce without merge_call must "
+                       "run inside the strategy's scope.")
+    return algorithms.canonical_devices(tf.distribute.get_strategy().extended.worker_devices)
+
+  def _all_reduce(self, reduce_op, value, replica_id, options):
+    """One replica's share of an all-reduce launched without merge_call.
+
+    TF takes this path where merge_call is impossible: in a branch of a `tf.cond` or
+    `tf.while_loop` inside the replica function (Keras's gradient accumulation updates
+    in a cond) and, on GPUs, under XLA. Every replica packs its own tensors by the same
+    plan and launches one collective per pack from its own thread, so every pack runs
+    the ring (TF's collective; NCCL on GPUs): reduce_to_one and hierarchical need all
+    of a worker's buffers in one place, which no single replica has. The plan's note
+    says so.
+
+    Args:
+      reduce_op: SUM or MEAN.
+      value: a nest of this replica's tensors (dense or IndexedSlices).
+      replica_id: this replica's index on this worker.
+      options: a CommunicationOptions for this call, or None.
+
+    Returns:
+      The reduced nest, in the structure of `value`.
+    """
+    reduce_op = tf.distribute.ReduceOp(reduce_op)
+    flat = tf.nest.flatten(value)
+    devices = self._local_devices()
+    collectives = algorithms.Collectives.get(
+        devices, self._group_size(devices), self._options.timeout_seconds)
+    launcher = collectives.launcher(replica_id)
+    outputs = list(flat)
+    fused = []
+    for i, t in enumerate(flat):
+      if isinstance(t, tf.IndexedSlices) or t.dtype not in _FUSIBLE_DTYPES:
+        outputs[i] = _reduce_unfused(launcher, t, reduce_op, collectives.group_size)
+      else:
+        fused.append(i)
+    if not fused:
+      return tf.nest.pack_sequence_as(value, outputs)
+    tensors = [flat[i] for i in fused]
+    plan = self.make_plan([(t.dtype, t.shape) for t in tensors], devices,
+                          replica_launch=True)
+    for entry in plan:
+      with tf.name_scope(stats.pack_scope(entry)):
+        compressed = [self._compressor.compress(tensors[i]) for i in entry.tensor_indices]
+        buffer = packing.pack([c for c, _ in compressed])
+        if entry.algorithm != "none":
+          buffer = launcher.all_reduce(buffer)
+        buffer = self._compressor.decompress(buffer, compressed[0][1])
+        if reduce_op == tf.distribute.ReduceOp.MEAN:
+          buffer = _divide(buffer, collectives.group_size)
+        like = [tensors[i] for i in entry.tensor_indices]
+        for i, part in zip(entry.tensor_indices, packing.unpack(buffer, like)):
+          outputs[fused[i]] = part
+    return tf.nest.pack_sequence_as(value, outputs)
+
   def _reduce_dense(self, reduce_op, devices, plan, per_device) -> List[List[tf.Tensor]]:
     collectives = algorithms.Collectives.get(
         devices, self._group_size(devices), self._options.timeout_seconds)
@@ -249,10 +310,16 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
           group_size=self._group_size(devices))
     return self._cost_models[devices]
 
-  def make_plan(self, specs, devices) -> tuple:
-    """Packs, algorithms and sizes for tensors of `specs` on `devices` (no ops built)."""
+  def make_plan(self, specs, devices, replica_launch=False) -> tuple:
+    """Packs, algorithms and sizes for tensors of `specs` on `devices` (no ops built).
+
+    `replica_launch`: for the no-merge-call path, where each replica launches its own
+    collectives: every pack runs the ring.
+    """
     opts = self._options
     algorithm, note = self._local_algorithm()
+    if replica_launch:
+      algorithm, note = "ring", _REPLICA_LAUNCH_NOTE
     if note and note not in self._warned:
       self._warned.add(note)
       logging.warning("tf_fusion: %s.", note)
@@ -261,23 +328,26 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
     pack_bytes, first_pack_bytes = opts.pack_bytes, opts.first_pack_bytes
     if pack_bytes is None:
       pack_bytes, first_pack_bytes = self._autotune(specs, devices, model, algorithm,
-                                                    note)
+                                                    note, measure=not replica_launch)
       if (pack_bytes, first_pack_bytes) not in self._warned:
         self._warned.add((pack_bytes, first_pack_bytes))
         logging.info("tf_fusion autotune (%s): pack_bytes=%d, first_pack_bytes=%d (%s)",
                      opts.autotune, pack_bytes, first_pack_bytes, model.description)
-    plan = self._plan(specs, pack_bytes, first_pack_bytes, model, algorithm, note)
+    plan = self._plan(specs, pack_bytes, first_pack_bytes, model, algorithm, note,
+                      unknown_size_algorithm="ring" if replica_launch else None)
     if not tf.executing_eagerly():
       logging.info("tf_fusion plan:\n%s", stats.summarize(plan))
     return plan
 
-  def _plan(self, specs, pack_bytes, first_pack_bytes, model, algorithm, note) -> tuple:
+  def _plan(self, specs, pack_bytes, first_pack_bytes, model, algorithm, note,
+            unknown_size_algorithm=None) -> tuple:
     wire = self._compressor.wire_dtype
     packs = packing.plan_packs(specs, pack_bytes, first_pack_bytes)
     plan = []
     for index, (p, alg, seconds) in enumerate(
         algorithms.assign(packs, specs, wire, algorithm, model,
-                          unknown_size_algorithm=self._unknown_size_algorithm)):
+                          unknown_size_algorithm=(unknown_size_algorithm
+                                                  or self._unknown_size_algorithm))):
       plan.append(stats.PackPlan(
           index=index, dtype=p.dtype, tensor_count=len(p.indices), bytes=p.nbytes,
           algorithm=alg, wire_dtype=wire(p.dtype),
@@ -285,13 +355,13 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
           tensor_indices=p.indices, predicted_seconds=seconds, note=note))
     return tuple(plan)
 
-  def _autotune(self, specs, devices, model, algorithm, note):
+  def _autotune(self, specs, devices, model, algorithm, note, measure=True):
     """(pack_bytes, first_pack_bytes) for pack_bytes=None: predicted by the cost model,
     or, under autotune="measure", the fastest of the candidates timed on this very
     gradient list (once; kept in the cost model and its file)."""
     wire, unknown = self._compressor.wire_dtype, self._unknown_size_algorithm
     opts = self._options
-    if opts.autotune == "model" or any(
+    if not measure or opts.autotune == "model" or any(
         packing.tensor_nbytes(*spec) is None for spec in specs):
       return autotune.choose(specs, wire, model, algorithm, opts.backward_seconds,
                              unknown_size_algorithm=unknown)[:2]
@@ -334,8 +404,29 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
     return candidates[best]
 
 
+_REPLICA_LAUNCH_NOTE = ("no merge_call here (a cond or loop in the replica function, or "
+                        "XLA): each replica launches its own collectives, so every pack "
+                        "runs the ring")
+
+
+def _reduce_unfused(launcher, value, reduce_op, group_size):
+  """One replica's all-reduce of a value that is not packed (sparse or integer)."""
+  if isinstance(value, tf.IndexedSlices):
+    reduced = launcher.all_reduce_indexed_slices(value)
+    if reduce_op == tf.distribute.ReduceOp.MEAN:
+      reduced = tf.IndexedSlices(_divide(reduced.values, group_size), reduced.indices,
+                                 reduced.dense_shape)
+    return reduced
+  reduced = launcher.all_reduce(value)
+  if reduce_op == tf.distribute.ReduceOp.MEAN:
+    reduced = _divide(reduced, group_size)
+  return reduced
+
+
 def _divide(tensor, n):
   """tensor / n in at least FP32, returned in tensor's dtype."""
+  if tensor.dtype.is_integer:
+    return tensor // tf.cast(n, tensor.dtype)
   if tensor.dtype.size < 4:
     return tf.cast(tf.cast(tensor, tf.float32) / n, tensor.dtype)
   return tensor / tf.cast(n, tensor.dtype)
@@ -388,17 +479,20 @@ class MultiWorkerFusedAllReduce(FusedAllReduce):
   def _group_size(self, devices):
     return len(devices) * self._num_workers
 
-  def _devices_for(self, values):
+  def _local_devices(self):
     # The strategy's local devices, known at construction: also right outside the
     # strategy's scope (strategy.reduce), where value.device can name other devices.
-    devices = self._tf_ops._devices  # pylint: disable=protected-access
+    return algorithms.canonical_devices(self._tf_ops._devices)  # pylint: disable=protected-access
+
+  def _devices_for(self, values):
+    devices = self._local_devices()
     if all(len(v.values) == len(devices) for v in values):
-      return algorithms.canonical_devices(devices)
+      return devices
     return super()._devices_for(values)
 
-  def make_plan(self, specs, devices) -> tuple:
+  def make_plan(self, specs, devices, replica_launch=False) -> tuple:
     self._check_same_gradients(specs, devices)
-    return super().make_plan(specs, devices)
+    return super().make_plan(specs, devices, replica_launch=replica_launch)
 
   def _check_same_gradients(self, specs, devices):
     """Raises on every worker if the workers' tensor lists differ (count, shape, dtype).
@@ -428,16 +522,6 @@ class MultiWorkerFusedAllReduce(FusedAllReduce):
           f"dtypes differ (this worker: {_describe(key)}). Every worker must build the same "
           "model and optimizer.")
     self._checked.add(key)
-
-  def _all_reduce(self, reduce_op, value, replica_id, options):
-    # The no-merge-call path (XLA on all-GPU workers) reduces replica by replica, so it
-    # cannot fuse across local devices; TF's CollectiveAllReduce packs and crosses
-    # workers there.
-    if "_all_reduce" not in self._warned:
-      self._warned.add("_all_reduce")
-      logging.warning("tf_fusion: no-merge-call all-reduce (XLA on GPUs) uses TF's "
-                      "CollectiveAllReduce across workers, not tf_fusion's packs.")
-    return self._tf_ops._all_reduce(reduce_op, value, replica_id, options)  # pylint: disable=protected-access
 
   def _gather(self, per_replica_value, destinations, axis, options=None):
     return self._tf_ops._gather(per_replica_value, destinations, axis, options)  # pylint: disable=protected-access

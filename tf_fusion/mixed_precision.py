@@ -24,8 +24,6 @@ References:
   Jia et al. 2018, arXiv:1807.11205, §3 (FP16 forward/backward, FP32 LARS).
 """
 
-import contextlib
-
 import keras
 from keras import ops
 import tensorflow as tf
@@ -69,23 +67,27 @@ def optimizer_for_policy(optimizer, policy=None):
   return loss_scale(optimizer) if needs_loss_scaling(policy) else optimizer
 
 
-@contextlib.contextmanager
-def _gradients_already_reduced(optimizer):
-  """Makes Keras's TF optimizer skip its own all-reduce (we did it, loss-scaled)."""
+def _reduced_by_the_wrapper(grads_and_vars):
+  """Stands in for the inner optimizer's `_all_reduce_sum_gradients`: the wrapper
+  below has already all-reduced (loss-scaled) and unscaled these gradients."""
+  return list(grads_and_vars)
+
+
+def _never_reduce_again(optimizer):
+  """Makes Keras's TF optimizer skip its own all-reduce, for good.
+
+  The wrapper always reduces before it calls the inner optimizer, so "already reduced"
+  is a fixed property of the pair, not something to switch on around each call. (It was
+  switched per call once, with a depth counter; MirroredStrategy suspends replica thread
+  0 inside the inner optimizer's merge_call while the other threads enter, then resumes
+  them in replica order, so the switch was undone while a count stayed behind: after the
+  first trace, and on every eager step, gradients were reduced a second time.)
+  """
   if not hasattr(optimizer, "_all_reduce_sum_gradients"):
     raise TypeError(
         f"{type(optimizer).__name__} has no _all_reduce_sum_gradients: tf_fusion's loss "
         "scaling needs a Keras 3 optimizer on the TensorFlow backend.")
-  depth = getattr(optimizer, "_tf_fusion_reduced_depth", 0)
-  optimizer._tf_fusion_reduced_depth = depth + 1  # pylint: disable=protected-access
-  if depth == 0:
-    optimizer._all_reduce_sum_gradients = list  # pylint: disable=protected-access
-  try:
-    yield
-  finally:
-    optimizer._tf_fusion_reduced_depth = depth  # pylint: disable=protected-access
-    if depth == 0:
-      del optimizer._all_reduce_sum_gradients  # instance attribute: the method returns
+  optimizer._all_reduce_sum_gradients = _reduced_by_the_wrapper  # pylint: disable=protected-access
 
 
 @keras.saving.register_keras_serializable(package="tf_fusion")
@@ -97,6 +99,10 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
   first, then unscales and checks finiteness on the reduced values.
   """
 
+  def __init__(self, inner_optimizer, *args, **kwargs):
+    super().__init__(inner_optimizer, *args, **kwargs)
+    _never_reduce_again(self.inner_optimizer)
+
   def apply(self, grads, trainable_variables=None):
     if not tf.distribute.has_strategy():
       return super().apply(grads, trainable_variables)
@@ -107,6 +113,9 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         self.build(trainable_variables)
       self.built = True
     variables = list(trainable_variables or self._trainable_variables)
+    if self.inner_optimizer.gradient_accumulation_steps:
+      self._accumulating_apply(list(grads), variables)
+      return None
     grads = self._unscale(self._all_reduce_scaled(list(grads)), variables)
     finite = self.check_finite(grads)
     if tf.__internal__.distribute.strategy_supports_no_merge_call():
@@ -116,6 +125,53 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     tf.distribute.get_replica_context().merge_call(
         self._cross_replica_apply, args=(grads, finite, trainable_variables))
     return None
+
+  def _accumulating_apply(self, grads, variables):
+    """Gradient accumulation: local sums per replica, one all-reduce per update.
+
+    Micro-steps add their unscaled gradients to the inner optimizer's accumulators,
+    on each replica, with no communication. The update step all-reduces the mean of
+    the window, loss-scaled on the wire as every step here is, and decides finiteness
+    on the reduced values: an inf or NaN in any micro-batch of any replica reached the
+    accumulators, hence the reduced sum, so every replica skips the update and lowers
+    the scale. Either way the accumulators restart at zero and the window goes on
+    counting (the inner optimizer's `iterations`).
+
+    The all-reduce runs inside a cond of the replica function, where MirroredStrategy
+    cannot merge_call; tf_fusion's strategies launch it per replica there.
+    """
+    inner = self.inner_optimizer
+    steps = inner.gradient_accumulation_steps
+    pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
+    grads, variables = [g for g, _ in pairs], [v for _, v in pairs]
+    local = self._unscale(grads, variables)
+    accumulators = [inner._accumulated_gradients[inner._get_variable_index(v)]  # pylint: disable=protected-access
+                    for v in variables]
+
+    def update():
+      window = [(g + a) / steps for g, a in zip(local, accumulators)]
+      scale = self.dynamic_scale
+      reduced = self._unscale(self._all_reduce_scaled(
+          [w * ops.cast(scale, w.dtype) for w in window]), variables)
+      ops.cond(self.check_finite(reduced),
+               lambda: self._inner_update(reduced, variables),
+               self._stateful_handle_non_finite_grads)
+      inner._backend_reset_gradient_accumulators()  # pylint: disable=protected-access
+
+    def accumulate():
+      inner._backend_increment_gradient_accumulators(local, accumulators)  # pylint: disable=protected-access
+
+    ops.cond(ops.equal((inner.iterations + 1) % steps, 0), update, accumulate)
+    inner._iterations.assign_add(1)  # pylint: disable=protected-access
+
+  def _inner_update(self, grads, variables):
+    """The inner optimizer's update on reduced, unscaled gradients, as Keras runs it
+    at the end of an accumulation window (clip, weight decay, update step)."""
+    inner = self.inner_optimizer
+    grads = inner._clip_gradients(grads)  # pylint: disable=protected-access
+    inner._apply_weight_decay(variables)  # pylint: disable=protected-access
+    inner._backend_update_step(grads, variables, inner.learning_rate)  # pylint: disable=protected-access
+    self._grow_scale()
 
   def _all_reduce_scaled(self, grads):
     """SUM all-reduce of the loss-scaled gradients (None entries kept)."""
@@ -148,8 +204,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
 
   def _apply_reduced(self, grads, trainable_variables):
     """Replica context: the inner step on already-reduced, unscaled gradients."""
-    with _gradients_already_reduced(self.inner_optimizer):
-      self.inner_optimizer.apply(grads, trainable_variables=trainable_variables)
+    self.inner_optimizer.apply(grads, trainable_variables=trainable_variables)
 
   def _finite_step(self, grads, trainable_variables):
     self._apply_reduced(grads, trainable_variables)

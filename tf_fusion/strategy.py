@@ -1,11 +1,14 @@
 """Strategies wired to the fused all-reduce path."""
 
+import threading
 from typing import Optional, Sequence
 
 from absl import logging
 import tensorflow as tf
 from tensorflow.python.distribute import collective_all_reduce_strategy as tf_mwms
 from tensorflow.python.distribute import distribute_lib
+from tensorflow.python.distribute import mirrored_run
+from tensorflow.python.distribute import mirrored_strategy as tf_mirrored
 from tensorflow.python.distribute import values as values_lib
 
 from tf_fusion.cross_device_ops import FusedAllReduce
@@ -14,10 +17,61 @@ from tf_fusion.options import FusionOptions
 from tf_fusion.options import devices_per_worker_from_env
 
 
+def _merge_call_impossible():
+  """True while a replica thread builds a graph other than its own: a branch of a
+  `tf.cond` or a `tf.while_loop`, or a nested tf.function. TF's merge_call raises there
+  ("merge_call called while defining a new graph"), so the step must go on without it.
+  """
+  thread = threading.current_thread()
+  return (isinstance(thread, mirrored_run._MirroredReplicaThread)  # pylint: disable=protected-access
+          and not thread.in_eager
+          and tf.compat.v1.get_default_graph() is not thread.graph)
+
+
+class _ReplicaLaunchWhereNeeded:
+  """Mixin for a strategy's extended: no merge_call where merge_call cannot work.
+
+  MirroredStrategy reduces and updates through merge_call, which cannot run inside a
+  cond or a loop of the replica function: Keras's gradient accumulation updates the
+  weights in an `ops.cond` and fails under every strategy (keras-team/keras#20582). TF
+  already has a path without merge_call (each replica all-reduces with collectives and
+  updates its own copy), but takes it only under XLA on GPUs, and then with its own
+  CollectiveAllReduce instead of the strategy's cross-device ops. Here it is also taken
+  wherever merge_call is impossible, and with tf_fusion's packs (FusedAllReduce's
+  `_all_reduce`). Everywhere else nothing changes: the merge_call path keeps the
+  per-pack algorithm choice.
+  """
+
+  def _use_merge_call(self):
+    return super()._use_merge_call() and not _merge_call_impossible()  # pytype: disable=attribute-error
+
+  def _get_cross_device_ops(self, value):
+    if not self._use_merge_call():
+      return self._cross_device_ops  # pytype: disable=attribute-error
+    return super()._get_cross_device_ops(value)  # pytype: disable=attribute-error
+
+
+class _MirroredExtended(_ReplicaLaunchWhereNeeded, tf_mirrored.MirroredExtended):
+  pass
+
+
+class _MirroredStrategy(tf.distribute.MirroredStrategy):
+  """tf.distribute.MirroredStrategy whose extended avoids merge_call where it fails."""
+
+  def __init__(self, devices=None, cross_device_ops=None):
+    # MirroredStrategy.__init__ hard-codes TF's extended; build ours instead.
+    distribute_lib.Strategy.__init__(  # pylint: disable=non-parent-init-called
+        self, _MirroredExtended(self, devices=devices, cross_device_ops=cross_device_ops))
+
+
 def mirrored_strategy(devices: Optional[Sequence[str]] = None,
                       options: Optional[FusionOptions] = None,
                       cost_model=None) -> tf.distribute.MirroredStrategy:
   """A MirroredStrategy over `devices` whose reductions go through FusedAllReduce.
+
+  Unlike `tf.distribute.MirroredStrategy(devices, cross_device_ops=FusedAllReduce())`,
+  it also trains where TF's MirroredStrategy cannot call merge_call: Keras's
+  `gradient_accumulation_steps` (the update runs in a cond) and reductions inside loops.
 
   Example:
     >>> strategy = tf_fusion.mirrored_strategy(options=tf_fusion.FusionOptions())
@@ -25,11 +79,12 @@ def mirrored_strategy(devices: Optional[Sequence[str]] = None,
     ...   model = make_model()
   """
   ops = FusedAllReduce(options, cost_model=cost_model)
-  return tf.distribute.MirroredStrategy(devices, cross_device_ops=ops)
+  return _MirroredStrategy(devices, cross_device_ops=ops)
 
 
-class _Extended(tf_mwms.CollectiveAllReduceExtended):
-  """TF's extended, except that a CPU-only worker may have several (logical) devices.
+class _Extended(_ReplicaLaunchWhereNeeded, tf_mwms.CollectiveAllReduceExtended):
+  """TF's extended, except that a CPU-only worker may have several (logical) devices,
+  and no merge_call where it cannot work (_ReplicaLaunchWhereNeeded).
 
   TF gives a worker without GPUs exactly one replica; tests and the launcher use
   logical CPU devices to stand for a worker's GPUs.
