@@ -143,6 +143,19 @@ def mode_fit(strategy):
               strategy.extended.worker_devices).to_json()}
 
 
+# The differential cases run across workers (tests/training_cases.py): the no-merge-call
+# path (accumulation), the cond-in-loop path (steps_per_execution) and a retrace.
+MULTI_WORKER_CASES = (("accumulation", "sgd"), ("accumulation", "loss_scaled_lars"),
+                      ("steps_per_execution", "loss_scaled_lars"), ("retrace", "lars"))
+
+
+def mode_cases(strategy):
+  """Trains each of MULTI_WORKER_CASES; this worker's final weights of each."""
+  from tests import training_cases  # pylint: disable=g-import-not-at-top
+  return {"weights": [[w.tolist() for w in training_cases.train(strategy, case, opt)]
+                      for case, opt in MULTI_WORKER_CASES]}
+
+
 def mode_mismatch(strategy):
   """Worker 1 reduces a tensor of another shape: both workers must say so, not hang."""
   task = strategy.cluster_resolver.task_id
@@ -213,11 +226,11 @@ def main(argv):
   mode, out_path = argv[1], argv[2]
   # fit and resume run "auto" with no cost model: the calibration runs across the
   # workers too (resume keeps it in TF_FUSION_COST_MODEL_FILE when the test sets it).
-  algorithm = "auto" if mode in ("fit", "resume") else "ring"
+  algorithm = {"fit": "auto", "resume": "auto", "cases": "hierarchical"}.get(mode, "ring")
   timeout = 10 if mode == "dead_peer" else 60
   strategy = tf_fusion.multi_worker_strategy(tf_fusion.FusionOptions.from_env(
       timeout_seconds=timeout, algorithm=algorithm))
-  result = {"reduce": mode_reduce, "fit": mode_fit,
+  result = {"reduce": mode_reduce, "fit": mode_fit, "cases": mode_cases,
             "mismatch": mode_mismatch, "resume": mode_resume,
             "dead_peer": mode_dead_peer}[mode](strategy)
   result["task"] = strategy.cluster_resolver.task_id

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 import tf_fusion
 from tf_fusion import algorithms
+from tf_fusion import cross_device_ops
 from tf_fusion import autotune
 from tf_fusion import cost_model as cost_lib
 from tf_fusion import packing
@@ -113,6 +114,19 @@ class CostModelFileTest(tf.test.TestCase):
       again = autotune.load_or_calibrate(path, devices, algorithms.LOCAL_ALGORITHMS)
     self.assertEqual(again, first)
 
+  def test_a_new_fused_all_reduce_for_the_same_devices_does_not_calibrate_again(self):
+    devices = algorithms.canonical_devices(helpers.devices(3))
+    with mock.patch.dict(cross_device_ops._COST_MODELS, clear=True), mock.patch.object(  # pylint: disable=protected-access
+        cost_lib, "calibrate", wraps=cost_lib.calibrate) as measured:
+      first = tf_fusion.FusedAllReduce().cost_model(devices)
+      again = tf_fusion.FusedAllReduce(tf_fusion.FusionOptions(compression="fp16")
+                                       ).cost_model(devices)
+      self.assertEqual(measured.call_count, 1)
+      tf_fusion.FusedAllReduce().cost_model(devices[1:])   # other devices: measured
+      self.assertEqual(measured.call_count, 2)
+    self.assertIs(again, first)
+    self.assertIn(f"TensorFlow {tf.__version__}", first.topology)
+
   def test_a_file_for_another_topology_or_unreadable_is_replaced(self):
     devices = helpers.devices(2)
     for content in (helpers.fixed_cost_model().to_json(), "{not json"):
@@ -194,6 +208,27 @@ class MeasuredAutotuneTest(tf.test.TestCase):
     self.assertGreater(seconds, 0)
     self.assertEqual(plans[0], [p.indices for p in packing.plan_packs(specs, pack_bytes,
                                                                       first)])
+
+  def test_keeps_the_fastest_of_known_timings(self):
+    """Timings fed in, one per candidate: the one given the least time is kept, whatever
+    its place in the list (not the first, not the last)."""
+    devices = helpers.devices(2)
+    model = helpers.fixed_cost_model()
+    specs = _specs(70000, 20, 300000, 5, 90000)
+    want = autotune.candidates(specs, _wire, model, "reduce_to_one")
+    self.assertGreater(len(want), 2)
+    fastest = len(want) // 2
+    fake = iter([(0.0, [1.0 if i != fastest else 0.25] * 3) for i in range(len(want))])
+    ops = tf_fusion.FusedAllReduce(
+        tf_fusion.FusionOptions(pack_bytes=None, autotune="measure",
+                                algorithm="reduce_to_one"), cost_model=model)
+    with mock.patch.object(cost_lib, "time_calls", side_effect=lambda *a, **k: next(fake)):
+      plan = ops.make_plan(specs, algorithms.canonical_devices(devices))
+    pack_bytes, first = want[fastest]
+    self.assertEqual([p.tensor_indices for p in plan],
+                     [p.indices for p in packing.plan_packs(specs, pack_bytes, first)])
+    (tuned,) = ops._given_cost_model.tuned.values()  # pylint: disable=protected-access
+    self.assertEqual(tuple(tuned), (pack_bytes, first, 0.25))
 
   def test_candidates_are_distinct_plans(self):
     specs = _specs(*[1 << 18] * 8)      # eight 1 MiB tensors

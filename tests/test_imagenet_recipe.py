@@ -55,7 +55,8 @@ class RecipeTest(tf.test.TestCase, parameterized.TestCase):
     # Top-5 of 6 classes counts more than top-1.
     self.assertGreaterEqual(stats["eval_top_5"], stats["eval_top_1"])
     self.assertNotEmpty(stats["packs"])
-    self.assertTrue(all(p["algorithm"] == "ring" for p in stats["packs"]))
+    self.assertTrue(all(p["algorithm"] in ("ring", "reduce_to_one")
+                        for p in stats["packs"]))
 
   @parameterized.parameters(
       ("resnet50", "fp32"), ("resnet50", "fp16"), ("alexnet_bn", "fp32"),
@@ -74,6 +75,16 @@ class RecipeTest(tf.test.TestCase, parameterized.TestCase):
                                         num_classes=1000)))
     self._check(stats)
 
+  def test_accumulation_and_steps_per_execution(self):
+    # 4 batches, 2 per update, 2 steps per call.
+    argv = dict(synthetic=True, num_train_examples=32, num_eval_examples=16,
+                train_steps=4, accumulation_steps=2, all_reduce_alg="reduce_to_one")
+    stats = main.run(parse(self._argv(steps_per_execution=2, **argv)))
+    self._check(stats, steps=4)
+    self.assertEqual((stats["updates"], stats["accumulation_steps"]), (2, 2))
+    with self.assertRaisesRegex(ValueError, "--steps_per_execution=3 must divide"):
+      main.run(parse(self._argv(steps_per_execution=3, **argv)))
+
   def test_synthetic_with_profile(self):
     stats = main.run(parse(self._argv(synthetic=True, num_train_examples=64,
                                       num_eval_examples=16, dtype="bf16",
@@ -91,7 +102,13 @@ class RecipeTest(tf.test.TestCase, parameterized.TestCase):
     self.assertNotEmpty(summary["packs"])
     self.assertContainsSubset(summary["packs"], scopes)
     self.assertGreater(summary["compute"], 0)
-    self.assertBetween(summary["overlap_fraction"], 0.0, 1.0)
+    # The parts agree with each other: overlap is time both ran, within each of them.
+    self.assertGreater(summary["communication"], 0)
+    self.assertLessEqual(summary["overlap"], min(summary["compute"],
+                                                 summary["communication"]) + 1e-9)
+    self.assertLessEqual(summary["communication"], summary["step"] + 1e-9)
+    self.assertAlmostEqual(summary["overlap_fraction"],
+                           summary["overlap"] / summary["communication"])
 
   def test_resume_continues_the_step_count(self):
     model_dir = self.create_tempdir().full_path

@@ -91,6 +91,59 @@ class GlobalFinitenessTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual((scale, iterations), (2.0**15, 1))
 
 
+class AccumulationFinitenessTest(tf.test.TestCase):
+  """Gradient accumulation (2 micro-steps per update) under loss scaling, 4 replicas."""
+
+  def _run(self, per_step_grads, steps=2, scale=2.0**10):
+    n = len(per_step_grads[0])
+    strategy = tf_fusion.mirrored_strategy(
+        helpers.devices(n), tf_fusion.FusionOptions(algorithm="reduce_to_one"))
+    with strategy.scope():
+      w = keras.Variable(np.zeros(3, np.float32), name="w")
+      inner = keras.optimizers.SGD(1.0, gradient_accumulation_steps=steps)
+      opt = tf_fusion.mixed_precision.loss_scale(inner, initial_scale=scale)
+      opt.build([w])
+
+    @tf.function
+    def train(c):
+      def replica_fn(c):
+        with tf.GradientTape() as tape:
+          loss = opt.scale_loss(tf.reduce_sum(w * c))
+        opt.apply_gradients(zip(tape.gradient(loss, [w]), [w]))
+      strategy.run(replica_fn, args=(c,))
+
+    for grads in per_step_grads:
+      train(helpers.per_replica(strategy, grads))
+    accumulators = [a for a in inner._accumulated_gradients if a is not None]  # pylint: disable=protected-access
+    return ([v.numpy() for v in w.value.values], float(opt.dynamic_scale.numpy()),
+            [[t.numpy() for t in a.value.values] for a in accumulators])
+
+  def test_inf_in_one_micro_batch_of_one_replica_skips_the_update_everywhere(self):
+    ones = [np.full(3, 1.0, np.float32) for _ in range(4)]
+    poisoned = [g.copy() for g in ones]
+    poisoned[3][0] = np.inf                    # micro-batch 1, last replica only
+    halves = [np.full(3, 0.5, np.float32) for _ in range(4)]
+    # Window 1 (poisoned, ones): skipped. Window 2 (halves, ones): applied.
+    weights, scale, accumulators = self._run([poisoned, ones, halves, ones])
+    # SGD(1) on the window's mean of the replicas' sum: -(4 * 0.5 + 4 * 1) / 2 = -3.
+    for w in weights:
+      self.assertAllEqual(w, np.full(3, -3.0))
+    self.assertEqual(scale, 2.0**9)            # lowered once, by the poisoned window
+    for replicas in accumulators:              # the window restarted clean
+      for a in replicas:
+        self.assertAllEqual(a, np.zeros(3))
+
+  def test_finite_windows_apply_the_mean_of_the_window(self):
+    rng = np.random.RandomState(0)
+    steps = [[rng.randn(3).astype(np.float32) for _ in range(4)] for _ in range(4)]
+    weights, scale, _ = self._run(steps)
+    sums = [np.sum(s, axis=0, dtype=np.float64) for s in steps]
+    want = -((sums[0] + sums[1]) / 2 + (sums[2] + sums[3]) / 2)
+    for w in weights:
+      self.assertAllClose(w, want, rtol=1e-6, atol=1e-6)
+    self.assertEqual(scale, 2.0**10)
+
+
 class SmallGradientTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.named_parameters(("_1e-6", 1e-6), ("_1e-8", 1e-8))

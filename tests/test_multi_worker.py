@@ -15,6 +15,7 @@ import tf_fusion
 from tests import helpers
 from tests import multi_worker
 from tests import multi_worker_job
+from tests import training_cases
 
 
 class MultiWorkerReduceTest(tf.test.TestCase):
@@ -65,6 +66,17 @@ class MultiWorkerReduceTest(tf.test.TestCase):
 
 
 class MultiWorkerFitTest(tf.test.TestCase):
+
+  def test_training_cases_equal_one_device(self):
+    """2 workers x 2 devices: accumulation, steps_per_execution and a retrace end with
+    one device's weights (float32; see tests/test_training_equivalence.py)."""
+    workers = multi_worker.run_workers("cases")
+    for i, (case, opt) in enumerate(multi_worker_job.MULTI_WORKER_CASES):
+      want = training_cases.train(None, case, opt)
+      for worker in workers:
+        for got, w in zip(worker["weights"][i], want):
+          self.assertAllClose(np.array(got, np.float32), w, rtol=2e-5, atol=2e-5,
+                              msg=f"{case} {opt} worker {worker['task']}")
 
   def test_fit_equals_one_process_with_four_replicas(self):
     workers = multi_worker.run_workers("fit")

@@ -55,6 +55,15 @@ def _instance_key_counter(group_key, device):
     return _COUNTERS[key]
 
 
+def collectives_run(device) -> int:
+  """How many of tf_fusion's collectives this process has run on `device` so far, in
+  all groups (read from the instance-key counters: what ran, not what was traced)."""
+  device = canonical_devices([device])[0]
+  with _COUNTERS_LOCK:
+    counters = [c for (_, d), c in _COUNTERS.items() if d == device]
+  return int(sum(c.numpy() for c in counters))
+
+
 class _Launcher(cross_device_utils.CollectiveReplicaLauncher):
   """TF's launcher of one device's collectives, with instance keys drawn at run time.
 
@@ -85,6 +94,16 @@ def canonical_devices(devices: Sequence[str]) -> Tuple[str, ...]:
   """Fully qualified device names, as the collective group table wants them."""
   from tensorflow.python.distribute import device_util  # pylint: disable=g-import-not-at-top
   return tuple(device_util.canonicalize(d) for d in devices)
+
+
+def use_run_time_keys(tf_ops):
+  """Gives TF's CollectiveAllReduce `tf_ops` launchers that draw instance keys at run time
+  (see _Launcher), for the reductions a strategy sends there instead of to tf_fusion
+  (metrics to the host, sparse values): else those crash in a cond as TF's do."""
+  tf_ops._launchers = [  # pylint: disable=protected-access
+      _Launcher(l._group_key, l._group_size, l._device, l._options)  # pylint: disable=protected-access
+      for l in tf_ops._launchers]  # pylint: disable=protected-access
+  return tf_ops
 
 
 class Collectives:

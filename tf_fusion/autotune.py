@@ -129,10 +129,11 @@ def _as_size(threshold):
 
 
 def topology(devices: Sequence[str], num_workers: int, algorithm_names) -> str:
-  """What a cost model is valid for: worker count, local devices, algorithms."""
+  """What a cost model is valid for: worker count, local devices, algorithms, and the
+  TensorFlow version (its collectives and kernels make the timings)."""
   kinds = sorted({d.split("/device:")[-1].rsplit(":", 1)[0] for d in devices})
   return (f"{num_workers} worker(s) x {len(devices)} {'+'.join(kinds)} device(s); "
-          f"algorithms {','.join(sorted(algorithm_names))}")
+          f"algorithms {','.join(sorted(algorithm_names))}; TensorFlow {tf.__version__}")
 
 
 def load_or_calibrate(path: Optional[str], devices: Sequence[str], algorithm_names,

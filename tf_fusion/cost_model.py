@@ -101,6 +101,12 @@ class CostModel:
     return min(sorted(algorithms),
                key=lambda a: self.seconds(a, nbytes, num_tensors))
 
+  def summary(self) -> str:
+    """One line: the launch cost and bandwidth of each algorithm, and the source."""
+    parts = [f"{a} {1e6 * self.alpha[a]:.0f} us + {1e-9 / self.beta[a] if self.beta[a] else float('inf'):.2f} GB/s"
+             for a in self.algorithms]
+    return "; ".join(parts) + (f" ({self.description})" if self.description else "")
+
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
@@ -234,7 +240,7 @@ def calibrate(devices: Sequence[str],
   model = dataclasses.replace(
       model, description=f"calibrated on {collectives.num_workers} worker(s) x "
       f"{len(devices)} devices ({devices[0]} ...) in {elapsed:.1f}s")
-  logging.info("tf_fusion cost model: %s", model.to_json())
+  logging.debug("tf_fusion cost model: %s", model.to_json())
   return model
 
 

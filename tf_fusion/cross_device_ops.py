@@ -14,6 +14,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import threading
 import zlib
 from typing import List, Optional, Sequence
 
@@ -34,6 +35,13 @@ from tf_fusion import stats
 from tf_fusion.options import FusionOptions
 
 _FUSIBLE_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+
+# Cost models of this process, shared by every FusedAllReduce: calibration runs seconds
+# of collectives, and notebooks, sweeps and test suites build many strategies over the
+# same devices. Keyed by what the timings depend on (devices, group, algorithms) and
+# the file they are kept in.
+_COST_MODELS = {}
+_COST_MODELS_LOCK = threading.RLock()
 
 
 class FusedAllReduce(tf.distribute.CrossDeviceOps):
@@ -65,7 +73,7 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
                       f"{type(options).__name__}.")
     self._options = options
     self._compressor = compression_lib.Compression.get(options.compression)
-    self._cost_models = {}
+    self._cost_models = _COST_MODELS
     self._given_cost_model = cost_model
     self._fallback = tf.distribute.ReductionToOneDevice()
     self._eager_fns = {}
@@ -227,6 +235,9 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
     tensors = [flat[i] for i in fused]
     plan = self.make_plan([(t.dtype, t.shape) for t in tensors], devices,
                           replica_launch=True)
+    self.last_plan = tuple(
+        dataclasses.replace(e, tensor_indices=tuple(fused[i] for i in e.tensor_indices))
+        for e in plan)
     for entry in plan:
       with tf.name_scope(stats.pack_scope(entry)):
         compressed = [self._compressor.compress(tensors[i]) for i in entry.tensor_indices]
@@ -299,16 +310,27 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
     """The cost model for `devices`: given, or calibrated once and kept."""
     if self._given_cost_model is not None:
       return self._given_cost_model
+    key = self._cost_model_key(devices)
+    with _COST_MODELS_LOCK:
+      if key not in self._cost_models:
+        devices = key[0]
+        logging.info("tf_fusion: all-reduce cost model for %d worker(s) x %d devices: "
+                     "%s (once per process; cost_model_file= keeps it across runs).",
+                     self._group_size(devices) // len(devices), len(devices),
+                     f"from {self._options.cost_model_file} or measured"
+                     if self._options.cost_model_file else "measuring")
+        model = autotune.load_or_calibrate(
+            self._options.cost_model_file, devices, self._algorithms,
+            timeout_seconds=self._options.timeout_seconds,
+            group_size=self._group_size(devices))
+        logging.info("tf_fusion: cost model: %s.", model.summary())
+        self._cost_models[key] = model
+      return self._cost_models[key]
+
+  def _cost_model_key(self, devices):
     devices = algorithms.canonical_devices(devices)
-    if devices not in self._cost_models:
-      logging.info("tf_fusion: the all-reduce cost model for %d devices: from %s, or "
-                   "measured (once; pass cost_model= to skip).", len(devices),
-                   self._options.cost_model_file or "no file")
-      self._cost_models[devices] = autotune.load_or_calibrate(
-          self._options.cost_model_file, devices, self._algorithms,
-          timeout_seconds=self._options.timeout_seconds,
-          group_size=self._group_size(devices))
-    return self._cost_models[devices]
+    return (devices, self._group_size(devices), self._algorithms,
+            self._options.cost_model_file)
 
   def make_plan(self, specs, devices, replica_launch=False) -> tuple:
     """Packs, algorithms and sizes for tensors of `specs` on `devices` (no ops built).
@@ -396,7 +418,7 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
     model = dataclasses.replace(model, tuned={**model.tuned, key: [
         candidates[best][0], candidates[best][1], seconds[best]]})
     if self._given_cost_model is None:
-      self._cost_models[algorithms.canonical_devices(devices)] = model
+      self._cost_models[self._cost_model_key(devices)] = model
       if opts.cost_model_file:
         autotune.save(model, opts.cost_model_file)
     else:

@@ -135,7 +135,8 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     on the reduced values: an inf or NaN in any micro-batch of any replica reached the
     accumulators, hence the reduced sum, so every replica skips the update and lowers
     the scale. Either way the accumulators restart at zero and the window goes on
-    counting (the inner optimizer's `iterations`).
+    counting (the inner optimizer's `_iterations`, micro-steps; its `iterations`
+    counts updates, and so do learning-rate schedules).
 
     The all-reduce runs inside a cond of the replica function, where MirroredStrategy
     cannot merge_call; tf_fusion's strategies launch it per replica there.
@@ -161,7 +162,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     def accumulate():
       inner._backend_increment_gradient_accumulators(local, accumulators)  # pylint: disable=protected-access
 
-    ops.cond(ops.equal((inner.iterations + 1) % steps, 0), update, accumulate)
+    ops.cond(ops.equal((inner._iterations + 1) % steps, 0), update, accumulate)  # pylint: disable=protected-access
     inner._iterations.assign_add(1)  # pylint: disable=protected-access
 
   def _inner_update(self, grads, variables):

@@ -11,6 +11,7 @@ from tensorflow.python.distribute import mirrored_run
 from tensorflow.python.distribute import mirrored_strategy as tf_mirrored
 from tensorflow.python.distribute import values as values_lib
 
+from tf_fusion import algorithms
 from tf_fusion.cross_device_ops import FusedAllReduce
 from tf_fusion.cross_device_ops import MultiWorkerFusedAllReduce
 from tf_fusion.options import FusionOptions
@@ -190,6 +191,8 @@ def multi_worker_strategy(options: Optional[FusionOptions] = None,
   strategy = _MultiWorkerStrategy(cluster_resolver, communication, devices_per_worker)
   extended = strategy.extended
   num_workers = extended._num_workers  # pylint: disable=protected-access
+  for tf_ops in (extended._cross_device_ops, extended._host_cross_device_ops):  # pylint: disable=protected-access
+    algorithms.use_run_time_keys(tf_ops)
   extended._cross_device_ops = MultiWorkerFusedAllReduce(  # pylint: disable=protected-access
       options, extended._cross_device_ops, num_workers, cost_model=cost_model)  # pylint: disable=protected-access
   return strategy

@@ -15,6 +15,14 @@ import tensorflow as tf
 
 
 def step_of(model):
+  """Training steps (batches) run so far. Under gradient accumulation the optimizer's
+  `iterations` counts updates; its `_iterations` counts batches either way."""
+  optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+  return int(number(optimizer._iterations))  # pylint: disable=protected-access
+
+
+def updates_of(model):
+  """Optimizer updates applied so far (steps / accumulation_steps)."""
   return int(number(model.optimizer.iterations))
 
 

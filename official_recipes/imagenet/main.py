@@ -63,14 +63,17 @@ def make_strategy(cfg):
 
 
 def make_optimizer(cfg, learning_rate):
-  """LARS or SGD + momentum (no decay on biases and batch norm), loss-scaled for fp16."""
+  """LARS or SGD + momentum (no decay on biases and batch norm), loss-scaled for fp16,
+  accumulating --accumulation_steps batches per update."""
+  accumulate = ({"gradient_accumulation_steps": cfg.accumulation_steps}
+                if cfg.accumulation_steps > 1 else {})
   if cfg.optimizer == "lars":
     opt = tf_fusion.LARS(learning_rate, momentum=cfg.momentum,
                          weight_decay=cfg.weight_decay, eta=cfg.lars_eta,
-                         exclude_from_weight_decay=NO_DECAY)
+                         exclude_from_weight_decay=NO_DECAY, **accumulate)
   else:
     opt = keras.optimizers.SGD(learning_rate, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay or None)
+                               weight_decay=cfg.weight_decay or None, **accumulate)
     opt.exclude_from_weight_decay(var_names=list(NO_DECAY))
   if not tf_fusion.mixed_precision.needs_loss_scaling():
     return opt
@@ -169,24 +172,29 @@ def _run(cfg):
   train, evaluation, n_train, n_eval = make_datasets(cfg, strategy, cfg.batch_size)
   steps_per_epoch, total, warmup, eval_steps = plan_steps(cfg, n_train, n_eval,
                                                           cfg.batch_size)
-  base_lr = cfg.base_lr or 0.1 * cfg.batch_size / 256
+  # Under gradient accumulation an update sees accumulation_steps batches, and the
+  # schedule runs on the optimizer's update count.
+  per_update = cfg.accumulation_steps
+  base_lr = cfg.base_lr or 0.1 * cfg.batch_size * per_update / 256
   out_dir = _worker_dir(cfg.model_dir, strategy)
   with strategy.scope():
     model = models.build(cfg.model, cfg.num_classes, cfg.image_size)
-    schedule = WarmupPolyDecay(base_lr, warmup, total, power=cfg.poly_power)
+    schedule = WarmupPolyDecay(base_lr, warmup // per_update,
+                               max(1, total // per_update), power=cfg.poly_power)
     # No XLA: with XLA on GPUs, MirroredStrategy ignores custom cross-device ops.
     model.compile(make_optimizer(cfg, schedule),
                   loss=keras.losses.CategoricalCrossentropy(
                       from_logits=True, label_smoothing=cfg.label_smoothing),
                   metrics=[keras.metrics.CategoricalAccuracy(name="top_1"),
                            keras.metrics.TopKCategoricalAccuracy(5, name="top_5")],
-                  jit_compile=False)
+                  jit_compile=False, steps_per_execution=cfg.steps_per_execution)
   backup = keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup"),
                                             delete_checkpoint=False)
   start_step = _restore(model, strategy, backup)
-  logging.info("%s on %d replicas, global batch %d, %d steps per epoch; steps %d..%d, "
-               "peak lr %.4g after %d warm-up steps", cfg.model, replicas, cfg.batch_size,
-               steps_per_epoch, start_step, total, base_lr, warmup)
+  logging.info("%s on %d replicas, global batch %d (x%d per update), %d steps per "
+               "epoch; steps %d..%d, peak lr %.4g after %d warm-up steps", cfg.model,
+               replicas, cfg.batch_size, per_update, steps_per_epoch, start_step, total,
+               base_lr, warmup)
   logger = recipe_callbacks.StepLogger(cfg.batch_size, cfg.log_steps, total,
                                        os.path.join(out_dir, "steps"))
   # First: the checkpoint written at an epoch's end then holds the replicas' average.
@@ -196,6 +204,12 @@ def _run(cfg):
   if profile:
     callbacks.append(recipe_callbacks.Profiler(*profile, out_dir))
   loop = steps_per_epoch * cfg.epochs_between_evals
+  if loop % cfg.steps_per_execution or (total - start_step) % cfg.steps_per_execution:
+    # The data repeats, so each call runs all its steps: it would overshoot the
+    # evaluation points and the end of the run.
+    raise ValueError(
+        f"--steps_per_execution={cfg.steps_per_execution} must divide the steps between "
+        f"evaluations ({loop}) and the steps left to run ({total - start_step}).")
   history = {}
   if start_step < total:
     first_epoch = math.ceil(start_step / loop)
@@ -218,6 +232,8 @@ def _run(cfg):
       "model": cfg.model, "num_replicas": replicas, "global_batch_size": cfg.batch_size,
       "dtype": cfg.dtype, "start_step": start_step,
       "final_step": recipe_callbacks.step_of(model), "total_steps": total,
+      "accumulation_steps": per_update, "updates": recipe_callbacks.updates_of(model),
+      "steps_per_execution": cfg.steps_per_execution,
       "steps_per_epoch": steps_per_epoch,
       "train_loss": metrics.get("loss"), "train_top_1": metrics.get("top_1"),
       "eval_loss": metrics.get("val_loss"), "eval_top_1": metrics.get("val_top_1"),

@@ -86,8 +86,17 @@ def define_schedule_flags(fv=flags.FLAGS):
   flags.DEFINE_integer("epochs_between_evals", 1, "Evaluate every this many epochs.",
                        flag_values=fv)
   flags.DEFINE_bool("skip_eval", False, "Train only.", flag_values=fv)
+  flags.DEFINE_integer("accumulation_steps", 1, "Batches per optimizer update (gradient "
+                       "accumulation): each update sees batch_size x N examples and "
+                       "crosses the wire once; the learning-rate schedule counts "
+                       "updates, --train_steps and the logs count batches.",
+                       flag_values=fv)
+  flags.DEFINE_integer("steps_per_execution", 1, "Training steps run per call of the "
+                       "compiled step (Keras steps_per_execution, Model Garden's "
+                       "steps_per_loop): less Python and launch overhead per step.",
+                       flag_values=fv)
   for name in ("batch_size", "epochs", "train_steps", "base_lr", "poly_power",
-               "epochs_between_evals"):
+               "epochs_between_evals", "accumulation_steps", "steps_per_execution"):
     _positive(name, fv)
   _positive("warmup_epochs", fv, allow_zero=True)
   flags.register_validator("label_smoothing", lambda v: 0 <= v < 1,

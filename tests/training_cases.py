@@ -1,0 +1,148 @@
+"""The ways Keras drives training, as small deterministic runs (one device or a strategy).
+
+Shared by tests/test_training_equivalence.py (one host) and tests/multi_worker_job.py
+(2 workers x 2 devices): the same case under a strategy and on one device, at the same
+global batch, must end with the same weights.
+"""
+
+import contextlib
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import tf_fusion
+
+CASES = ("plain", "retrace", "run_eagerly", "partial_batch", "frozen_layer", "no_gradient",
+         "fit_evaluate_fit", "two_optimizers", "accumulation", "steps_per_execution")
+OPTIMIZERS = ("sgd", "lars", "loss_scaled_lars")
+POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+ACCUMULATION_STEPS = 3
+
+
+def data(n=96):
+  rng = np.random.RandomState(0)
+  x = rng.randn(n, 8).astype(np.float32)
+  y = (x[:, :3] * [1.0, -2.0, 0.5] + 0.1 * rng.randn(n, 3)).astype(np.float32)
+  return x, y
+
+
+def make_optimizer(name, accumulation=None):
+  kwargs = {"gradient_accumulation_steps": accumulation} if accumulation else {}
+  if name == "sgd":
+    return keras.optimizers.SGD(0.05, momentum=0.9, **kwargs)
+  # eta = 0.05 instead of the paper's 0.001: the weights must move visibly in 6 steps.
+  lars = tf_fusion.LARS(1.0, momentum=0.9, weight_decay=1e-3, eta=0.05, **kwargs)
+  if name == "lars":
+    return lars
+  if name == "loss_scaled_lars":
+    return tf_fusion.mixed_precision.loss_scale(lars, initial_scale=2.0**10)
+  raise ValueError(f"unknown optimizer {name!r}; valid: {OPTIMIZERS}")
+
+
+class WithUnusedLayer(keras.Model):
+  """A model one of whose variables never reaches the loss: its gradient is None."""
+
+  def __init__(self):
+    super().__init__()
+    self.hidden = keras.layers.Dense(16, activation="relu")
+    self.out = keras.layers.Dense(3)
+    self.unused = keras.layers.Dense(2)
+
+  def build(self, input_shape):
+    self.hidden.build(input_shape)
+    self.out.build((None, 16))
+    self.unused.build(input_shape)
+    self.built = True
+
+  def call(self, x):
+    return self.out(self.hidden(x))
+
+
+class TwoOptimizers(keras.Model):
+  """GAN-style: two parts, each with its own optimizer, in a custom train_step."""
+
+  def __init__(self, optimizer_name):
+    super().__init__()
+    self.first = keras.layers.Dense(16, activation="relu")
+    self.second = keras.layers.Dense(3)
+    self.opt_first = make_optimizer(optimizer_name)
+    self.opt_second = make_optimizer(optimizer_name)
+
+  def call(self, x):
+    return self.second(self.first(x))
+
+  def train_step(self, batch):
+    x, y = batch
+    # Two passes, two tapes, two optimizers, as a GAN's discriminator then generator.
+    for optimizer, variables in ((self.opt_first, self.first.trainable_variables),
+                                 (self.opt_second, self.second.trainable_variables)):
+      with tf.GradientTape() as tape:
+        loss = self.compute_loss(x=x, y=y, y_pred=self(x, training=True))
+        scaled = optimizer.scale_loss(loss)
+      optimizer.apply(tape.gradient(scaled, variables), variables)
+    return {"loss": loss}
+
+
+def build(case, optimizer_name):
+  """The compiled model of `case` (call inside the strategy's scope)."""
+  keras.utils.set_random_seed(1)
+  if case == "no_gradient":
+    model = WithUnusedLayer()
+    model.build((None, 8))
+  elif case == "two_optimizers":
+    model = TwoOptimizers(optimizer_name)
+    model(np.zeros((1, 8), np.float32))   # creates the variables the optimizers take
+  else:
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(3)])
+  if case == "frozen_layer":
+    model.layers[1].trainable = False
+  optimizer = (None if case == "two_optimizers" else make_optimizer(
+      optimizer_name, ACCUMULATION_STEPS if case == "accumulation" else None))
+  if case == "two_optimizers":
+    # Built here, in the scope, like the compiled optimizer.
+    model.opt_first.build(model.first.trainable_variables)
+    model.opt_second.build(model.second.trainable_variables)
+    optimizer = keras.optimizers.SGD(0.0)
+  model.compile(optimizer, loss="mse", run_eagerly=case == "run_eagerly",
+                steps_per_execution=4 if case == "steps_per_execution" else 1)
+  return model
+
+
+def train(strategy, case, optimizer_name, policy="float32"):
+  """Trains `case` under `strategy` (None: one device); returns the final weights."""
+  x, y = data()
+  with _policy(policy):
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+    with scope:
+      model = build(case, optimizer_name)
+    fit = dict(epochs=1, shuffle=False, verbose=0)
+    if case in ("retrace", "frozen_layer", "no_gradient"):
+      model.fit(x, y, batch_size=32, **fit)
+      model.fit(x, y, batch_size=16, **fit)   # another batch size: a new trace
+      model.fit(x, y, batch_size=32, **fit)
+    elif case == "partial_batch":
+      model.fit(x, y, batch_size=40, epochs=2, shuffle=False, verbose=0)   # 40, 40, 16
+    elif case == "fit_evaluate_fit":
+      model.fit(x, y, batch_size=32, **fit)
+      model.evaluate(x[:48], y[:48], batch_size=24, verbose=0)
+      model.fit(x, y, batch_size=32, **fit)
+    elif case == "steps_per_execution":
+      # 3 steps an epoch, 4 per execution: the last execution ends with the data.
+      model.fit(x, y, batch_size=32, epochs=3, shuffle=False, verbose=0)
+    else:
+      model.fit(x, y, batch_size=16 if case == "accumulation" else 32, epochs=2,
+                shuffle=False, verbose=0)
+  return [v.numpy() for v in model.weights]
+
+
+@contextlib.contextmanager
+def _policy(name):
+  old = keras.config.dtype_policy()
+  keras.config.set_dtype_policy(name)
+  try:
+    yield
+  finally:
+    keras.config.set_dtype_policy(old)
