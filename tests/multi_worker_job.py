@@ -222,6 +222,27 @@ def mode_dead_peer(strategy):
   return {"error": None, "seconds": time.monotonic() - start}
 
 
+def mode_call_timeout(strategy):
+  """Only worker 0 reduces, with a per-call timeout of 1 s; worker 1 stays alive but
+  never joins. Worker 0 must get DeadlineExceededError within the call's timeout plus a
+  few seconds (the strategy's own timeout is 60 s)."""
+  import time  # pylint: disable=g-import-not-at-top
+  if strategy.cluster_resolver.task_id == 1:
+    time.sleep(15)
+    return {"error": None, "seconds": 0.0}
+  value = strategy.experimental_distribute_values_from_function(
+      lambda ctx: tf.ones([1000]))
+  options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=1)
+  start = time.monotonic()
+  try:
+    with strategy.scope():
+      tf_fusion.fused_ops_of(strategy).batch_reduce("SUM", [(value, value)], options)
+  except Exception as e:  # pylint: disable=broad-except
+    return {"error": f"{type(e).__name__}: {e}"[:2000],
+            "seconds": time.monotonic() - start}
+  return {"error": None, "seconds": time.monotonic() - start}
+
+
 def main(argv):
   mode, out_path = argv[1], argv[2]
   # fit and resume run "auto" with no cost model: the calibration runs across the
@@ -232,7 +253,7 @@ def main(argv):
       timeout_seconds=timeout, algorithm=algorithm))
   result = {"reduce": mode_reduce, "fit": mode_fit, "cases": mode_cases,
             "mismatch": mode_mismatch, "resume": mode_resume,
-            "dead_peer": mode_dead_peer}[mode](strategy)
+            "dead_peer": mode_dead_peer, "call_timeout": mode_call_timeout}[mode](strategy)
   result["task"] = strategy.cluster_resolver.task_id
   with open(out_path.replace("{task}", str(result["task"])), "w") as f:
     json.dump(result, f)

@@ -100,9 +100,9 @@ class ContractTest(tf.test.TestCase, parameterized.TestCase):
     for ops in (self._ours, tf.distribute.ReductionToOneDevice()):
       devices = []
 
-      def call(ops=ops, devices=devices):
+      def call(ops=ops):
         results = fn(ops)
-        devices.extend(_devices_of(r) for r in results)
+        devices.extend(_devices_of(r) for r in results)   # at trace time in a function
         return results
 
       with self.strategy.scope():
@@ -162,31 +162,34 @@ class ContractTest(tf.test.TestCase, parameterized.TestCase):
     for g, w in zip(ours[0][0], theirs[0][0]):
       self.assertAllEqual(g, w)
 
-  @parameterized.parameters("ring", "reduce_to_one")
-  def test_two_threads_launch_at_once(self, config):
-    """Each thread reduces its own values through one op, eagerly, at the same time."""
-    ops = _ours(config)
-    errors, results = [], {}
-    inputs = {t: [_dense(self.devices, (64,), seed=10 * t + i) for i in range(4)]
-              for t in range(2)}
-    barrier = threading.Barrier(2)
+  @parameterized.parameters("ring", "auto")
+  def test_threads_launch_at_once(self, config):
+    """Threads reduce their own values through one op, eagerly, at the same time, from
+    the first call (auto: calibration and planning race too). Unguarded, two threads'
+    collectives interleave on the devices: wrong sums, errors or a deadlock."""
+    ops = tf_fusion.FusedAllReduce(
+        tf_fusion.FusionOptions(pack_bytes=256, first_pack_bytes=0, **CONFIGS[config]))
+    errors, results, n = [], {}, 6
+    inputs = {t: [_dense(self.devices, (64,), seed=100 * t + i) for i in range(12)]
+              for t in range(n)}
+    barrier = threading.Barrier(n)
 
     def worker(t):
       try:
         barrier.wait()
         with self.strategy.scope():
-          for _ in range(3):
+          for _ in range(4):
             results[t] = ops.batch_reduce(SUM, [(v, v) for v in inputs[t]])
       except Exception as e:  # pylint: disable=broad-except
         errors.append(e)
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(2)]
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(n)]
     for thread in threads:
       thread.start()
     for thread in threads:
-      thread.join(timeout=120)
+      thread.join(timeout=60)
       self.assertFalse(thread.is_alive(), "a launch deadlocked")
     self.assertEmpty(errors)
-    for t in range(2):
+    for t in range(n):
       for got, value in zip(results[t], inputs[t]):
         want = sum(v.numpy() for v in value.values)
         for d, part in zip(self.devices, got.values):

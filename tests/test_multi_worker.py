@@ -57,6 +57,12 @@ class MultiWorkerReduceTest(tf.test.TestCase):
                   ": a peer worker died", workers[0]["error"])
     self.assertLess(workers[0]["seconds"], 90)
 
+  def test_a_per_call_timeout_bounds_the_fused_reduction(self):
+    (first, _) = multi_worker.run_workers("call_timeout")
+    self.assertStartsWith(first["error"], "DeadlineExceededError")
+    self.assertIn("did not complete (timeout_seconds=1)", first["error"])
+    self.assertLess(first["seconds"], 8)
+
   def test_mismatched_gradients_are_named_on_every_worker(self):
     workers = multi_worker.run_workers("mismatch")
     for w, mine in zip(workers, ("float32[7]", "float32[8]")):

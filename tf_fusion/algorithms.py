@@ -38,7 +38,23 @@ _GROUP_KEY_BASE = 1 << 28
 _KEYS = cross_device_utils.CollectiveKeys(group_key_start=_GROUP_KEY_BASE)
 _COLLECTIVES_CACHE = {}
 _COUNTERS = {}
-_COUNTERS_LOCK = threading.Lock()
+_COUNTERS_LOCK = threading.RLock()
+_HINTS = {"nccl": collective_util.CommunicationImplementation.NCCL,
+          "ring": collective_util.CommunicationImplementation.RING,
+          "auto": collective_util.CommunicationImplementation.AUTO}
+
+
+def _hint(devices, implementation):
+  """The CommunicationImplementation for `implementation` on `devices`."""
+  if implementation not in _HINTS:
+    raise ValueError(f"unknown collective implementation {implementation!r}; valid: "
+                     f"{', '.join(_HINTS)}.")
+  gpus = all(tf.DeviceSpec.from_string(d).device_type == "GPU" for d in devices)
+  if implementation == "auto" and gpus:
+    return _HINTS["nccl"]
+  if implementation == "nccl" and not gpus:
+    return _HINTS["auto"]   # as TF: no NCCL off GPUs, the ring runs
+  return _HINTS[implementation]
 
 
 def _instance_key_counter(group_key, device):
@@ -115,9 +131,14 @@ class Collectives:
 
   Group keys are handed out in order of first use, like TF's own: every worker runs the
   same program, so every worker gives the same group the same key.
+
+  `implementation` is the collective TF runs: "nccl", "ring", or "auto": NCCL when
+  every device is a GPU (as TF's MirroredStrategy does there), else TF's ring. TF's
+  runtime picks NCCL only for the hint "nccl" (CollectiveParamResolverLocal); with
+  "auto" it would run its ring on GPUs too.
   """
 
-  def __init__(self, devices, group_size, timeout_seconds=None):
+  def __init__(self, devices, group_size, timeout_seconds=None, implementation="auto"):
     self.devices = tuple(devices)
     self.group_size = group_size
     if group_size % len(self.devices):
@@ -133,20 +154,22 @@ class Collectives:
     # that sleeps for the whole timeout (tensorflow#62466), so timing every pack of
     # every step piles up (packs x devices x timeout / step time) threads until the
     # process cannot start one more. Only "watched" calls carry the timeout (below).
-    self._options = collective_util.Options(
-        implementation=collective_util.CommunicationImplementation.AUTO)
+    self.implementation = _hint(self.devices, implementation)
+    self._implementation = implementation
+    self._options = collective_util.Options(implementation=self.implementation)
     self._watched = collective_util.Options(timeout_seconds=timeout_seconds)
     self._launchers = [_Launcher(group_key, group_size, d, self._options)
                        for d in self.devices]
 
   @classmethod
-  def get(cls, devices, group_size=None, timeout_seconds=None):
+  def get(cls, devices, group_size=None, timeout_seconds=None, implementation="auto"):
     devices = canonical_devices(devices)
     group_size = group_size or len(devices)
-    key = (devices, group_size, timeout_seconds)
-    if key not in _COLLECTIVES_CACHE:
-      _COLLECTIVES_CACHE[key] = cls(devices, group_size, timeout_seconds)
-    return _COLLECTIVES_CACHE[key]
+    key = (devices, group_size, timeout_seconds, implementation)
+    with _COUNTERS_LOCK:
+      if key not in _COLLECTIVES_CACHE:
+        _COLLECTIVES_CACHE[key] = cls(devices, group_size, timeout_seconds, implementation)
+      return _COLLECTIVES_CACHE[key]
 
   def all_reduce(self, buffers: Sequence[tf.Tensor], watched: bool = False
                  ) -> List[tf.Tensor]:
@@ -163,9 +186,15 @@ class Collectives:
     """The launcher of local device `index` (for per-replica, no-merge-call reductions)."""
     return self._launchers[index]
 
+  def launch(self, index, buffer, watched=False):
+    """Local device `index`'s part of an all-reduce (the no-merge-call path)."""
+    options = self._watched if watched and self._timeout_seconds else None
+    return self._launchers[index].all_reduce(buffer, options=options)
+
   def across_workers(self) -> "Collectives":
     """The group of one device per worker (this worker's last local device)."""
-    return Collectives.get(self.devices[-1:], self.num_workers, self._timeout_seconds)
+    return Collectives.get(self.devices[-1:], self.num_workers, self._timeout_seconds,
+                           self._implementation)
 
   def sum_across_workers(self, vector) -> np.ndarray:
     """Eagerly sums a small float64 vector over the workers (also while tracing).

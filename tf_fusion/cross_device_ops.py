@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import threading
 import zlib
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -78,6 +78,10 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
     self._fallback = tf.distribute.ReductionToOneDevice()
     self._eager_fns = {}
     self._warned = set()
+    # One instance may be called from several threads: the plan, the eager functions
+    # and last_plan are shared, and two eager launches on the same devices must not
+    # interleave their collectives (each would wait for the other's: a deadlock).
+    self._lock = threading.RLock()
     self.last_plan = ()
 
   @property
@@ -91,6 +95,7 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
     new = copy.copy(self)
     new._eager_fns = {}  # pylint: disable=protected-access
     new._warned = set()  # pylint: disable=protected-access
+    new._lock = threading.RLock()  # pylint: disable=protected-access
     new.last_plan = ()
     memo[id(self)] = new
     return new
@@ -104,23 +109,42 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
 
   def batch_reduce_implementation(self, reduce_op, value_destination_pairs,
                                   options):
-    # Keras passes no options; our settings are self._options. TF's ops (the fallback)
-    # want some.
-    if options is None:
-      options = collective_util.Options(timeout_seconds=self._options.timeout_seconds)
+    call = self._call_settings(options)
+    # TF's ops (the fallback) get the same per-call options, our timeout by default.
+    options = collective_util.Options(
+        bytes_per_pack=call.max_pack_bytes or 0, timeout_seconds=call.timeout_seconds,
+        implementation=options.implementation if options is not None else
+        collective_util.CommunicationImplementation.AUTO)
     reduce_op = tf.distribute.ReduceOp(reduce_op)
     results = [None] * len(value_destination_pairs)
     fused = []
-    for i, (value, dest) in enumerate(value_destination_pairs):
-      if self._fusible(value, dest):
-        fused.append(i)
-      else:
-        results[i] = self._fallback.reduce_implementation(reduce_op, value, dest, options)
-    if fused:
-      values = [value_destination_pairs[i][0] for i in fused]
-      for i, mirrored in zip(fused, self._reduce_fused(reduce_op, values, fused)):
-        results[i] = mirrored
+    with self._lock:
+      for i, (value, dest) in enumerate(value_destination_pairs):
+        if self._fusible(value, dest):
+          fused.append(i)
+        else:
+          results[i] = self._fallback.reduce_implementation(reduce_op, value, dest,
+                                                            options)
+      if fused:
+        values = [value_destination_pairs[i][0] for i in fused]
+        for i, mirrored in zip(fused, self._reduce_fused(reduce_op, values, fused, call)):
+          results[i] = mirrored
     return results
+
+  def _call_settings(self, options) -> "_Call":
+    """What one call's CommunicationOptions change, over FusionOptions.
+
+    timeout_seconds bounds this call's collectives; bytes_per_pack > 0 caps the pack
+    size (as TF documents it); implementation picks the collective (NCCL or ring) on
+    GPUs, and on other devices does what TF does: NCCL is not there, so ring.
+    """
+    timeout = self._options.timeout_seconds
+    max_pack_bytes, implementation = None, "auto"
+    if options is not None:
+      timeout = options.timeout_seconds or timeout
+      max_pack_bytes = options.bytes_per_pack or None
+      implementation = options.implementation.value.lower()
+    return _Call(timeout, max_pack_bytes, implementation)
 
   def _gather_implementation(self, per_replica_value, destinations, axis, options):
     # strategy.gather: TF's own, exact (no packs, no FP16 wire); CrossDeviceOps has none.
@@ -161,11 +185,12 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
         "cannot tell which device each replica's value lives on (devices "
         f"{devices!r}); call the reduction inside the strategy's scope.")
 
-  def _reduce_fused(self, reduce_op, values, positions):
+  def _reduce_fused(self, reduce_op, values, positions, call):
     devices = self._devices_for(values)
     per_device = [[v.values[d] for v in values] for d in range(len(devices))]
     specs = [(t.dtype, t.shape) for t in per_device[0]]
-    plan = self.make_plan(specs, devices)
+    plan = self.make_plan(specs, devices, max_pack_bytes=call.max_pack_bytes,
+                          timeout_seconds=call.timeout_seconds)
     # Users read positions in the list they reduced, not in the fused sub-list.
     self.last_plan = tuple(
         dataclasses.replace(e, tensor_indices=tuple(positions[i] for i in e.tensor_indices))
@@ -173,20 +198,41 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
     if tf.executing_eagerly():
       # Collectives block until every device joins: launched one by one in eager
       # mode they would deadlock, so the eager path runs as one function.
-      key = (reduce_op, devices, plan)
+      key = (reduce_op, devices, plan, call)
       if key not in self._eager_fns:
         self._eager_fns[key] = tf.function(
-            functools.partial(self._reduce_dense, reduce_op, devices, plan))
-      with _explain_collective_errors(self):
+            functools.partial(self._reduce_dense, reduce_op, devices, plan, call=call))
+      with _explain_collective_errors(self, call.timeout_seconds):
         outputs = self._eager_fns[key](per_device)
+      # A tf.function called eagerly names its call's device as every output's
+      # `.device`, though each buffer stays where it was computed (`backing_device`);
+      # an identity on the replica's own device re-homes it without a copy.
+      outputs = [[_on_device(device, t) for t in out]
+                 for device, out in zip(devices, outputs)]
     else:
-      outputs = self._reduce_dense(reduce_op, devices, plan, per_device)
+      outputs = self._reduce_dense(reduce_op, devices, plan, per_device, call=call)
     return [distribute_utils.regroup(tuple(outputs[d][i] for d in range(len(devices))),
                                      wrap_class=values_lib.Mirrored)
             for i in range(len(values))]
 
   def _group_size(self, devices):
     return len(devices)
+
+  def _collectives(self, devices, call):
+    """The launchers of `devices` for one call: its timeout and collective."""
+    implementation = call.implementation
+    gpus = all("GPU" in d.upper() for d in devices)
+    if implementation == "nccl" and not gpus:
+      self._warn_once("tf_fusion: NCCL was asked for, but the devices are not GPUs: "
+                      "the collectives run the ring, as TensorFlow's do")
+      implementation = "auto"
+    return algorithms.Collectives.get(devices, self._group_size(devices),
+                                      call.timeout_seconds, implementation)
+
+  def _warn_once(self, message):
+    if message not in self._warned:
+      self._warned.add(message)
+      logging.warning("%s.", message)
 
   # --- the no-merge-call path --------------------------------------------------------
 
@@ -218,32 +264,35 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
       The reduced nest, in the structure of `value`.
     """
     reduce_op = tf.distribute.ReduceOp(reduce_op)
+    call = self._call_settings(options)
     flat = tf.nest.flatten(value)
     devices = self._local_devices()
-    collectives = algorithms.Collectives.get(
-        devices, self._group_size(devices), self._options.timeout_seconds)
-    launcher = collectives.launcher(replica_id)
+    collectives = self._collectives(devices, call)
     outputs = list(flat)
     fused = []
     for i, t in enumerate(flat):
       if isinstance(t, tf.IndexedSlices) or t.dtype not in _FUSIBLE_DTYPES:
-        outputs[i] = _reduce_unfused(launcher, t, reduce_op, collectives.group_size)
+        outputs[i] = _reduce_unfused(collectives.launcher(replica_id), t, reduce_op,
+                                     collectives.group_size)
       else:
         fused.append(i)
     if not fused:
       return tf.nest.pack_sequence_as(value, outputs)
     tensors = [flat[i] for i in fused]
-    plan = self.make_plan([(t.dtype, t.shape) for t in tensors], devices,
-                          replica_launch=True)
+    with self._lock:
+      plan = self.make_plan([(t.dtype, t.shape) for t in tensors], devices,
+                            replica_launch=True, max_pack_bytes=call.max_pack_bytes,
+                            timeout_seconds=call.timeout_seconds)
     self.last_plan = tuple(
         dataclasses.replace(e, tensor_indices=tuple(fused[i] for i in e.tensor_indices))
         for e in plan)
+    watched = max((e.index for e in plan if e.algorithm != "none"), default=None)
     for entry in plan:
       with tf.name_scope(stats.pack_scope(entry)):
         compressed = [self._compressor.compress(tensors[i]) for i in entry.tensor_indices]
         buffer = packing.pack([c for c, _ in compressed])
         if entry.algorithm != "none":
-          buffer = launcher.all_reduce(buffer)
+          buffer = collectives.launch(replica_id, buffer, watched=entry.index == watched)
         buffer = self._compressor.decompress(buffer, compressed[0][1])
         if reduce_op == tf.distribute.ReduceOp.MEAN:
           buffer = _divide(buffer, collectives.group_size)
@@ -252,9 +301,10 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
           outputs[fused[i]] = part
     return tf.nest.pack_sequence_as(value, outputs)
 
-  def _reduce_dense(self, reduce_op, devices, plan, per_device) -> List[List[tf.Tensor]]:
-    collectives = algorithms.Collectives.get(
-        devices, self._group_size(devices), self._options.timeout_seconds)
+  def _reduce_dense(self, reduce_op, devices, plan, per_device, call=None
+                    ) -> List[List[tf.Tensor]]:
+    call = call or self._call_settings(None)
+    collectives = self._collectives(devices, call)
     group_size = collectives.group_size
     outputs = [[None] * len(per_device[0]) for _ in devices]
     # The timeout rides on the last pack that runs a collective (see
@@ -332,12 +382,16 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
     return (devices, self._group_size(devices), self._algorithms,
             self._options.cost_model_file)
 
-  def make_plan(self, specs, devices, replica_launch=False) -> tuple:
+  def make_plan(self, specs, devices, replica_launch=False, max_pack_bytes=None,
+                timeout_seconds=None) -> tuple:
     """Packs, algorithms and sizes for tensors of `specs` on `devices` (no ops built).
 
     `replica_launch`: for the no-merge-call path, where each replica launches its own
-    collectives: every pack runs the ring.
+    collectives: every pack runs the ring. `max_pack_bytes`: a cap on the pack size
+    (a call's bytes_per_pack). `timeout_seconds`: for the collectives planning runs
+    across workers (a call's timeout).
     """
+    del timeout_seconds   # one worker: planning runs no collective of its own
     opts = self._options
     algorithm, note = self._local_algorithm()
     if replica_launch:
@@ -355,6 +409,9 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
         self._warned.add((pack_bytes, first_pack_bytes))
         logging.info("tf_fusion autotune (%s): pack_bytes=%d, first_pack_bytes=%d (%s)",
                      opts.autotune, pack_bytes, first_pack_bytes, model.description)
+    if max_pack_bytes:
+      pack_bytes = min(pack_bytes or max_pack_bytes, max_pack_bytes)
+      first_pack_bytes = min(first_pack_bytes, max_pack_bytes)
     plan = self._plan(specs, pack_bytes, first_pack_bytes, model, algorithm, note,
                       unknown_size_algorithm="ring" if replica_launch else None)
     if not tf.executing_eagerly():
@@ -512,11 +569,13 @@ class MultiWorkerFusedAllReduce(FusedAllReduce):
       return devices
     return super()._devices_for(values)
 
-  def make_plan(self, specs, devices, replica_launch=False) -> tuple:
-    self._check_same_gradients(specs, devices)
-    return super().make_plan(specs, devices, replica_launch=replica_launch)
+  def make_plan(self, specs, devices, replica_launch=False, max_pack_bytes=None,
+                timeout_seconds=None) -> tuple:
+    self._check_same_gradients(specs, devices, timeout_seconds)
+    return super().make_plan(specs, devices, replica_launch=replica_launch,
+                             max_pack_bytes=max_pack_bytes)
 
-  def _check_same_gradients(self, specs, devices):
+  def _check_same_gradients(self, specs, devices, timeout_seconds=None):
     """Raises on every worker if the workers' tensor lists differ (count, shape, dtype).
 
     Mismatched lists would launch mismatched collectives: a hang or a shape error deep in
@@ -529,9 +588,10 @@ class MultiWorkerFusedAllReduce(FusedAllReduce):
       return
     text = repr(key).encode()
     mine = np.array([len(key), zlib.crc32(text), zlib.adler32(text)], np.float64)
+    timeout_seconds = timeout_seconds or self._options.timeout_seconds
     collectives = algorithms.Collectives.get(
-        devices, self._group_size(devices), self._options.timeout_seconds)
-    with _explain_collective_errors(self):
+        devices, self._group_size(devices), timeout_seconds)
+    with _explain_collective_errors(self, timeout_seconds):
       total = collectives.sum_across_workers(mine)
     if total[0] != mine[0] * self._num_workers:
       raise ValueError(
@@ -554,8 +614,20 @@ def _describe(key, limit=6):
   return shown + (f", ... ({len(key) - limit} more)" if len(key) > limit else "")
 
 
+class _Call(NamedTuple):
+  """One call's settings (from its CommunicationOptions over FusionOptions)."""
+  timeout_seconds: Optional[float]
+  max_pack_bytes: Optional[int]
+  implementation: str   # "auto", "ring" or "nccl"
+
+
+def _on_device(device, tensor):
+  with tf.device(device):
+    return tf.identity(tensor)
+
+
 @contextlib.contextmanager
-def _explain_collective_errors(ops):
+def _explain_collective_errors(ops, timeout_seconds=None):
   """Re-raises a collective's timeout or abort with what it most likely means.
 
   TF reports either the dead task (when its heartbeats stop first) or only "Collective
@@ -568,5 +640,6 @@ def _explain_collective_errors(ops):
     workers = ops._num_between_graph_workers  # pylint: disable=protected-access
     raise type(e)(e.node_def, e.op, (
         f"tf_fusion: an all-reduce across {workers} worker(s) did not complete "
-        f"(timeout_seconds={ops.options.timeout_seconds}): a peer worker died, hangs, "
+        f"(timeout_seconds={timeout_seconds or ops.options.timeout_seconds}): a peer "
+        "worker died, hangs, "
         f"or runs a different program. TensorFlow said: {e.message}")) from None
