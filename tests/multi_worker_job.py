@@ -58,7 +58,7 @@ def mode_reduce(strategy):
   tf_ops = strategy.extended._cross_device_ops._tf_ops  # pylint: disable=protected-access
   results = []
   for algorithm in ("ring", "hierarchical", "auto"):
-    for compression in ("none", "fp16"):
+    for compression in ("none", "fp16", "bf16"):
       opts = tf_fusion.FusionOptions(pack_bytes=200, first_pack_bytes=64,
                                      algorithm=algorithm, compression=compression,
                                      timeout_seconds=60)
@@ -222,6 +222,30 @@ def mode_dead_peer(strategy):
   return {"error": None, "seconds": time.monotonic() - start}
 
 
+def mode_plan_mismatch(strategy):
+  """Each worker asks for another plan (the algorithm; then the pack thresholds): every
+  worker must raise, naming what differs, within seconds, not hang."""
+  import time  # pylint: disable=g-import-not-at-top
+  task = strategy.cluster_resolver.task_id
+  values = [strategy.experimental_distribute_values_from_function(
+      lambda ctx, s=s: tf.ones(s)) for s in [(30,), (7,), (50,)]]
+  tf_ops = strategy.extended._cross_device_ops._tf_ops  # pylint: disable=protected-access
+  settings = [dict(algorithm=("ring", "hierarchical")[task]),
+              dict(algorithm="ring", pack_bytes=(64, 1 << 20)[task], first_pack_bytes=0)]
+  out = []
+  for extra in settings:
+    ops = tf_fusion.MultiWorkerFusedAllReduce(
+        tf_fusion.FusionOptions(timeout_seconds=30, **extra), tf_ops, 2, worker_index=task)
+    start = time.monotonic()
+    try:
+      with strategy.scope():
+        ops.batch_reduce("SUM", [(v, v) for v in values])
+      out.append({"error": None})
+    except ValueError as e:
+      out.append({"error": str(e), "seconds": time.monotonic() - start})
+  return {"cases": out}
+
+
 def mode_call_timeout(strategy):
   """Only worker 0 reduces, with a per-call timeout of 1 s; worker 1 stays alive but
   never joins. Worker 0 must get DeadlineExceededError within the call's timeout plus a
@@ -253,7 +277,8 @@ def main(argv):
       timeout_seconds=timeout, algorithm=algorithm))
   result = {"reduce": mode_reduce, "fit": mode_fit, "cases": mode_cases,
             "mismatch": mode_mismatch, "resume": mode_resume,
-            "dead_peer": mode_dead_peer, "call_timeout": mode_call_timeout}[mode](strategy)
+            "dead_peer": mode_dead_peer, "call_timeout": mode_call_timeout,
+            "plan_mismatch": mode_plan_mismatch}[mode](strategy)
   result["task"] = strategy.cluster_resolver.task_id
   with open(out_path.replace("{task}", str(result["task"])), "w") as f:
     json.dump(result, f)

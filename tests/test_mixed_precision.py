@@ -79,16 +79,22 @@ class GlobalFinitenessTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(scale, 2.0**10)
     self.assertEqual(iterations, 1)
 
-  def test_fp16_wire_overflow_skips_the_step(self):
-    # Each replica's scaled gradient is 2^15 (fits FP16, max 65504); their sum on the
-    # FP16 wire, 2^16, does not. Without compression the same step is applied.
+  def test_fp16_wire_does_not_overflow_a_loss_scaled_sum(self):
+    # Each replica's scaled gradient is 2^15 (fits FP16, max 65504); their sum, 2^16,
+    # would not: the range scaling halves both on the wire and doubles the sum after,
+    # so the step is applied as without compression and the loss scale stays.
     grads = [np.ones(4, np.float32), np.ones(4, np.float32)]
+    for compression in ("fp16", "none"):
+      weights, scale, iterations = _step(2, grads, compression=compression)
+      self.assertAllEqual(weights[0], np.full(4, -2.0))
+      self.assertEqual((scale, iterations), (2.0**15, 1))
+
+  def test_a_real_inf_still_skips_under_the_fp16_wire(self):
+    grads = [np.ones(4, np.float32), np.ones(4, np.float32)]
+    grads[1][2] = np.inf
     weights, scale, iterations = _step(2, grads, compression="fp16")
     self.assertAllEqual(weights[0], np.zeros(4))
     self.assertEqual((scale, iterations), (2.0**14, 0))
-    weights, scale, iterations = _step(2, grads, compression="none")
-    self.assertAllEqual(weights[0], np.full(4, -2.0))
-    self.assertEqual((scale, iterations), (2.0**15, 1))
 
 
 class AccumulationFinitenessTest(tf.test.TestCase):
@@ -155,14 +161,13 @@ class SmallGradientTest(tf.test.TestCase, parameterized.TestCase):
     # the sum) of 2g.
     self.assertAllClose(applied, np.full(4, 2 * g), rtol=2.0**-10, atol=0)
 
-  def test_keras_order_loses_it(self):
-    """The control: unscaled before the wire, 1e-8 is below FP16's smallest subnormal."""
+  def test_keras_order_keeps_it_too(self):
+    """Keras's LossScaleOptimizer unscales before the wire: 1e-8 is below FP16's
+    smallest subnormal, and a raw cast would lose it; the range scaling keeps it."""
     self.assertEqual(np.float16(1e-8), 0)
     grads = [np.full(4, 1e-8, np.float32) for _ in range(2)]
-    ours, _, _ = _step(2, grads, compression="fp16")
     theirs, _, _ = _step(2, grads, compression="fp16", keras_lso=True)
-    self.assertAllEqual(theirs[0], np.zeros(4))         # the update vanished
-    self.assertAllClose(-ours[0], np.full(4, 2e-8), rtol=2.0**-10, atol=0)
+    self.assertAllClose(-theirs[0], np.full(4, 2e-8), rtol=2.0**-10, atol=0)
 
 
 class PolicyTest(tf.test.TestCase):

@@ -1,13 +1,27 @@
 """Wire compression: compress(tensor) -> (tensor, ctx); decompress(tensor, ctx).
 
 The interface of horovod/tensorflow/compression.py. Only floating tensors wider than 16
-bits are cast; integers and 16-bit floats travel unchanged. FP16 halves the bytes on the
-wire (Jia et al. 2018, technique 8); gradients keep their loss scaling on the wire so
-that small values do not flush to zero, and a pack whose sum overflows FP16 becomes inf,
-which the loss-scale optimizer treats like any other overflow.
+bits are cast; integers and 16-bit floats travel unchanged. A 16-bit wire halves the
+bytes (Jia et al. 2018, technique 8):
+- "bf16": bfloat16 has float32's exponent range (1e-38 to 3e38) and an 8-bit mantissa
+  (relative rounding 2^-9): nothing underflows or overflows that float32 would not.
+- "fp16": float16 has 3 more mantissa bits (2^-12) but a range of 6e-8 to 65504, so a
+  raw cast loses small gradients and overflows large sums. Every fp16 pack is therefore
+  range-scaled: each tensor is multiplied by a power of two that all replicas agree on
+  (`range_scales`, from the sum over replicas of each replica's max |x|, one tiny
+  all-reduce per pack), chosen so that the group's sum tops out near 2^15; the
+  reduction divides it back out, exactly. Under loss scaling this keeps the loss-scaled
+  values in range whatever the scale, and an inf or NaN passes unchanged, so the
+  loss-scale optimizer still sees it and skips the step.
 """
 
+import math
+
 import tensorflow as tf
+
+# The largest magnitude a range-scaled fp16 sum may reach: half of float16's maximum
+# (65504), so floor(log2(.)) computed in float32 can never land one power too high.
+FP16_TARGET = 2.0 ** 15
 
 
 class NoneCompressor:
@@ -29,16 +43,16 @@ class NoneCompressor:
     return tf.as_dtype(dtype)
 
 
-class FP16Compressor:
-  """Casts floating tensors wider than 16 bits to float16 for the wire."""
+class _CastCompressor:
+  """Casts floating tensors wider than 16 bits to `WIRE` for the wire."""
 
-  name = "fp16"
+  WIRE = None
 
-  @staticmethod
-  def wire_dtype(dtype):
+  @classmethod
+  def wire_dtype(cls, dtype):
     dtype = tf.as_dtype(dtype)
     if dtype.is_floating and dtype.size > 2:
-      return tf.float16
+      return cls.WIRE
     return dtype
 
   @classmethod
@@ -55,20 +69,75 @@ class FP16Compressor:
     return tf.cast(tensor, ctx)
 
 
+class FP16Compressor(_CastCompressor):
+  """float16 on the wire; packs are range-scaled (module doc) by the reduction."""
+
+  name = "fp16"
+  WIRE = tf.float16
+
+
+class BF16Compressor(_CastCompressor):
+  """bfloat16 on the wire: float32's range, 8 mantissa bits."""
+
+  name = "bf16"
+  WIRE = tf.bfloat16
+
+
+def needs_range_scaling(wire_dtype) -> bool:
+  """Whether a pack with this wire dtype is range-scaled: float16's range is narrow."""
+  return tf.as_dtype(wire_dtype) == tf.float16
+
+
+def local_bounds(tensors):
+  """This replica's max |x| of each tensor, float32 (0 for an empty one)."""
+  return tf.stack([tf.maximum(tf.reduce_max(tf.abs(tf.cast(t, tf.float32))), 0.0)
+                   for t in tensors])
+
+
+def range_scales(bounds):
+  """The power of two per tensor that brings `bounds` (the sum over replicas of each
+  replica's max |x|, which bounds every partial sum of the reduction) to FP16_TARGET.
+
+  1 where the bound is 0, inf or NaN: a non-finite gradient crosses unchanged.
+  """
+  exponent = tf.floor(tf.math.log(FP16_TARGET / bounds) / math.log(2.0))
+  scale = tf.pow(2.0, tf.clip_by_value(exponent, -120.0, 120.0))
+  usable = tf.logical_and(tf.math.is_finite(bounds), bounds > 0)
+  return tf.where(usable, scale, tf.ones_like(bounds))
+
+
+def scale(tensors, scales):
+  """Each tensor times its scale, computed in at least float32."""
+  out = []
+  for i, t in enumerate(tensors):
+    wide = t.dtype if t.dtype.size >= 4 else tf.float32
+    out.append(tf.cast(t, wide) * tf.cast(scales[i], wide))
+  return out
+
+
+def unscale(buffer, scales, sizes):
+  """A reduced, decompressed pack divided by each tensor's scale (exact: powers of
+  two), in at least float32; `sizes` are the tensors' element counts in the pack."""
+  wide = buffer.dtype if buffer.dtype.size >= 4 else tf.float32
+  inverse = tf.repeat(tf.cast(1.0 / scales, wide), sizes)
+  return tf.cast(tf.cast(buffer, wide) * inverse, buffer.dtype)
+
+
 class Compression:
-  """The compressors by name, as in Horovod: Compression.none, Compression.fp16."""
+  """The compressors by name, as in Horovod: Compression.none, .fp16, .bf16."""
 
   none = NoneCompressor
   fp16 = FP16Compressor
+  bf16 = BF16Compressor
 
   @classmethod
   def get(cls, name):
-    """Returns the compressor called `name` ("none" or "fp16").
+    """Returns the compressor called `name` ("none", "fp16" or "bf16").
 
     Raises:
       ValueError: for an unknown name, listing the valid ones.
     """
-    compressors = {"none": cls.none, "fp16": cls.fp16}
+    compressors = {"none": cls.none, "fp16": cls.fp16, "bf16": cls.bf16}
     try:
       return compressors[str(name).lower()]
     except KeyError:

@@ -1,6 +1,6 @@
 """FusedAllReduce: a tf.distribute.CrossDeviceOps that reduces gradients in a few packs.
 
-Data flow of one batch reduction (DESIGN.md): split sparse and integer values off (they
+Data flow of one batch reduction: split sparse and integer values off (they
 go TF's unfused ReductionToOneDevice way) -> plan packs per dtype in back-propagation
 order -> compress -> concat -> reduce each pack with its algorithm -> decompress -> MEAN
 divides once, in at least FP32 -> split, reshape -> original order.
@@ -78,6 +78,7 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
     self._fallback = tf.distribute.ReductionToOneDevice()
     self._eager_fns = {}
     self._warned = set()
+    self._agreed = set()   # autotune keys every worker has agreed on in this process
     # One instance may be called from several threads: the plan, the eager functions
     # and last_plan are shared, and two eager launches on the same devices must not
     # interleave their collectives (each would wait for the other's: a deadlock).
@@ -166,7 +167,7 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
   def _devices_for(self, values: Sequence[values_lib.PerReplica]):
     """The devices of the replicas, from the strategy when values do not say.
 
-    Inside a tf.function, PerReplica arguments report device '' (TF_NOTES.md); a
+    Inside a tf.function, PerReplica arguments report device ''; a
     collective placed from that lands every replica's op on one device and hangs.
     """
     count = len(values[0].values)
@@ -289,14 +290,16 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
     watched = max((e.index for e in plan if e.algorithm != "none"), default=None)
     for entry in plan:
       with tf.name_scope(stats.pack_scope(entry)):
-        compressed = [self._compressor.compress(tensors[i]) for i in entry.tensor_indices]
-        buffer = packing.pack([c for c, _ in compressed])
+        like = [tensors[i] for i in entry.tensor_indices]
+        scales = None
+        if self._range_scaled(entry):
+          with tf.name_scope("range"):
+            scales = compression_lib.range_scales(collectives.launch(
+                replica_id, compression_lib.local_bounds(like)))
+        buffer, ctx = self._compress_pack(like, scales)
         if entry.algorithm != "none":
           buffer = collectives.launch(replica_id, buffer, watched=entry.index == watched)
-        buffer = self._compressor.decompress(buffer, compressed[0][1])
-        if reduce_op == tf.distribute.ReduceOp.MEAN:
-          buffer = _divide(buffer, collectives.group_size)
-        like = [tensors[i] for i in entry.tensor_indices]
+        buffer = self._finisher(reduce_op, collectives.group_size, ctx, scales, like)(buffer)
         for i, part in zip(entry.tensor_indices, packing.unpack(buffer, like)):
           outputs[fused[i]] = part
     return tf.nest.pack_sequence_as(value, outputs)
@@ -313,28 +316,59 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
                   default=None)
     for entry in plan:
       with tf.name_scope(stats.pack_scope(entry)):
+        parts = [[tensors[i] for i in entry.tensor_indices] for tensors in per_device]
+        scales = [None] * len(devices)
+        if self._range_scaled(entry):
+          bounds = []
+          for device, p in zip(collectives.devices, parts):
+            with tf.device(device):
+              bounds.append(compression_lib.local_bounds(p))
+          with tf.name_scope("range"):
+            bounds = self._run(entry, bounds, collectives, None)
+          scales = []
+          for device, b in zip(collectives.devices, bounds):
+            with tf.device(device):
+              scales.append(compression_lib.range_scales(b))
         buffers, ctx = [], None
-        for device, tensors in zip(collectives.devices, per_device):
+        for device, p, sc in zip(collectives.devices, parts, scales):
           with tf.device(device):
-            compressed = [self._compressor.compress(tensors[i])
-                          for i in entry.tensor_indices]
-            ctx = compressed[0][1]
-            buffers.append(packing.pack([c for c, _ in compressed]))
-
-        def finish(reduced, ctx=ctx):
-          reduced = self._compressor.decompress(reduced, ctx)
-          if reduce_op == tf.distribute.ReduceOp.MEAN:
-            reduced = _divide(reduced, group_size)
-          return reduced
-
+            buffer, ctx = self._compress_pack(p, sc)
+            buffers.append(buffer)
+        finish = self._finisher(reduce_op, group_size, ctx, scales[0], parts[0])
         reduced = self._run(entry, buffers, collectives, finish,
                             watched=entry.index == watched)
         for d, device in enumerate(collectives.devices):
           with tf.device(device):
-            like = [per_device[d][i] for i in entry.tensor_indices]
-            for i, part in zip(entry.tensor_indices, packing.unpack(reduced[d], like)):
+            for i, part in zip(entry.tensor_indices, packing.unpack(reduced[d], parts[d])):
               outputs[d][i] = part
     return outputs
+
+  def _range_scaled(self, entry):
+    """Whether pack `entry` is range-scaled: compression "fp16" (its module doc), also
+    for float16 tensors; compression "none" leaves every bit as it is."""
+    return (entry.algorithm != "none" and self._compressor.name == "fp16"
+            and compression_lib.needs_range_scaling(entry.wire_dtype))
+
+  def _compress_pack(self, tensors, scales=None):
+    """(wire buffer, ctx) of one device's tensors of a pack, range-scaled by `scales`."""
+    if scales is not None:
+      tensors = compression_lib.scale(tensors, scales)
+    compressed = [self._compressor.compress(t) for t in tensors]
+    return packing.pack([c for c, _ in compressed]), compressed[0][1]
+
+  def _finisher(self, reduce_op, group_size, ctx, scales, like):
+    """What runs on a reduced pack: back from the wire dtype, the range scales divided
+    out, MEAN's division (in at least float32), back to the tensors' dtype."""
+    dtype = like[0].dtype
+
+    def finish(reduced):
+      reduced = self._compressor.decompress(reduced, ctx)
+      if scales is not None:
+        reduced = compression_lib.unscale(reduced, scales, _sizes(like))
+      if reduce_op == tf.distribute.ReduceOp.MEAN:
+        reduced = _divide(reduced, group_size)
+      return tf.cast(reduced, dtype)
+    return finish
 
   def _run(self, entry, buffers, collectives, finish, watched=False):
     return algorithms.run(entry.algorithm, buffers, collectives, finish=finish,
@@ -447,10 +481,13 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
     key = autotune.list_key(specs, algorithm, opts.compression)
     collectives = algorithms.Collectives.get(devices, self._group_size(devices),
                                              opts.timeout_seconds)
+    if key in self._agreed:   # decided in this process: no collective on a retrace
+      return tuple(model.tuned[key][:2])
     known = key in model.tuned
     if collectives.num_workers > 1:   # all workers must measure, or none
       known = collectives.sum_across_workers([float(known)])[0] == collectives.num_workers
     if known:
+      self._agreed.add(key)
       return tuple(model.tuned[key][:2])
     candidates = autotune.candidates(specs, wire, model, algorithm, opts.backward_seconds,
                                      unknown)
@@ -474,6 +511,7 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
         f"{p}/{f}: {1e3 * t:.1f} ms" for (p, f), t in zip(candidates, seconds)))
     model = dataclasses.replace(model, tuned={**model.tuned, key: [
         candidates[best][0], candidates[best][1], seconds[best]]})
+    self._agreed.add(key)
     if self._given_cost_model is None:
       self._cost_models[self._cost_model_key(devices)] = model
       if opts.cost_model_file:
@@ -502,6 +540,13 @@ def _reduce_unfused(launcher, value, reduce_op, group_size):
   return reduced
 
 
+def _sizes(tensors):
+  """Element counts: Python ints when shapes are known, else a tensor."""
+  if all(t.shape.is_fully_defined() for t in tensors):
+    return [t.shape.num_elements() for t in tensors]
+  return tf.stack([tf.size(t) for t in tensors])
+
+
 def _divide(tensor, n):
   """tensor / n in at least FP32, returned in tensor's dtype."""
   if tensor.dtype.is_integer:
@@ -528,6 +573,8 @@ class MultiWorkerFusedAllReduce(FusedAllReduce):
     tf_ops: the strategy's own CollectiveAllReduce (fallback, gather, no-merge-call).
     num_workers: workers in the cluster (each with the same number of devices).
     cost_model: as for FusedAllReduce; calibrated across workers when not given.
+    worker_index: this worker's place in the cluster, 0..num_workers-1 (the strategy's
+      id in cluster), to name the workers whose plan differs.
   """
 
   _algorithms = algorithms.MULTI_WORKER_ALGORITHMS
@@ -536,14 +583,16 @@ class MultiWorkerFusedAllReduce(FusedAllReduce):
       "all-reduce those, broadcast"))}
   _unknown_size_algorithm = "hierarchical"
 
-  def __init__(self, options, tf_ops, num_workers, cost_model=None):
+  def __init__(self, options, tf_ops, num_workers, cost_model=None, worker_index=None):
     super().__init__(options, cost_model=cost_model)
+    self._worker_index = worker_index
     if not isinstance(tf_ops, tf_cross_device_ops.CollectiveAllReduce):
       raise TypeError(f"tf_ops must be TF's CollectiveAllReduce, got {type(tf_ops)}.")
     self._tf_ops = tf_ops
     self._fallback = tf_ops
     self._num_workers = int(num_workers)
     self._checked = set()
+    self._checked_plans = set()
 
   @property
   def num_workers(self):
@@ -572,8 +621,55 @@ class MultiWorkerFusedAllReduce(FusedAllReduce):
   def make_plan(self, specs, devices, replica_launch=False, max_pack_bytes=None,
                 timeout_seconds=None) -> tuple:
     self._check_same_gradients(specs, devices, timeout_seconds)
-    return super().make_plan(specs, devices, replica_launch=replica_launch,
+    plan = super().make_plan(specs, devices, replica_launch=replica_launch,
                              max_pack_bytes=max_pack_bytes)
+    self._check_same_plan(plan, devices, timeout_seconds)
+    return plan
+
+  def _check_same_plan(self, plan, devices, timeout_seconds=None):
+    """Raises on every worker, naming what differs and where, if the workers' plans
+    differ: packs, their order, algorithms, wire dtypes or group sizes.
+
+    Different plans launch mismatched collectives: a hang with no name, or, when the
+    sizes happen to match, silently wrong sums. Options, an environment variable or a
+    cost model file that differ between workers all end here. Each worker writes the
+    hashes of its plan's parts in its own row of a table that one sum across workers
+    hands to everyone; once per distinct plan, while tracing.
+    """
+    parts = _plan_parts(plan, self._group_size(devices), len(devices))
+    key = tuple(parts.values())
+    if key in self._checked_plans:
+      return
+    n, k = self._num_workers, len(parts)
+    rank = self._rank()
+    table = np.zeros((n, k), np.float64)
+    table[rank] = list(parts.values())
+    timeout_seconds = timeout_seconds or self._options.timeout_seconds
+    collectives = algorithms.Collectives.get(devices, self._group_size(devices),
+                                             timeout_seconds)
+    with _explain_collective_errors(self, timeout_seconds):
+      table = collectives.sum_across_workers(table.ravel()).reshape(n, k)
+    differences = []
+    for j, name in enumerate(parts):
+      others = [w for w in range(n) if table[w, j] != table[0, j]]
+      if others:
+        differences.append(f"{name} (worker(s) {', '.join(map(str, others))} differ "
+                           "from worker 0)")
+    if differences:
+      raise ValueError(
+          f"tf_fusion: the workers would run different all-reduce plans: "
+          f"{'; '.join(differences)}. This is worker {rank}, whose plan is:\n"
+          f"{stats.summarize(plan)}\nGive every worker the same FusionOptions, "
+          "TF_FUSION_* environment variables and cost model file.")
+    self._checked_plans.add(key)
+
+  def _rank(self):
+    if self._worker_index is not None:
+      return self._worker_index
+    resolver = getattr(tf.distribute.get_strategy(), "cluster_resolver", None)
+    if resolver is None or resolver.task_id is None:
+      raise ValueError("tf_fusion: cannot tell this worker's index; pass worker_index.")
+    return resolver.task_id
 
   def _check_same_gradients(self, specs, devices, timeout_seconds=None):
     """Raises on every worker if the workers' tensor lists differ (count, shape, dtype).
@@ -607,6 +703,20 @@ class MultiWorkerFusedAllReduce(FusedAllReduce):
 
   def _gather(self, per_replica_value, destinations, axis, options=None):
     return self._tf_ops._gather(per_replica_value, destinations, axis, options)  # pylint: disable=protected-access
+
+
+def _plan_parts(plan, group_size, local_devices):
+  """Hashes of the parts of a plan that every worker must share (float64-exact)."""
+  def crc(value):
+    return float(zlib.crc32(repr(value).encode()))
+  return {
+      "number of packs": float(len(plan)),
+      "tensors in each pack and their order": crc([e.tensor_indices for e in plan]),
+      "algorithms": crc([e.algorithm for e in plan]),
+      "wire dtypes": crc([e.wire_dtype.name if e.wire_dtype else None for e in plan]),
+      "pack sizes": crc([e.wire_bytes for e in plan]),
+      "group sizes": crc((group_size, local_devices)),
+  }
 
 
 def _describe(key, limit=6):

@@ -10,7 +10,7 @@ import dataclasses
 import os
 from typing import Mapping, Optional
 
-COMPRESSIONS = ("none", "fp16")
+COMPRESSIONS = ("none", "fp16", "bf16")
 AUTOTUNE = ("model", "measure")
 ALGORITHMS = ("ring", "hierarchical", "reduce_to_one", "auto")
 
@@ -59,8 +59,10 @@ class FusionOptions:
       layers' gradients, ready first in back-propagation), kept small so that
       communication starts early, as PyTorch DDP does with its 1 MB bucket.
       0 means no special first pack.
-    compression: "none", or "fp16" to carry floating tensors wider than 16 bits
-      as float16 on the wire (halves the bytes; see PAPER.md technique 8).
+    compression: "none"; "fp16" to carry floating tensors wider than 16 bits as
+      float16 on the wire (halves the bytes; 11-bit mantissa; each pack is
+      range-scaled by an agreed power of two, so nothing underflows or overflows);
+      "bf16" for bfloat16 (float32's range, 8-bit mantissa, no scaling needed).
     algorithm: "ring", "hierarchical", "reduce_to_one", or "auto" (hybrid: the
       cheapest per pack from the calibrated cost model).
     timeout_seconds: optional timeout for each collective, so a dead peer gives

@@ -194,7 +194,8 @@ def multi_worker_strategy(options: Optional[FusionOptions] = None,
   for tf_ops in (extended._cross_device_ops, extended._host_cross_device_ops):  # pylint: disable=protected-access
     algorithms.use_run_time_keys(tf_ops)
   extended._cross_device_ops = MultiWorkerFusedAllReduce(  # pylint: disable=protected-access
-      options, extended._cross_device_ops, num_workers, cost_model=cost_model)  # pylint: disable=protected-access
+      options, extended._cross_device_ops, num_workers, cost_model=cost_model,  # pylint: disable=protected-access
+      worker_index=extended._id_in_cluster)  # pylint: disable=protected-access
   return strategy
 
 
