@@ -14,10 +14,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_workers(mode, num_workers=2, local_devices=2, timeout=240, extra_env=None,
-                may_die=()):
+                may_die=(), may_hang=()):
   """Starts the workers, waits (bounded), returns each worker's JSON result.
 
-  Workers in `may_die` may end by a signal; their result is None.
+  Workers in `may_die` may end by a signal; their result is None. Workers in `may_hang`
+  are not waited for: killed once the others are done, their result is None.
 
   Raises:
     RuntimeError: naming the worker that failed or timed out, with its stderr tail.
@@ -36,6 +37,8 @@ def run_workers(mode, num_workers=2, local_devices=2, timeout=240, extra_env=Non
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
   try:
     for i, (proc, _) in enumerate(procs):
+      if i in may_hang:
+        continue
       try:
         code = proc.wait(timeout=timeout)
       except subprocess.TimeoutExpired:
@@ -54,7 +57,7 @@ def run_workers(mode, num_workers=2, local_devices=2, timeout=240, extra_env=Non
   out = []
   for i in range(num_workers):
     path = os.path.join(tmp, f"worker{i}.json")
-    if i in may_die and not os.path.exists(path):
+    if (i in may_die or i in may_hang) and not os.path.exists(path):
       out.append(None)
       continue
     with open(path) as f:

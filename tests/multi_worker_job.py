@@ -246,6 +246,31 @@ def mode_plan_mismatch(strategy):
   return {"cases": out}
 
 
+def mode_stall(strategy):
+  """Worker 1 stops itself (SIGSTOP) as batch 3 begins; worker 0's StallWatch (4 s)
+  must end its fit with an error naming worker 1, well before TF's heartbeats would."""
+  import time  # pylint: disable=g-import-not-at-top
+  import keras  # pylint: disable=g-import-not-at-top
+  task = strategy.cluster_resolver.task_id
+
+  def maybe_stop(batch, logs):
+    del logs
+    if task == 1 and batch == 3:
+      os.kill(os.getpid(), signal.SIGSTOP)
+
+  watch = tf_fusion.StallWatch(timeout_seconds=4, answer_seconds=2)
+  with strategy.scope():
+    model, ds = fit_problem(steps=8)
+  start = time.monotonic()
+  try:
+    model.fit(ds, epochs=1, verbose=0, callbacks=[
+        keras.callbacks.LambdaCallback(on_train_batch_begin=maybe_stop), watch])
+  except Exception as e:  # pylint: disable=broad-except
+    return {"error": f"{type(e).__name__}: {e}"[:3000], "reports": watch.reports,
+            "seconds": time.monotonic() - start}
+  return {"error": None, "reports": watch.reports, "seconds": time.monotonic() - start}
+
+
 def mode_call_timeout(strategy):
   """Only worker 0 reduces, with a per-call timeout of 1 s; worker 1 stays alive but
   never joins. Worker 0 must get DeadlineExceededError within the call's timeout plus a
@@ -278,7 +303,7 @@ def main(argv):
   result = {"reduce": mode_reduce, "fit": mode_fit, "cases": mode_cases,
             "mismatch": mode_mismatch, "resume": mode_resume,
             "dead_peer": mode_dead_peer, "call_timeout": mode_call_timeout,
-            "plan_mismatch": mode_plan_mismatch}[mode](strategy)
+            "plan_mismatch": mode_plan_mismatch, "stall": mode_stall}[mode](strategy)
   result["task"] = strategy.cluster_resolver.task_id
   with open(out_path.replace("{task}", str(result["task"])), "w") as f:
     json.dump(result, f)

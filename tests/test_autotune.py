@@ -101,6 +101,25 @@ class ChooseTest(tf.test.TestCase):
                                autotune.exposed_seconds(entries, specs, backward) + 1e-15)
 
 
+class TimingTest(tf.test.TestCase):
+
+  def test_every_call_is_timed_until_the_devices_are_done(self):
+    """On GPUs a call returns before its work is done: each timed call must end with a
+    device sync (else calibration and the measured autotuner time the enqueue)."""
+    calls = []
+    with mock.patch.object(cost_lib, "wait_for",
+                           side_effect=lambda result: calls.append(("wait", result))):
+      _, times = cost_lib.time_calls(lambda: calls.append("call") or "out", repeats=3,
+                                     warmup=2)
+    self.assertLen(times, 3)
+    self.assertEqual(calls, ["call", ("wait", "out")] * 5)
+
+  def test_wait_for_syncs_the_devices(self):
+    with mock.patch.object(tf.test.experimental, "sync_devices") as sync:
+      cost_lib.wait_for([tf.constant(1.0)])
+    sync.assert_called_once()
+
+
 class CostModelFileTest(tf.test.TestCase):
 
   def test_calibrates_once_then_reads_the_file(self):

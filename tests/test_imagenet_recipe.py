@@ -4,6 +4,8 @@ resume, bad input, presets."""
 import json
 import os
 import re
+import subprocess
+import sys
 
 from absl import flags
 from absl.testing import parameterized
@@ -84,6 +86,23 @@ class RecipeTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual((stats["updates"], stats["accumulation_steps"]), (2, 2))
     with self.assertRaisesRegex(ValueError, "--steps_per_execution=3 must divide"):
       main.run(parse(self._argv(steps_per_execution=3, **argv)))
+
+  def test_quick_run_with_the_default_warm_up(self):
+    # 5 warm-up epochs by default: longer than 3 steps, so shortened (and logged).
+    argv = [a for a in self._argv(synthetic=True, num_train_examples=64,
+                                  num_eval_examples=16, train_steps=3)
+            if not a.startswith("--warmup_epochs")]
+    self._check(main.run(parse(argv)), steps=3)
+
+  def test_bad_input_on_the_command_line_is_one_line_not_a_traceback(self):
+    proc = subprocess.run(
+        [sys.executable, "-m", "official_recipes.imagenet.main", "--data_dir=/nonexistent",
+         f"--model_dir={self.create_tempdir().full_path}", "--train_steps=1"],
+        capture_output=True, text=True, timeout=120, cwd=multi_worker.ROOT)
+    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+    self.assertIn("error: ", proc.stderr)
+    self.assertIn("/nonexistent", proc.stderr)
+    self.assertNotIn("Traceback", proc.stderr)
 
   def test_synthetic_with_profile(self):
     stats = main.run(parse(self._argv(synthetic=True, num_train_examples=64,
@@ -191,7 +210,7 @@ class MultiWorkerRecipeTest(tf.test.TestCase):
 class FlagsTest(tf.test.TestCase):
 
   def test_presets_carry_the_papers_values(self):
-    # PAPER.md: 64K batch, LARS eta 0.001, momentum 0.9, poly(2), FP16 compute and
+    # Jia et al. 2018: 64K batch, LARS eta 0.001, momentum 0.9, poly(2), FP16 compute and
     # wire; ResNet-50 90 epochs, AlexNet-BN 95 epochs.
     for preset, model, epochs in (("jia2018_resnet50_64k", "resnet50", 90),
                                   ("jia2018_alexnet_bn_64k", "alexnet_bn", 95)):

@@ -68,6 +68,18 @@ class MultiWorkerReduceTest(tf.test.TestCase):
       for case in (algorithm, packs):
         self.assertLess(case["seconds"], 10)
 
+  def test_a_stopped_worker_is_named_within_the_stall_timeout(self):
+    # Worker 1 SIGSTOPs itself at batch 3; worker 0's StallWatch has 4 s + 2 s to answer.
+    first, stopped = multi_worker.run_workers("stall", may_hang=(1,))
+    self.assertIsNone(stopped)
+    self.assertIsNotNone(first["error"])
+    self.assertStartsWith(first["error"], "DeadlineExceededError")
+    self.assertIn("step 4 has not finished after 4 s on worker 0", first["error"])
+    self.assertIn("worker 1 has not answered", first["error"])
+    self.assertLen(first["reports"], 1)
+    # 3 quick steps, then 4 s to notice and 2 s to ask; TF's heartbeats take longer.
+    self.assertLess(first["seconds"], 15)
+
   def test_a_per_call_timeout_bounds_the_fused_reduction(self):
     (first, _) = multi_worker.run_workers("call_timeout")
     self.assertStartsWith(first["error"], "DeadlineExceededError")

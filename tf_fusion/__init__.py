@@ -13,6 +13,7 @@ from tf_fusion.cross_device_ops import FusedAllReduce
 from tf_fusion.cross_device_ops import MultiWorkerFusedAllReduce
 from tf_fusion.optimizers import LARS
 from tf_fusion.options import FusionOptions
+from tf_fusion.stall import StallWatch
 from tf_fusion.stats import PackPlan
 from tf_fusion.strategy import fused_ops_of
 from tf_fusion.strategy import mirrored_strategy
@@ -28,6 +29,7 @@ __all__ = [
     "LARS",
     "MultiWorkerFusedAllReduce",
     "PackPlan",
+    "StallWatch",
     "calibrate",
     "callbacks",
     "fused_ops_of",

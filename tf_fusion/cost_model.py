@@ -138,20 +138,48 @@ def _interpolate(points, nbytes):
 def time_calls(fn, repeats, warmup=2):
   """Calls `fn` `warmup` times (the first traces), then `repeats` timed times.
 
+  Each call is timed until the devices are done with it (`wait_for`): GPUs run
+  asynchronously, and a call that returns without its results fetched would time the
+  enqueue, not the work.
+
   Returns:
     (seconds of the first call, list of the timed calls' seconds).
   """
+  def call():
+    wait_for(fn())
+
   start = time.perf_counter()
-  fn()
+  call()
   first = time.perf_counter() - start
   for _ in range(warmup - 1):
-    fn()
+    call()
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    fn()
+    call()
     times.append(time.perf_counter() - start)
   return first, times
+
+
+_SYNC = {"devices": True}
+
+
+def wait_for(result):
+  """Blocks until the devices have computed `result` (a nest of tensors).
+
+  TensorFlow's `sync_devices` waits for every device; with remote workers in the
+  context it raises, and then each GPU-resident result is fetched instead (CPU results
+  are complete when the call returns).
+  """
+  if _SYNC["devices"]:
+    try:
+      tf.test.experimental.sync_devices()
+      return
+    except (tf.errors.InternalError, RuntimeError):
+      _SYNC["devices"] = False
+  for t in tf.nest.flatten(result):
+    if "GPU" in getattr(t, "backing_device", "").upper():
+      t.numpy()
 
 
 def _median_seconds(fn, repeats):

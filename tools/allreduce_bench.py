@@ -58,7 +58,7 @@ def _builtin(cross_device_ops=None, options=None):
   def make(devices, cost_model):
     del cost_model
     # TF's collective strategies in one process must not share group keys
-    # (TF_NOTES.md); TF's own tests bump this base per strategy.
+    # (measured); TF's own tests bump this base per strategy.
     tf.distribute.MirroredStrategy._collective_key_base += 10_000  # pylint: disable=protected-access
     return tf.distribute.MirroredStrategy(devices, cross_device_ops=cross_device_ops), options
   return make
@@ -89,7 +89,7 @@ def configs():
       ("tf CollectiveAllReduce bpp=64MB", "builtin", _builtin(options=bpp(64 * MIB))),
   ]
   for algorithm in ("ring", "reduce_to_one", "auto"):
-    for compression in ("none", "fp16"):
+    for compression in ("none", "fp16", "bf16"):
       out.append((f"tf_fusion {algorithm} {compression}", "fused",
                   _fused(algorithm=algorithm, compression=compression)))
   for algorithm in ("ring", "reduce_to_one"):

@@ -65,7 +65,7 @@ def configs():
          ("per_tensor (ring, no fusion)", "per_tensor",
           dict(algorithm="ring", pack_bytes=1, first_pack_bytes=0))]
   for algorithm in ("ring", "hierarchical", "auto"):
-    for compression in ("none", "fp16"):
+    for compression in ("none", "fp16", "bf16"):
       out.append((f"tf_fusion {algorithm} {compression}", "fused",
                   dict(algorithm=algorithm, compression=compression)))
   return out

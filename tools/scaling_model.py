@@ -130,7 +130,7 @@ HARDWARE = {
         {"fp32": 11.76e12, "fp16": 11.76e12}, efficiency=0.5,
         intra_alpha=10e-6, intra_bw=12e9, inter_alpha=20e-6, inter_bw=12.5e9,
         sources={
-            "gpus_per_node, inter_bw": "PAPER.md: 8 P40 per node, 100 Gb/s RoCE",
+            "gpus_per_node, inter_bw": "Jia et al. 2018: 8 P40 per node, 100 Gb/s RoCE",
             "peak_flops": "NVIDIA Tesla P40 datasheet: 11.76 TFLOPS FP32; the P40 has "
                           "no fast FP16 arithmetic (1/64 rate), so the paper's FP16 is "
                           "modelled as FP32-rate compute",
@@ -285,7 +285,7 @@ def time_to_train(model, hw, gpus, global_batch, epochs, config=None) -> Dict[st
               images_per_sec=global_batch / step["total"])
 
 
-PAPER = {  # (model, gpus, global batch, epochs) -> minutes (PAPER.md)
+PAPER = {  # (model, gpus, global batch, epochs) -> minutes (Jia et al. 2018 and the records it cites)
     ("resnet50", 2048, 65536, 90): 6.6,
     ("alexnet_bn", 1024, 65536, 95): 4.0,
 }

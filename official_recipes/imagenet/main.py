@@ -18,6 +18,7 @@ References:
 import json
 import math
 import os
+import sys
 import time
 
 from absl import app
@@ -129,8 +130,13 @@ def plan_steps(cfg, n_train, n_eval, global_batch):
   total = cfg.train_steps or max(1, round(epochs * steps_per_epoch))
   warmup = round(cfg.warmup_epochs * steps_per_epoch)
   if warmup >= total:
-    raise ValueError(f"--warmup_epochs={cfg.warmup_epochs} is {warmup} steps, not fewer "
-                     f"than the run's {total} steps ({steps_per_epoch} steps per epoch).")
+    if getattr(cfg, "warmup_given", True):
+      raise ValueError(f"--warmup_epochs={cfg.warmup_epochs} is {warmup} steps, not fewer "
+                       f"than the run's {total} steps ({steps_per_epoch} steps per epoch).")
+    logging.warning("The default warm-up (%g epochs, %d steps) is not shorter than this "
+                    "run's %d steps: warming up for %d steps instead (--warmup_epochs "
+                    "sets it).", cfg.warmup_epochs, warmup, total, total // 10)
+    warmup = total // 10
   eval_steps = 0 if cfg.skip_eval else n_eval // global_batch
   if not cfg.skip_eval and eval_steps < 1:
     raise ValueError(f"The validation set has {n_eval} examples, fewer than one global "
@@ -200,6 +206,8 @@ def _run(cfg):
   # First: the checkpoint written at an epoch's end then holds the replicas' average.
   callbacks = [tf_fusion.callbacks.SyncMovingStatistics(), backup, logger, recipe_callbacks.StopAtStep(total),
                keras.callbacks.TensorBoard(out_dir, write_graph=False, profile_batch=0)]
+  if cfg.stall_seconds:
+    callbacks.append(tf_fusion.StallWatch(cfg.stall_seconds))
   profile = recipe_flags.profile_range(cfg.profile_steps)
   if profile:
     callbacks.append(recipe_callbacks.Profiler(*profile, out_dir))
@@ -262,7 +270,12 @@ def _restore(model, strategy, backup):
 def main(_):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.INFO)   # the per-step lines: loss, lr, images/s
-  stats = run(flags.FLAGS)
+  try:
+    stats = run(flags.FLAGS)
+  except ValueError as e:
+    # Bad flags or input: the message names them; a traceback would bury it.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   logging.info("Stats: %s", json.dumps(stats, default=str))
   print(json.dumps({k: v for k, v in stats.items() if k != "packs"}, default=str))
 

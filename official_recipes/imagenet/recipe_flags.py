@@ -13,16 +13,16 @@ from official_recipes.imagenet import models
 
 DTYPES = {"fp32": "float32", "fp16": "mixed_float16", "bf16": "mixed_bfloat16"}
 
-# Jia et al. 2018 (PAPER.md): 64K batch, LARS (eta 0.001, momentum 0.9), poly(2) decay
+# Jia et al. 2018 (arXiv:1807.11205): 64K batch, LARS (eta 0.001, momentum 0.9), poly(2) decay
 # after a linear warm-up, FP16 forward/backward on FP32 master weights, FP16 on the wire,
-# hybrid all-reduce; ResNet-50 90 epochs, AlexNet-BN 95 epochs. Values PAPER.md does not
+# hybrid all-reduce; ResNet-50 90 epochs, AlexNet-BN 95 epochs. Values the paper does not
 # give are marked "assumed" (the base learning rate follows --base_lr's default rule).
 PRESETS = {
     "jia2018_resnet50_64k": {
         "model": "resnet50", "image_size": 224, "batch_size": 65536, "epochs": 90,
         "optimizer": "lars", "lars_eta": 0.001, "momentum": 0.9, "poly_power": 2.0,
         "dtype": "fp16", "compression": "fp16", "all_reduce_alg": "auto",
-        "weight_decay": 5e-5,     # assumed: the LARS default of DESIGN.md
+        "weight_decay": 5e-5,     # assumed: tf_fusion.LARS's default
         "warmup_epochs": 5.0,     # assumed: Goyal et al. 2017
     },
     "jia2018_alexnet_bn_64k": {
@@ -145,7 +145,8 @@ def define_communication_flags(fv=flags.FLAGS):
   flags.DEFINE_float("backward_seconds", None, "One step's back-propagation time, so "
                      "--pack_bytes=auto counts the communication hidden behind it "
                      "(tools/profile_step.py measures it).", flag_values=fv)
-  flags.DEFINE_enum("compression", "none", ["none", "fp16"], "FP16 on the wire.",
+  flags.DEFINE_enum("compression", "none", ["none", "fp16", "bf16"], "16 bits on the wire: "
+                    "fp16 (range-scaled) or bf16.",
                     flag_values=fv)
   flags.DEFINE_enum("all_reduce_alg", "auto",
                     ["auto", "ring", "hierarchical", "reduce_to_one"],
@@ -182,11 +183,15 @@ def define_output_flags(fv=flags.FLAGS):
                       "model_dir with a checkpoint continues from it.", flag_values=fv)
   flags.DEFINE_string("profile_steps", "", "'first,last' steps to trace with the "
                       "TensorBoard profiler, e.g. '20,22'; empty: none.", flag_values=fv)
+  flags.DEFINE_float("stall_seconds", 300.0, "A training step still running after this "
+                     "many seconds is reported, naming the workers behind it, and ended "
+                     "with an error (tf_fusion.StallWatch); 0: never.", flag_values=fv)
   flags.DEFINE_integer("log_steps", 100, "Log loss and images/s every this many steps.",
                        flag_values=fv)
   flags.DEFINE_integer("seed", None, "Random seed (weights, data order).", flag_values=fv)
   flags.mark_flag_as_required("model_dir", flag_values=fv)
   _positive("log_steps", fv, allow_none=False)
+  _positive("stall_seconds", fv, allow_zero=True, allow_none=False)
   flags.register_validator("profile_steps", lambda v: not v or _steps_range(v) is not None,
                            message="--profile_steps must be 'first,last' with "
                            "1 <= first <= last, or empty.", flag_values=fv)
@@ -226,6 +231,8 @@ def resolve(fv):
   values = {name: fv[name].value for name in fv}
   values.update({k: v for k, v in preset.items() if not fv[k].present})
   values["pack_bytes"] = pack_bytes_value(values["pack_bytes"])
+  # A warm-up the user asked for must fit the run; the default may be shortened.
+  values["warmup_given"] = fv["warmup_epochs"].present or "warmup_epochs" in preset
   return types.SimpleNamespace(**values)
 
 

@@ -1,0 +1,146 @@
+"""StallWatch: a step that does not finish is reported, naming the workers behind it,
+and ended with an error instead of a hang.
+
+A worker that is alive but stuck (stopped by SIGSTOP, swapping, blocked in its input
+pipeline, deadlocked) holds every other worker in the step's collectives. tf_fusion's
+timeout rides on the last pack of a step, which never starts while an earlier pack
+waits, and TensorFlow's heartbeats notice only a process that stops answering, after
+10-15 s or more. Horovod's users rely on its stall check for this; `StallWatch` is the
+same for Keras `fit`.
+
+On each worker a timer runs while a training batch runs. If the batch has not finished
+after `timeout_seconds`, the worker:
+1. writes "I am in step N" to TensorFlow's coordination service (its key-value store,
+   under a key of this stall and worker), and reads what the other workers wrote, for
+   up to `answer_seconds`: a worker that wrote nothing is stopped, dead or stuck outside
+   the step; one that wrote a smaller step is behind;
+2. logs one line that says so, e.g. "tf_fusion: step 7 has not finished after 5 s on
+   worker 0; worker 1 has not answered (stopped, dead, or stuck outside the step)";
+3. aborts its collectives with that message (unless `abort=False`), so `fit` raises
+   `DeadlineExceededError` carrying it, on every worker that is still running.
+
+Nothing is sent while steps finish in time: the check costs a timer per batch. The first
+batch of each `fit` is not watched: it traces and compiles the step, which may take long.
+
+Usage:
+    model.fit(..., callbacks=[tf_fusion.StallWatch(timeout_seconds=60)])
+"""
+
+import threading
+import time
+from typing import Optional
+
+from absl import logging
+import keras
+import tensorflow as tf
+from tensorflow.python.eager import context  # pylint: disable=g-direct-tensorflow-import
+
+_KEY = "tf_fusion/stall/{stall}/{worker}"
+
+
+class StallWatch(keras.callbacks.Callback):
+  """Reports and ends a training step that runs longer than `timeout_seconds`.
+
+  Args:
+    timeout_seconds: how long one training batch (one call of the train function: a
+      whole `steps_per_execution` group) may run.
+    answer_seconds: how long to wait for the other workers' answers.
+    abort: abort the collectives (the step fails with the report) or only log.
+  """
+
+  def __init__(self, timeout_seconds: float = 60.0, answer_seconds: float = 3.0,
+               abort: bool = True):
+    super().__init__()
+    if not timeout_seconds > 0 or not answer_seconds > 0:
+      raise ValueError(f"timeout_seconds and answer_seconds must be > 0, got "
+                       f"{timeout_seconds!r} and {answer_seconds!r}.")
+    self.timeout_seconds = float(timeout_seconds)
+    self.answer_seconds = float(answer_seconds)
+    self.abort = abort
+    self.reports = []          # what was reported, for the caller and for tests
+    self._timer: Optional[threading.Timer] = None
+    self._step = 0
+    self._stalls = 0
+
+  def on_train_begin(self, logs=None):
+    del logs
+    self._first = True
+
+  def on_train_batch_begin(self, batch, logs=None):
+    del batch, logs
+    self._step += 1
+    if getattr(self, "_first", False):   # tracing and compiling: not a stall
+      self._first = False
+      return
+    self._arm()
+
+  def on_train_batch_end(self, batch, logs=None):
+    del batch, logs
+    self._disarm()
+
+  def on_train_end(self, logs=None):
+    del logs
+    self._disarm()
+
+  def _arm(self):
+    self._disarm()
+    self._timer = threading.Timer(self.timeout_seconds, self._stalled, args=(self._step,))
+    self._timer.daemon = True
+    self._timer.start()
+
+  def _disarm(self):
+    if self._timer is not None:
+      self._timer.cancel()
+      self._timer = None
+
+  def _stalled(self, step):
+    self._stalls += 1
+    worker, workers = _worker_and_count(self.model)
+    behind = _ask_the_others(self._stalls, worker, workers, step, self.answer_seconds)
+    report = (f"tf_fusion: step {step} has not finished after {self.timeout_seconds:g} s "
+              f"on worker {worker}")
+    report += "; " + "; ".join(behind) if behind else (
+        "; every worker is in it" if workers > 1 else "")
+    report += ("." if not self.abort else
+               ". Aborting its collectives (StallWatch); a stuck worker must be restarted.")
+    self.reports.append(report)
+    logging.error("%s", report)
+    if self.abort:
+      context.context().abort_collective_ops(tf.errors.DEADLINE_EXCEEDED, report)
+
+
+def _worker_and_count(model):
+  """(this worker's index, number of workers) of the model's strategy."""
+  strategy = getattr(model, "distribute_strategy", None)
+  resolver = getattr(strategy, "cluster_resolver", None)
+  extended = getattr(strategy, "extended", None)
+  workers = getattr(extended, "_num_workers", 1) if extended is not None else 1
+  if resolver is None or workers <= 1:
+    return 0, 1
+  return int(getattr(extended, "_id_in_cluster", resolver.task_id or 0)), int(workers)
+
+
+def _ask_the_others(stall, worker, workers, step, answer_seconds):
+  """What the other workers say about a stall: one phrase per worker not in `step`."""
+  if workers <= 1:
+    return []
+  ctx = context.context()
+  ctx.set_config_key_value(_KEY.format(stall=stall, worker=worker), str(step))
+  deadline = time.monotonic() + answer_seconds
+  out = []
+  for other in range(workers):
+    if other == worker:
+      continue
+    wait_ms = max(1, int(1000 * (deadline - time.monotonic())))
+    try:
+      their = int(ctx.get_config_key_value(_KEY.format(stall=stall, worker=other),
+                                           timeout_in_ms=wait_ms))
+    except (tf.errors.OpError, ValueError):
+      out.append(f"worker {other} has not answered (stopped, dead, or stuck outside "
+                 "the step)")
+      continue
+    if their < step:
+      out.append(f"worker {other} is still in step {their}")
+    elif their > step:
+      out.append(f"worker {other} is already in step {their}")
+  return out
