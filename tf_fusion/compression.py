@@ -115,14 +115,6 @@ def scale(tensors, scales):
   return out
 
 
-def unscale(buffer, scales, sizes):
-  """A reduced, decompressed pack divided by each tensor's scale (exact: powers of
-  two), in at least float32; `sizes` are the tensors' element counts in the pack."""
-  wide = buffer.dtype if buffer.dtype.size >= 4 else tf.float32
-  inverse = tf.repeat(tf.cast(1.0 / scales, wide), sizes)
-  return tf.cast(tf.cast(buffer, wide) * inverse, buffer.dtype)
-
-
 class Compression:
   """The compressors by name, as in Horovod: Compression.none, .fp16, .bf16."""
 

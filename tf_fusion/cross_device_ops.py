@@ -299,8 +299,10 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
         buffer, ctx = self._compress_pack(like, scales)
         if entry.algorithm != "none":
           buffer = collectives.launch(replica_id, buffer, watched=entry.index == watched)
-        buffer = self._finisher(reduce_op, collectives.group_size, ctx, scales, like)(buffer)
-        for i, part in zip(entry.tensor_indices, packing.unpack(buffer, like)):
+        buffer = self._finisher(reduce_op, collectives.group_size, ctx, like,
+                                scaled=scales is not None)(buffer)
+        unpacked = _unscaled(packing.unpack(buffer, like), scales, like)
+        for i, part in zip(entry.tensor_indices, unpacked):
           outputs[fused[i]] = part
     return tf.nest.pack_sequence_as(value, outputs)
 
@@ -334,12 +336,14 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
           with tf.device(device):
             buffer, ctx = self._compress_pack(p, sc)
             buffers.append(buffer)
-        finish = self._finisher(reduce_op, group_size, ctx, scales[0], parts[0])
+        finish = self._finisher(reduce_op, group_size, ctx, parts[0],
+                                scaled=scales[0] is not None)
         reduced = self._run(entry, buffers, collectives, finish,
                             watched=entry.index == watched)
         for d, device in enumerate(collectives.devices):
           with tf.device(device):
-            for i, part in zip(entry.tensor_indices, packing.unpack(reduced[d], parts[d])):
+            unpacked = _unscaled(packing.unpack(reduced[d], parts[d]), scales[d], parts[d])
+            for i, part in zip(entry.tensor_indices, unpacked):
               outputs[d][i] = part
     return outputs
 
@@ -356,18 +360,19 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
     compressed = [self._compressor.compress(t) for t in tensors]
     return packing.pack([c for c, _ in compressed]), compressed[0][1]
 
-  def _finisher(self, reduce_op, group_size, ctx, scales, like):
-    """What runs on a reduced pack: back from the wire dtype, the range scales divided
-    out, MEAN's division (in at least float32), back to the tensors' dtype."""
+  def _finisher(self, reduce_op, group_size, ctx, like, scaled=False):
+    """What runs on a reduced pack: back from the wire dtype, MEAN's division (in at
+    least float32), back to the tensors' dtype; a range-scaled pack stays in at least
+    float32 until its scales are divided out, tensor by tensor (`_unscaled`)."""
     dtype = like[0].dtype
 
     def finish(reduced):
       reduced = self._compressor.decompress(reduced, ctx)
-      if scales is not None:
-        reduced = compression_lib.unscale(reduced, scales, _sizes(like))
+      if scaled and reduced.dtype.size < 4:
+        reduced = tf.cast(reduced, tf.float32)
       if reduce_op == tf.distribute.ReduceOp.MEAN:
         reduced = _divide(reduced, group_size)
-      return tf.cast(reduced, dtype)
+      return reduced if scaled else tf.cast(reduced, dtype)
     return finish
 
   def _run(self, entry, buffers, collectives, finish, watched=False):
@@ -540,11 +545,14 @@ def _reduce_unfused(launcher, value, reduce_op, group_size):
   return reduced
 
 
-def _sizes(tensors):
-  """Element counts: Python ints when shapes are known, else a tensor."""
-  if all(t.shape.is_fully_defined() for t in tensors):
-    return [t.shape.num_elements() for t in tensors]
-  return tf.stack([tf.size(t) for t in tensors])
+def _unscaled(parts, scales, like):
+  """Each reduced tensor divided by its range scale (exact: a power of two), in its
+  own dtype; `parts` unchanged when the pack was not range-scaled."""
+  if scales is None:
+    return parts
+  inverse = 1.0 / scales
+  return [tf.cast(p * tf.cast(inverse[i], p.dtype), t.dtype)
+          for i, (p, t) in enumerate(zip(parts, like))]
 
 
 def _divide(tensor, n):
