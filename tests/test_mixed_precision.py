@@ -31,7 +31,13 @@ def _step(n, per_replica_grads, compression="none", keras_lso=False, scale=2.0**
     else:
       opt = tf_fusion.mixed_precision.loss_scale(inner, initial_scale=scale)
     opt.build([w])
-  c = helpers.per_replica(strategy, per_replica_grads)
+  _train_fn(strategy, opt, w)(helpers.per_replica(strategy, per_replica_grads))
+  weights = [v.numpy() for v in w.value.values]
+  return weights, float(opt.dynamic_scale.numpy()), int(opt.iterations.numpy())
+
+
+def _train_fn(strategy, opt, w):
+  """One step of `opt` on loss sum(w * c_r) on replica r, as a tf.function of c."""
 
   @tf.function
   def train(c):
@@ -40,10 +46,7 @@ def _step(n, per_replica_grads, compression="none", keras_lso=False, scale=2.0**
         loss = opt.scale_loss(tf.reduce_sum(w * c))
       opt.apply_gradients(zip(tape.gradient(loss, [w]), [w]))
     strategy.run(replica_fn, args=(c,))
-
-  train(c)
-  weights = [v.numpy() for v in w.value.values]
-  return weights, float(opt.dynamic_scale.numpy()), int(opt.iterations.numpy())
+  return train
 
 
 class GlobalFinitenessTest(tf.test.TestCase, parameterized.TestCase):
@@ -109,15 +112,7 @@ class AccumulationFinitenessTest(tf.test.TestCase):
       inner = keras.optimizers.SGD(1.0, gradient_accumulation_steps=steps)
       opt = tf_fusion.mixed_precision.loss_scale(inner, initial_scale=scale)
       opt.build([w])
-
-    @tf.function
-    def train(c):
-      def replica_fn(c):
-        with tf.GradientTape() as tape:
-          loss = opt.scale_loss(tf.reduce_sum(w * c))
-        opt.apply_gradients(zip(tape.gradient(loss, [w]), [w]))
-      strategy.run(replica_fn, args=(c,))
-
+    train = _train_fn(strategy, opt, w)
     for grads in per_step_grads:
       train(helpers.per_replica(strategy, grads))
     accumulators = [a for a in inner._accumulated_gradients if a is not None]  # pylint: disable=protected-access
