@@ -435,9 +435,8 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
     algorithm, note = self._local_algorithm()
     if replica_launch:
       algorithm, note = "ring", _REPLICA_LAUNCH_NOTE
-    if note and note not in self._warned:
-      self._warned.add(note)
-      logging.warning("tf_fusion: %s.", note)
+    if note:
+      self._warn_once(f"tf_fusion: {note}")
     needs_model = algorithm == "auto" or opts.pack_bytes is None
     model = self.cost_model(devices) if needs_model else self._given_cost_model
     pack_bytes, first_pack_bytes = opts.pack_bytes, opts.first_pack_bytes
