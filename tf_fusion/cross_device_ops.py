@@ -301,7 +301,8 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
           buffer = collectives.launch(replica_id, buffer, watched=entry.index == watched)
         buffer = self._finisher(reduce_op, collectives.group_size, ctx, like,
                                 scaled=scales is not None)(buffer)
-        unpacked = _unscaled(packing.unpack(buffer, like), scales, like)
+        unpacked = _unscaled(packing.unpack(buffer, like), scales, like,
+                             _divisor(reduce_op, collectives.group_size))
         for i, part in zip(entry.tensor_indices, unpacked):
           outputs[fused[i]] = part
     return tf.nest.pack_sequence_as(value, outputs)
@@ -342,7 +343,8 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
                             watched=entry.index == watched)
         for d, device in enumerate(collectives.devices):
           with tf.device(device):
-            unpacked = _unscaled(packing.unpack(reduced[d], parts[d]), scales[d], parts[d])
+            unpacked = _unscaled(packing.unpack(reduced[d], parts[d]), scales[d], parts[d],
+                                 _divisor(reduce_op, group_size))
             for i, part in zip(entry.tensor_indices, unpacked):
               outputs[d][i] = part
     return outputs
@@ -356,23 +358,25 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
   def _compress_pack(self, tensors, scales=None):
     """(wire buffer, ctx) of one device's tensors of a pack, range-scaled by `scales`."""
     if scales is not None:
-      tensors = compression_lib.scale(tensors, scales)
+      wire = self._compressor.wire_dtype(tensors[0].dtype)
+      return packing.pack(compression_lib.scale_to_wire(tensors, scales, wire)), None
     compressed = [self._compressor.compress(t) for t in tensors]
     return packing.pack([c for c, _ in compressed]), compressed[0][1]
 
   def _finisher(self, reduce_op, group_size, ctx, like, scaled=False):
     """What runs on a reduced pack: back from the wire dtype, MEAN's division (in at
-    least float32), back to the tensors' dtype; a range-scaled pack stays in at least
-    float32 until its scales are divided out, tensor by tensor (`_unscaled`)."""
+    least float32), back to the tensors' dtype. A range-scaled pack stays on the wire
+    dtype: its scales and MEAN's division are applied tensor by tensor after the split,
+    in the same pass as the cast back (`_unscaled`)."""
     dtype = like[0].dtype
 
     def finish(reduced):
+      if scaled:
+        return reduced
       reduced = self._compressor.decompress(reduced, ctx)
-      if scaled and reduced.dtype.size < 4:
-        reduced = tf.cast(reduced, tf.float32)
       if reduce_op == tf.distribute.ReduceOp.MEAN:
         reduced = _divide(reduced, group_size)
-      return reduced if scaled else tf.cast(reduced, dtype)
+      return tf.cast(reduced, dtype)
     return finish
 
   def _run(self, entry, buffers, collectives, finish, watched=False):
@@ -544,14 +548,18 @@ def _reduce_unfused(launcher, value, reduce_op, group_size):
   return reduced
 
 
-def _unscaled(parts, scales, like):
-  """Each reduced tensor divided by its range scale (exact: a power of two), in its
-  own dtype; `parts` unchanged when the pack was not range-scaled."""
+def _unscaled(parts, scales, like, divisor=1):
+  """Each reduced tensor divided by its range scale (exact: a power of two) and by
+  `divisor` (MEAN's group size), back in its own dtype; `parts` unchanged when the pack
+  was not range-scaled."""
   if scales is None:
     return parts
-  inverse = 1.0 / scales
-  return [tf.cast(p * tf.cast(inverse[i], p.dtype), t.dtype)
-          for i, (p, t) in enumerate(zip(parts, like))]
+  return compression_lib.scale_from_wire(parts, 1.0 / (scales * float(divisor)), like)
+
+
+def _divisor(reduce_op, group_size):
+  """What a reduced sum is divided by: the group size for MEAN, else 1."""
+  return group_size if reduce_op == tf.distribute.ReduceOp.MEAN else 1
 
 
 def _divide(tensor, n):
@@ -604,6 +612,12 @@ class MultiWorkerFusedAllReduce(FusedAllReduce):
   @property
   def num_workers(self):
     return self._num_workers
+
+  @property
+  def tf_ops(self):
+    """TF's CollectiveAllReduce of the strategy: its groups and communication options,
+    and the reduction of values tf_fusion does not pack."""
+    return self._tf_ops
 
   @property
   def _num_between_graph_workers(self):
