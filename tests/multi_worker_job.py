@@ -55,15 +55,15 @@ def mode_reduce(strategy):
   model = tf_fusion.CostModel(alpha={"ring": 1e-6, "hierarchical": 2e-6},
                               beta={"ring": 1e-8, "hierarchical": 1e-9},
                               copy_beta=1e-12, description="fixed for tests")
-  tf_ops = strategy.extended._cross_device_ops._tf_ops  # pylint: disable=protected-access
+  tf_ops = tf_fusion.fused_ops_of(strategy).tf_ops
   results = []
   for algorithm in ("ring", "hierarchical", "auto"):
     for compression in ("none", "fp16", "bf16"):
       opts = tf_fusion.FusionOptions(pack_bytes=200, first_pack_bytes=64,
                                      algorithm=algorithm, compression=compression,
                                      timeout_seconds=60)
-      ops = tf_fusion.MultiWorkerFusedAllReduce(opts, tf_ops, strategy.extended._num_workers,  # pylint: disable=protected-access
-                                                cost_model=model)
+      ops = tf_fusion.MultiWorkerFusedAllReduce(
+          opts, tf_ops, tf_fusion.strategy.num_workers(strategy), cost_model=model)
       for reduce_op in ("SUM", "MEAN"):
         with strategy.scope():
           out = ops.batch_reduce(reduce_op, [(v, v) for v in values] + [(ints, ints)])
@@ -229,7 +229,7 @@ def mode_plan_mismatch(strategy):
   task = strategy.cluster_resolver.task_id
   values = [strategy.experimental_distribute_values_from_function(
       lambda ctx, s=s: tf.ones(s)) for s in [(30,), (7,), (50,)]]
-  tf_ops = strategy.extended._cross_device_ops._tf_ops  # pylint: disable=protected-access
+  tf_ops = tf_fusion.fused_ops_of(strategy).tf_ops
   settings = [dict(algorithm=("ring", "hierarchical")[task]),
               dict(algorithm="ring", pack_bytes=(64, 1 << 20)[task], first_pack_bytes=0)]
   out = []
@@ -244,6 +244,40 @@ def mode_plan_mismatch(strategy):
     except ValueError as e:
       out.append({"error": str(e), "seconds": time.monotonic() - start})
   return {"cases": out}
+
+
+def mode_retrace_alone(strategy):
+  """Both workers reduce once under autotune="measure" (which measures and agrees
+  across them); then worker 0 alone traces the reduction again. That retrace must run
+  no collective: with worker 1 gone to sleep, one would wait until the timeout."""
+  import time  # pylint: disable=g-import-not-at-top
+  from tf_fusion import algorithms  # pylint: disable=g-import-not-at-top
+  task = strategy.cluster_resolver.task_id
+  value = strategy.experimental_distribute_values_from_function(
+      lambda ctx: tf.ones([3000]))
+  ops = tf_fusion.MultiWorkerFusedAllReduce(
+      tf_fusion.FusionOptions(pack_bytes=None, autotune="measure", timeout_seconds=10),
+      tf_fusion.fused_ops_of(strategy).tf_ops, 2, worker_index=task)
+
+  def step():
+    return ops.batch_reduce("SUM", [(value, value)] * 3)
+
+  with strategy.scope():
+    first = tf.function(step)()
+  if task == 1:
+    time.sleep(12)   # alive, but never joins again
+    return {"error": None}
+  device = strategy.extended.worker_devices[0]
+  before = algorithms.collectives_run(device)
+  start = time.monotonic()
+  try:
+    with strategy.scope():
+      tf.function(step).get_concrete_function()   # a fresh trace, not run
+  except Exception as e:  # pylint: disable=broad-except
+    return {"error": f"{type(e).__name__}: {e}"[:2000]}
+  return {"error": None, "seconds": time.monotonic() - start,
+          "collectives": algorithms.collectives_run(device) - before,
+          "first": float(strategy.experimental_local_results(first[0])[0].numpy()[0])}
 
 
 def mode_stall(strategy):
@@ -303,7 +337,8 @@ def main(argv):
   result = {"reduce": mode_reduce, "fit": mode_fit, "cases": mode_cases,
             "mismatch": mode_mismatch, "resume": mode_resume,
             "dead_peer": mode_dead_peer, "call_timeout": mode_call_timeout,
-            "plan_mismatch": mode_plan_mismatch, "stall": mode_stall}[mode](strategy)
+            "plan_mismatch": mode_plan_mismatch, "stall": mode_stall,
+            "retrace_alone": mode_retrace_alone}[mode](strategy)
   result["task"] = strategy.cluster_resolver.task_id
   with open(out_path.replace("{task}", str(result["task"])), "w") as f:
     json.dump(result, f)

@@ -7,7 +7,6 @@ start-up makes each take ~5-25 s, so they are few.
 import json
 import os
 
-from absl.testing import parameterized
 import numpy as np
 import tensorflow as tf
 
@@ -67,6 +66,15 @@ class MultiWorkerReduceTest(tf.test.TestCase):
       self.assertIn("number of packs (worker(s) 1 differ", packs["error"])
       for case in (algorithm, packs):
         self.assertLess(case["seconds"], 10)
+
+  def test_a_retrace_on_one_worker_runs_no_collective(self):
+    # autotune="measure" agreed once; a later trace on worker 0 alone must not ask
+    # worker 1 anything (it would wait out the 10 s timeout and fail).
+    first, _ = multi_worker.run_workers("retrace_alone")
+    self.assertIsNone(first["error"])
+    self.assertEqual(first["collectives"], 0)
+    self.assertLess(first["seconds"], 5)
+    self.assertEqual(first["first"], 4.0)   # 2 workers x 2 devices x ones
 
   def test_a_stopped_worker_is_named_within_the_stall_timeout(self):
     # Worker 1 SIGSTOPs itself at batch 3; worker 0's StallWatch has 4 s + 2 s to answer.
