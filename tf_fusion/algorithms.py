@@ -16,7 +16,7 @@ do; on GPUs with per-launch latency of tens of microseconds they do not).
 """
 
 import threading
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -27,6 +27,9 @@ from tensorflow.python.distribute import cross_device_utils
 from tensorflow.python.ops import resource_variable_ops
 
 from tf_fusion import packing
+
+if TYPE_CHECKING:   # cost_model imports this module
+  from tf_fusion import cost_model
 
 LOCAL_ALGORITHMS = ("ring", "reduce_to_one")
 MULTI_WORKER_ALGORITHMS = ("ring", "hierarchical")

@@ -1,7 +1,7 @@
 """Strategies wired to the fused all-reduce path."""
 
 import threading
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 from absl import logging
 import tensorflow as tf
@@ -185,23 +185,34 @@ def multi_worker_strategy(options: Optional[FusionOptions] = None,
   if devices_per_worker is None:
     devices_per_worker = devices_per_worker_from_env()
   if devices_per_worker and devices_per_worker > 1 and not tf.config.list_physical_devices("GPU"):
-    _make_logical_cpus(devices_per_worker)
+    split_cpu(devices_per_worker)
   communication = tf.distribute.experimental.CommunicationOptions(
       timeout_seconds=options.timeout_seconds)
   strategy = _MultiWorkerStrategy(cluster_resolver, communication, devices_per_worker)
   extended = strategy.extended
-  num_workers = extended._num_workers  # pylint: disable=protected-access
   for tf_ops in (extended._cross_device_ops, extended._host_cross_device_ops):  # pylint: disable=protected-access
     algorithms.use_run_time_keys(tf_ops)
   extended._cross_device_ops = MultiWorkerFusedAllReduce(  # pylint: disable=protected-access
-      options, extended._cross_device_ops, num_workers, cost_model=cost_model,  # pylint: disable=protected-access
+      options, extended._cross_device_ops, num_workers(strategy), cost_model=cost_model,  # pylint: disable=protected-access
       worker_index=extended._id_in_cluster)  # pylint: disable=protected-access
   return strategy
 
 
-def _make_logical_cpus(n):
-  """Splits the CPU into n logical devices, if TF has not started yet (else a no-op;
-  _Extended then says what is missing)."""
+def logical_cpu_devices(n: int) -> List[str]:
+  """Splits the CPU into `n` logical devices (replicas without GPUs) and returns their
+  names, "/job:localhost/replica:0/task:0/device:CPU:i" style as TF lists them.
+
+  Must run before TensorFlow starts its runtime (the first op); afterwards the split
+  cannot change, and this returns the CPU devices there are, which may be fewer (the
+  strategies then say what is missing).
+  """
+  split_cpu(n)
+  return [d.name for d in tf.config.list_logical_devices("CPU")][:n]
+
+
+def split_cpu(n: int) -> None:
+  """`logical_cpu_devices` without listing them, which would start the runtime: for
+  code that must configure it first (MultiWorkerMirroredStrategy's collectives)."""
   cpu = tf.config.list_physical_devices("CPU")[0]
   if len(tf.config.get_logical_device_configuration(cpu) or ()) >= n:
     return
@@ -210,6 +221,11 @@ def _make_logical_cpus(n):
         cpu, [tf.config.LogicalDeviceConfiguration()] * n)
   except RuntimeError:
     pass
+
+
+def num_workers(strategy) -> int:
+  """How many workers (processes) `strategy` spans: 1 for one-host strategies."""
+  return int(getattr(strategy.extended, "_num_workers", 1))
 
 
 def fused_ops_of(strategy) -> Optional[FusedAllReduce]:

@@ -76,16 +76,15 @@ def measure(args):
   if multi:
     strategy = tf_fusion.multi_worker_strategy(
         tf_fusion.FusionOptions(timeout_seconds=600), devices_per_worker=args.devices)
-    num_workers = strategy.extended._num_workers  # pylint: disable=protected-access
-    tf_ops = tf_fusion.fused_ops_of(strategy)._tf_ops  # pylint: disable=protected-access
+    num_workers = tf_fusion.strategy.num_workers(strategy)
+    tf_ops = tf_fusion.fused_ops_of(strategy).tf_ops
     names = algorithms.MULTI_WORKER_ALGORITHMS
 
     def make_ops(options, model):
       return tf_fusion.MultiWorkerFusedAllReduce(options, tf_ops, num_workers,
                                                  cost_model=model)
   else:
-    tf_fusion.strategy._make_logical_cpus(args.devices)  # pylint: disable=protected-access
-    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:args.devices]
+    devices = tf_fusion.strategy.logical_cpu_devices(args.devices)
     strategy = tf_fusion.mirrored_strategy(devices)
     num_workers = 1
     names = algorithms.LOCAL_ALGORITHMS
