@@ -13,7 +13,7 @@ tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration()] * NUM_DEVICES)
 
 # tf.test.TestCase helpers (create_tempdir, ...) read absl flags; pytest parses none.
-from absl import flags  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from absl import flags  # noqa: E402  pylint: disable=g-import-not-at-top,g-bad-import-order
 
 flags.FLAGS.mark_as_parsed()
 

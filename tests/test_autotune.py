@@ -2,7 +2,6 @@
 model file, and FusedAllReduce(pack_bytes=None) using them."""
 
 import json
-import os
 from unittest import mock
 
 import numpy as np
@@ -10,7 +9,6 @@ import tensorflow as tf
 
 import tf_fusion
 from tf_fusion import algorithms
-from tf_fusion import cross_device_ops
 from tf_fusion import autotune
 from tf_fusion import cost_model as cost_lib
 from tf_fusion import packing
@@ -99,89 +97,6 @@ class ChooseTest(tf.test.TestCase):
                                       "auto", model)
           self.assertLessEqual(seconds,
                                autotune.exposed_seconds(entries, specs, backward) + 1e-15)
-
-
-class TimingTest(tf.test.TestCase):
-
-  def test_every_call_is_timed_until_the_devices_are_done(self):
-    """On GPUs a call returns before its work is done: each timed call must end with a
-    device sync (else calibration and the measured autotuner time the enqueue)."""
-    calls = []
-    with mock.patch.object(cost_lib, "wait_for",
-                           side_effect=lambda result: calls.append(("wait", result))):
-      _, times = cost_lib.time_calls(lambda: calls.append("call") or "out", repeats=3,
-                                     warmup=2)
-    self.assertLen(times, 3)
-    self.assertEqual(calls, ["call", ("wait", "out")] * 5)
-
-  def test_wait_for_syncs_the_devices(self):
-    with mock.patch.object(tf.test.experimental, "sync_devices") as sync:
-      cost_lib.wait_for([tf.constant(1.0)])
-    sync.assert_called_once()
-
-
-class CostModelFileTest(tf.test.TestCase):
-
-  def test_calibrates_once_then_reads_the_file(self):
-    path = os.path.join(self.create_tempdir().full_path, "sub", "cost_model.json")
-    devices = helpers.devices(2)
-    first = autotune.load_or_calibrate(path, devices, algorithms.LOCAL_ALGORITHMS)
-    self.assertTrue(os.path.exists(path))
-    self.assertIn("1 worker(s) x 2 CPU device(s)", first.topology)
-    with mock.patch.object(cost_lib, "calibrate",
-                           side_effect=AssertionError("calibrated again")):
-      again = autotune.load_or_calibrate(path, devices, algorithms.LOCAL_ALGORITHMS)
-    self.assertEqual(again, first)
-
-  def test_a_new_fused_all_reduce_for_the_same_devices_does_not_calibrate_again(self):
-    devices = algorithms.canonical_devices(helpers.devices(3))
-    with mock.patch.dict(cross_device_ops._COST_MODELS, clear=True), mock.patch.object(  # pylint: disable=protected-access
-        cost_lib, "calibrate", wraps=cost_lib.calibrate) as measured:
-      first = tf_fusion.FusedAllReduce().cost_model(devices)
-      again = tf_fusion.FusedAllReduce(tf_fusion.FusionOptions(compression="fp16")
-                                       ).cost_model(devices)
-      self.assertEqual(measured.call_count, 1)
-      tf_fusion.FusedAllReduce().cost_model(devices[1:])   # other devices: measured
-      self.assertEqual(measured.call_count, 2)
-    self.assertIs(again, first)
-    self.assertIn(f"TensorFlow {tf.__version__}", first.topology)
-
-  def test_a_file_for_another_topology_or_unreadable_is_replaced(self):
-    devices = helpers.devices(2)
-    for content in (helpers.fixed_cost_model().to_json(), "{not json"):
-      path = self.create_tempfile(content=content).full_path
-      model = autotune.load_or_calibrate(path, devices, algorithms.LOCAL_ALGORITHMS)
-      self.assertEqual(model.algorithms, ("reduce_to_one", "ring"))
-      with open(path) as f:
-        self.assertEqual(json.load(f)["topology"], model.topology)
-
-  def test_fused_all_reduce_uses_the_file_and_autotunes(self):
-    path = self.create_tempfile().full_path
-    os.remove(path)
-    model = helpers.fixed_cost_model()
-    devices = helpers.devices(2)
-    model = cost_lib.CostModel(
-        model.alpha, model.beta, model.copy_beta, "kept by the user",
-        topology=autotune.topology(algorithms.canonical_devices(devices), 1,
-                                   algorithms.LOCAL_ALGORITHMS))
-    model.save(path)
-    ops = tf_fusion.FusedAllReduce(tf_fusion.FusionOptions(
-        pack_bytes=None, cost_model_file=path, backward_seconds=0.01))
-    strategy = tf.distribute.MirroredStrategy(devices, cross_device_ops=ops)
-    shapes = [[3000], [20], [70000], [5], [900]]
-    arrays = [[np.full(s, r + 1.0, np.float32) for s in shapes] for r in range(2)]
-    values = [helpers.per_replica(strategy, [a[i] for a in arrays])
-              for i in range(len(shapes))]
-    with strategy.scope(), mock.patch.object(
-        cost_lib, "calibrate", side_effect=AssertionError("calibrated")):
-      out = ops.batch_reduce(tf.distribute.ReduceOp.SUM, [(v, v) for v in values])
-    for got, shape in zip(out, shapes):
-      self.assertAllEqual(got.values[0], np.full(shape, 3.0))
-    specs = _specs(*[s[0] for s in shapes])
-    pack_bytes, first, _ = autotune.choose(specs, _wire, model, "auto", 0.01)
-    want = [e[0].indices for e in algorithms.assign(
-        packing.plan_packs(specs, pack_bytes, first), specs, _wire, "auto", model)]
-    self.assertEqual([p.tensor_indices for p in ops.last_plan], want)
 
 
 class MeasuredAutotuneTest(tf.test.TestCase):

@@ -1,7 +1,6 @@
 """WarmupPolyDecay against the formula, evaluated in NumPy."""
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from official_recipes.imagenet import schedules

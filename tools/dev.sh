@@ -10,7 +10,7 @@ VENV=${TF_FUSION_VENV:-.venv}
 STAMP="$VENV/.tf_fusion-setup.cfg.sha256"
 want=$(sha256sum setup.cfg | cut -d' ' -f1)
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ] \
-    || ! "$VENV/bin/python" -c "import tf_fusion, pytest, matplotlib, sklearn, tensorboard, tensorflow_datasets" 2>/dev/null; then
+    || ! "$VENV/bin/python" -c "import tf_fusion, pytest, ruff, matplotlib, sklearn, tensorboard, tensorflow_datasets" 2>/dev/null; then
   echo "[dev] setting up $VENV: tf_fusion with its pinned dependencies" >&2
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
@@ -39,6 +39,8 @@ case "$cmd" in
         --all_reduce_alg=auto --num_devices=4 --epochs_between_evals=2 --log_steps=16 \
         --model_dir="$MODEL_DIR" "$@" ;;
   test)
+    # The linter first (seconds): undefined or unused names fail the run.
+    "$VENV/bin/ruff" check --quiet .
     exec "$VENV/bin/python" -m pytest -q "$@" ;;
   *)
     echo "usage: bash tools/dev.sh main|test [args...]" >&2; exit 2 ;;

@@ -38,7 +38,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 IMAGENET_TRAIN = 1_281_167

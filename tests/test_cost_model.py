@@ -1,0 +1,196 @@
+"""The cost model: its predictions and interpolation, calibration on the devices, the
+cost model file, and timings that wait for the devices."""
+
+import json
+import os
+from unittest import mock
+
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+
+import tf_fusion
+from tf_fusion import algorithms
+from tf_fusion import autotune
+from tf_fusion import cost_model as cost_lib
+from tf_fusion import cross_device_ops
+from tf_fusion import packing
+from tests import helpers
+
+F32 = tf.float32
+
+
+def _wire(dtype):
+  return tf.as_dtype(dtype)
+
+
+def _specs(*elements):
+  return [(F32, tf.TensorShape([n])) for n in elements]
+
+
+class TimingTest(tf.test.TestCase):
+
+  def test_every_call_is_timed_until_the_devices_are_done(self):
+    """On GPUs a call returns before its work is done: each timed call must end with a
+    device sync (else calibration and the measured autotuner time the enqueue)."""
+    calls = []
+    with mock.patch.object(cost_lib, "wait_for",
+                           side_effect=lambda result: calls.append(("wait", result))):
+      _, times = cost_lib.time_calls(lambda: calls.append("call") or "out", repeats=3,
+                                     warmup=2)
+    self.assertLen(times, 3)
+    self.assertEqual(calls, ["call", ("wait", "out")] * 5)
+
+  def test_wait_for_syncs_the_devices(self):
+    with mock.patch.object(tf.test.experimental, "sync_devices") as sync:
+      cost_lib.wait_for([tf.constant(1.0)])
+    sync.assert_called_once()
+
+
+class CostModelFileTest(tf.test.TestCase):
+
+  def test_calibrates_once_then_reads_the_file(self):
+    path = os.path.join(self.create_tempdir().full_path, "sub", "cost_model.json")
+    devices = helpers.devices(2)
+    first = autotune.load_or_calibrate(path, devices, algorithms.LOCAL_ALGORITHMS)
+    self.assertTrue(os.path.exists(path))
+    self.assertIn("1 worker(s) x 2 CPU device(s)", first.topology)
+    with mock.patch.object(cost_lib, "calibrate",
+                           side_effect=AssertionError("calibrated again")):
+      again = autotune.load_or_calibrate(path, devices, algorithms.LOCAL_ALGORITHMS)
+    self.assertEqual(again, first)
+
+  def test_a_new_fused_all_reduce_for_the_same_devices_does_not_calibrate_again(self):
+    devices = algorithms.canonical_devices(helpers.devices(3))
+    with mock.patch.dict(cross_device_ops._COST_MODELS, clear=True), mock.patch.object(  # pylint: disable=protected-access
+        cost_lib, "calibrate", wraps=cost_lib.calibrate) as measured:
+      first = tf_fusion.FusedAllReduce().cost_model(devices)
+      again = tf_fusion.FusedAllReduce(tf_fusion.FusionOptions(compression="fp16")
+                                       ).cost_model(devices)
+      self.assertEqual(measured.call_count, 1)
+      tf_fusion.FusedAllReduce().cost_model(devices[1:])   # other devices: measured
+      self.assertEqual(measured.call_count, 2)
+    self.assertIs(again, first)
+    self.assertIn(f"TensorFlow {tf.__version__}", first.topology)
+
+  def test_a_file_for_another_topology_or_unreadable_is_replaced(self):
+    devices = helpers.devices(2)
+    for content in (helpers.fixed_cost_model().to_json(), "{not json"):
+      path = self.create_tempfile(content=content).full_path
+      model = autotune.load_or_calibrate(path, devices, algorithms.LOCAL_ALGORITHMS)
+      self.assertEqual(model.algorithms, ("reduce_to_one", "ring"))
+      with open(path) as f:
+        self.assertEqual(json.load(f)["topology"], model.topology)
+
+  def test_fused_all_reduce_uses_the_file_and_autotunes(self):
+    path = self.create_tempfile().full_path
+    os.remove(path)
+    model = helpers.fixed_cost_model()
+    devices = helpers.devices(2)
+    model = cost_lib.CostModel(
+        model.alpha, model.beta, model.copy_beta, "kept by the user",
+        topology=autotune.topology(algorithms.canonical_devices(devices), 1,
+                                   algorithms.LOCAL_ALGORITHMS))
+    model.save(path)
+    ops = tf_fusion.FusedAllReduce(tf_fusion.FusionOptions(
+        pack_bytes=None, cost_model_file=path, backward_seconds=0.01))
+    strategy = tf.distribute.MirroredStrategy(devices, cross_device_ops=ops)
+    shapes = [[3000], [20], [70000], [5], [900]]
+    arrays = [[np.full(s, r + 1.0, np.float32) for s in shapes] for r in range(2)]
+    values = [helpers.per_replica(strategy, [a[i] for a in arrays])
+              for i in range(len(shapes))]
+    with strategy.scope(), mock.patch.object(
+        cost_lib, "calibrate", side_effect=AssertionError("calibrated")):
+      out = ops.batch_reduce(tf.distribute.ReduceOp.SUM, [(v, v) for v in values])
+    for got, shape in zip(out, shapes):
+      self.assertAllEqual(got.values[0], np.full(shape, 3.0))
+    specs = _specs(*[s[0] for s in shapes])
+    pack_bytes, first, _ = autotune.choose(specs, _wire, model, "auto", 0.01)
+    want = [e[0].indices for e in algorithms.assign(
+        packing.plan_packs(specs, pack_bytes, first), specs, _wire, "auto", model)]
+    self.assertEqual([p.tensor_indices for p in ops.last_plan], want)
+
+
+class CostModelTest(tf.test.TestCase, parameterized.TestCase):
+
+  def test_seconds_follow_alpha_beta(self):
+    m = tf_fusion.CostModel({"ring": 1e-4, "reduce_to_one": 1e-5},
+                            {"ring": 1e-9, "reduce_to_one": 2e-9}, copy_beta=5e-10)
+    self.assertAlmostEqual(m.seconds("ring", 1000), 1e-4 + 1e-6)
+    self.assertAlmostEqual(m.seconds("ring", 1000, num_tensors=3), 1e-4 + 1e-6 + 5e-7)
+    # Crossover at (1e-4 - 1e-5) / (2e-9 - 1e-9) = 90,000 bytes.
+    self.assertEqual(m.best(80_000), "reduce_to_one")
+    self.assertEqual(m.best(100_000), "ring")
+
+  def test_json_round_trip(self):
+    m = helpers.fixed_cost_model()
+    self.assertEqual(tf_fusion.CostModel.from_json(m.to_json()), m)
+    path = self.create_tempfile().full_path
+    m.save(path)
+    self.assertEqual(tf_fusion.CostModel.load(path), m)
+
+  def test_measured_points_are_interpolated(self):
+    # 1 KB: 1 ms, 1 MB: 2 ms, 2 MB: 5 ms (the per-byte cost rises), 3 MB measured
+    # faster than 2 MB (noise): taken as 5 ms.
+    m = tf_fusion.CostModel({"ring": 1e-3}, {"ring": 1e-9}, points={"ring": [
+        (1000, 1e-3), (2_000_000, 5e-3), (1_000_000, 2e-3), (3_000_000, 4e-3)]})
+    self.assertAlmostEqual(m.seconds("ring", 10), 1e-3)            # flat below
+    self.assertAlmostEqual(m.seconds("ring", 1_000_000), 2e-3)
+    self.assertAlmostEqual(m.seconds("ring", 1_500_000), 3.5e-3)   # linear between
+    self.assertAlmostEqual(m.seconds("ring", 2_500_000), 5e-3)     # non-decreasing
+    # Past 3 MB: the last segment (flat, 5 ms -> 5 ms) extended.
+    self.assertAlmostEqual(m.seconds("ring", 4_000_000), 5e-3)
+    self.assertAlmostEqual(m.seconds("ring", 4_000_000, num_tensors=2), 5e-3)
+    m2 = tf_fusion.CostModel({"ring": 0.0}, {"ring": 0.0},
+                             points={"ring": [(0, 0.0), (100, 1.0), (200, 3.0)]})
+    self.assertAlmostEqual(m2.seconds("ring", 300), 5.0)           # slope 2 s / 100 B
+    self.assertEqual(tf_fusion.CostModel.from_json(m.to_json()), m)
+
+  @parameterized.parameters(
+      dict(alpha={"ring": 1.0}, beta={"ring": 0.0}, points={"tree": [(1, 1.0)]}),
+      dict(alpha={"ring": 1.0}, beta={"ring": 0.0}, points={"ring": [(1, -1.0)]}),
+      dict(alpha={"ring": -1.0}, beta={"ring": 0.0}),
+      dict(alpha={"ring": 1.0}, beta={"reduce_to_one": 0.0}),
+      dict(alpha={"ring": float("nan")}, beta={"ring": 0.0}),
+  )
+  def test_bad_constants(self, alpha, beta, points=None):
+    with self.assertRaises(ValueError):
+      tf_fusion.CostModel(alpha, beta, points=points or {})
+
+
+class CalibrateTest(tf.test.TestCase):
+
+  def test_calibration_measures_positive_finite_constants(self):
+    model = tf_fusion.calibrate(helpers.devices(2), sizes=(4 << 10, 64 << 10, 1 << 20),
+                                repeats=2)
+    self.assertEqual(model.algorithms, ("reduce_to_one", "ring"))
+    for alg in model.algorithms:
+      self.assertTrue(np.isfinite(model.alpha[alg]) and model.alpha[alg] >= 0)
+      self.assertTrue(np.isfinite(model.beta[alg]) and model.beta[alg] >= 0)
+      # Something is measured: a 1 MiB all-reduce is predicted to take time.
+      self.assertGreater(model.seconds(alg, 1 << 20), 0)
+    self.assertGreater(model.copy_beta, 0)
+
+  def test_auto_calibrates_once_on_first_use(self):
+    ops = tf_fusion.FusedAllReduce(tf_fusion.FusionOptions(algorithm="auto"))
+    devices = helpers.devices(2)
+    strategy = tf.distribute.MirroredStrategy(devices, cross_device_ops=ops)
+    value = helpers.per_replica(strategy, [np.full([64], r + 1.0, np.float32)
+                                           for r in range(2)])
+
+    @tf.function
+    def reduce():
+      return ops.batch_reduce(tf.distribute.ReduceOp.SUM, [(value, value)])[0].values
+
+    with strategy.scope():
+      first = reduce()
+      model = ops.cost_model(devices)
+      reduce()  # Same trace: no second calibration.
+    self.assertAllEqual(first[1], np.full([64], 3.0))
+    self.assertIs(ops.cost_model(devices), model)
+    self.assertIn(ops.last_plan[0].algorithm, model.algorithms)
+    self.assertIsNotNone(ops.last_plan[0].predicted_seconds)
+
+
+if __name__ == "__main__":
+  tf.test.main()
