@@ -92,7 +92,14 @@ class RecipeTest(tf.test.TestCase, parameterized.TestCase):
     argv = [a for a in self._argv(synthetic=True, num_train_examples=64,
                                   num_eval_examples=16, train_steps=3)
             if not a.startswith("--warmup_epochs")]
-    self._check(main.run(parse(argv)), steps=3)
+    stats = main.run(parse(argv))
+    self._check(stats, steps=3)
+    self.assertEqual(stats["fit_epochs"], [0, 1])   # Keras shows "Epoch 1/1"
+    # The plan is a table in a file, not a log line; the full stats sit beside it.
+    with open(os.path.join(stats["model_dir"], "plan.txt")) as f:
+      self.assertLen(f.read().splitlines(), len(stats["packs"]) + 2)   # header, total
+    with open(os.path.join(stats["model_dir"], "stats.json")) as f:
+      self.assertEqual(json.load(f)["final_step"], 3)
 
   def test_bad_input_on_the_command_line_is_one_line_not_a_traceback(self):
     proc = subprocess.run(
@@ -139,6 +146,8 @@ class RecipeTest(tf.test.TestCase, parameterized.TestCase):
                   json.load(open(os.path.join(model_dir, "cost_model.json")))["topology"])
     second = main.run(parse(self._argv(model_dir=model_dir, train_steps=5)))
     self.assertEqual((second["start_step"], second["final_step"]), (3, 5))
+    # 8 steps per epoch: the first run ended in epoch 1 of 1, the second is epoch 2 of 2.
+    self.assertEqual((first["fit_epochs"], second["fit_epochs"]), ([0, 1], [1, 2]))
     # Already there: nothing to train, evaluation only.
     third = main.run(parse(self._argv(model_dir=model_dir, train_steps=5)))
     self.assertEqual((third["start_step"], third["final_step"]), (5, 5))

@@ -66,14 +66,15 @@ def pack_scope(entry: PackPlan) -> str:
 
 
 def summarize(plan: Sequence[PackPlan]) -> str:
-  """A short text table of a plan, for logs."""
+  """A short text table of a plan, for logs and reports: PackPlans or their
+  as_dict()s (as a run's stats hold them)."""
   lines = [f"{'pack':>4} {'dtype':>8} {'tensors':>7} {'bytes':>12} {'wire':>12} "
            f"{'algorithm':>13}"]
   for e in plan:
-    lines.append(f"{e.index:>4} {e.dtype.name:>8} {e.tensor_count:>7} "
-                 f"{str(e.bytes):>12} {str(e.wire_bytes):>12} {e.algorithm:>13}"
-                 + (f"  ({e.note})" if e.note else ""))
-  total = sum(e.bytes or 0 for e in plan)
-  lines.append(f"{len(plan)} packs, {sum(e.tensor_count for e in plan)} tensors, "
+    lines.append(f"{e['index']:>4} {tf.as_dtype(e['dtype']).name:>8} "
+                 f"{e['tensor_count']:>7} {str(e['bytes']):>12} {str(e['wire_bytes']):>12} "
+                 f"{e['algorithm']:>13}" + (f"  ({e['note']})" if e["note"] else ""))
+  total = sum(e["bytes"] or 0 for e in plan)
+  lines.append(f"{len(plan)} packs, {sum(e['tensor_count'] for e in plan)} tensors, "
                f"{total} bytes")
   return "\n".join(lines)

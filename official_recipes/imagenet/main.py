@@ -15,13 +15,18 @@ References:
   Jia et al. 2018, arXiv:1807.11205; Goyal et al. 2017, arXiv:1706.02677.
 """
 
+import collections
 import json
 import math
 import os
 import sys
 import time
 
-from absl import app
+# TensorFlow's C++ start-up INFO lines (oneDNN, CUDA stubs, CPU features) say nothing
+# a user of the recipe can act on; warnings and errors still show. Set before import.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
 from absl import logging
 import keras
@@ -51,7 +56,7 @@ def make_strategy(cfg):
   # Physical first: listing logical devices would start TF before CPUs can be split.
   if (not tf.config.list_physical_devices("GPU") and cfg.num_devices
       and cfg.num_devices > 1):
-    tf_fusion.strategy._make_logical_cpus(cfg.num_devices)  # pylint: disable=protected-access
+    tf_fusion.strategy.split_cpu(cfg.num_devices)
   gpus = tf.config.list_logical_devices("GPU")
   devices = gpus or tf.config.list_logical_devices("CPU")
   n = cfg.num_devices or (len(gpus) if gpus else 1)
@@ -218,12 +223,13 @@ def _run(cfg):
     raise ValueError(
         f"--steps_per_execution={cfg.steps_per_execution} must divide the steps between "
         f"evaluations ({loop}) and the steps left to run ({total - start_step}).")
-  history = {}
+  history, fit_epochs = {}, None
   if start_step < total:
-    first_epoch = math.ceil(start_step / loop)
+    first_epoch = _first_epoch(backup, start_step, loop)
+    fit_epochs = [first_epoch, first_epoch + math.ceil((total - start_step) / loop)]
     try:
       history = model.fit(
-          train, epochs=first_epoch + math.ceil((total - start_step) / loop) + 1,
+          train, epochs=fit_epochs[1],
           initial_epoch=first_epoch, steps_per_epoch=loop, validation_data=evaluation,
           validation_steps=eval_steps or None, callbacks=callbacks, verbose=1).history
     except tf.errors.DataLossError as e:
@@ -236,7 +242,7 @@ def _run(cfg):
     metrics.update({f"val_{k}": v for k, v in model.evaluate(
         evaluation, steps=eval_steps, verbose=0, return_dict=True).items()})
   plan = tf_fusion.fused_ops_of(strategy).last_plan
-  return {
+  stats = {
       "model": cfg.model, "num_replicas": replicas, "global_batch_size": cfg.batch_size,
       "dtype": cfg.dtype, "start_step": start_step,
       "final_step": recipe_callbacks.step_of(model), "total_steps": total,
@@ -250,8 +256,22 @@ def _run(cfg):
       "loss_scale": (recipe_callbacks.number(model.optimizer.dynamic_scale)
                      if hasattr(model.optimizer, "dynamic_scale") else None),
       "packs": [p.as_dict() for p in plan or ()],
+      "fit_epochs": fit_epochs,
       "model_dir": out_dir, "wall_seconds": time.perf_counter() - start_time,
   }
+  _write_report(stats)
+  return stats
+
+
+def _first_epoch(backup, start_step, loop):
+  """The epoch fit starts at: the one BackupAndRestore will restore (it overrides
+  fit's initial_epoch), else the evaluation interval the restored step falls in. With
+  it fit's epoch count, and so Keras's "Epoch i/N", is the run's real one."""
+  path = backup._training_metadata_path  # pylint: disable=protected-access
+  if os.path.exists(path):
+    with open(path) as f:
+      return int(json.load(f)["epoch"])
+  return math.ceil(start_step / loop)
 
 
 def _restore(model, strategy, backup):
@@ -270,14 +290,33 @@ def _restore(model, strategy, backup):
 def main(_):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.INFO)   # the per-step lines: loss, lr, images/s
+    # ... but not TensorFlow's own INFO lines ("Reduce to ... then broadcast to ...",
+    # one per reduction), which would bury them.
+    tf.get_logger().setLevel("WARNING")
   try:
     stats = run(flags.FLAGS)
   except ValueError as e:
     # Bad flags or input: the message names them; a traceback would bury it.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  logging.info("Stats: %s", json.dumps(stats, default=str))
-  print(json.dumps({k: v for k, v in stats.items() if k != "packs"}, default=str))
+  short = {k: v for k, v in stats.items() if k != "packs"}
+  logging.info("Stats: %s", json.dumps(short, default=str))
+  print(json.dumps(short, default=str))
+
+
+def _write_report(stats):
+  """The full stats (with every pack) to model_dir/stats.json and the plan as a table to
+  model_dir/plan.txt: a plan of ~100 packs is no log line."""
+  out_dir = stats["model_dir"]
+  with open(os.path.join(out_dir, "stats.json"), "w") as f:
+    json.dump(stats, f, indent=1, default=str)
+  if stats["packs"]:
+    counts = collections.Counter(p["algorithm"] for p in stats["packs"])
+    with open(os.path.join(out_dir, "plan.txt"), "w") as f:
+      f.write(tf_fusion.stats.summarize(stats["packs"]) + "\n")
+    logging.info("All-reduce plan: %d packs (%s); the table is in %s",
+                 len(stats["packs"]), ", ".join(f"{a} {n}" for a, n in counts.items()),
+                 os.path.join(out_dir, "plan.txt"))
 
 
 if __name__ == "__main__":
