@@ -1,17 +1,20 @@
 """All-reduce benchmark: TF's built-ins against tf_fusion, side by side in one process.
 
-Reduces the gradient set of ResNet-50 and of AlexNet-BN across logical CPU replicas,
-the way Keras does it (strategy.extended.batch_reduce_to inside a tf.function), and
-prints median/min/max per configuration with ratios to the best TF built-in and to the
-floor (one pre-packed buffer of the same bytes through the fastest algorithm). Writes
-JSON and a PNG bar chart to --out_dir.
+Reduces the gradients of the ImageNet recipe's ResNet-50 and AlexNet-BN across logical
+CPU replicas, the way Keras does it (strategy.extended.batch_reduce_to inside a
+tf.function), and prints median/min/max per configuration with ratios to the best TF
+built-in and to the floor (one pre-packed buffer of the same bytes through the fastest
+algorithm). Writes JSON and a PNG bar chart to --out_dir.
 
-  python tools/allreduce_bench.py --devices 4 --reps 10 --out_dir out/allreduce_bench
+  python -m tools.allreduce_bench --devices 4 --reps 10 --out_dir out/allreduce_bench
 
-With --workers N, the multi-process mode (tools/multi_worker_bench.py): N workers on
-127.0.0.1 with --devices logical CPU devices each, MultiWorkerMirroredStrategy.
+With --workers N: N worker processes on 127.0.0.1 (tf_fusion.launch) with --devices
+logical CPUs each, MultiWorkerMirroredStrategy; TF's CollectiveAllReduce at several
+bytes_per_pack against tf_fusion's ring / hierarchical / auto, and the wire limit
+2(W-1)/W * S / B for S bytes of float32 gradients, W workers and the loopback bandwidth
+B: the least time any algorithm needs to move the bytes between workers.
 
-  python tools/allreduce_bench.py --workers 2 --devices 2 --reps 5
+  python -m tools.allreduce_bench --workers 2 --devices 2 --reps 5
 """
 
 import argparse
@@ -21,21 +24,17 @@ import sys
 import time
 
 import numpy as np
+import tensorflow as tf
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools import bench_lib
 
-import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from tf_fusion import cost_model as cost_lib  # pylint: disable=wrong-import-position
-from tools import gradient_sets  # pylint: disable=wrong-import-position
-
-MIB = 1 << 20
+MIB = bench_lib.MIB
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--sets", default="resnet50,alexnet_bn",
-                 help=f"comma-separated gradient sets: {', '.join(gradient_sets.SETS)}")
+                 help=f"comma-separated gradient sets: {', '.join(bench_lib.SETS)}")
   p.add_argument("--devices", type=int, default=4, help="logical CPU replicas")
   p.add_argument("--reps", type=int, default=10, help="timed repetitions per config")
   p.add_argument("--warmup", type=int, default=2, help="untimed calls (the first traces)")
@@ -45,9 +44,9 @@ def parse_args(argv=None):
                  help="> 1: multi-process mode, workers on 127.0.0.1")
   p.add_argument("--worker_out", default="", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
-  unknown = set(args.sets.split(",")) - set(gradient_sets.SETS)
+  unknown = set(args.sets.split(",")) - set(bench_lib.SETS)
   if unknown:
-    p.error(f"unknown --sets {sorted(unknown)}; valid: {', '.join(gradient_sets.SETS)}")
+    p.error(f"unknown --sets {sorted(unknown)}; valid: {', '.join(bench_lib.SETS)}")
   if args.workers < 1 or args.reps < 1 or args.devices < (2 if args.workers == 1 else 1):
     p.error("need --workers >= 1, --reps >= 1, and --devices >= 2 (>= 1 with "
             "several workers)")
@@ -98,58 +97,28 @@ def configs():
   return out
 
 
-def _per_replica(strategy, shapes, seed):
-  """One PerReplica of random values per shape (any number of workers)."""
-  def value_fn(ctx, i, shape):
-    rng = tf.random.Generator.from_seed(seed + 1000 * i + ctx.replica_id_in_sync_group)
-    return rng.normal(shape)
-  return [strategy.experimental_distribute_values_from_function(
-      lambda ctx, i=i, s=s: value_fn(ctx, i, s)) for i, s in enumerate(shapes)]
-
-
-def time_config(strategy, options, shapes, reps, warmup):
-  """Times batch_reduce_to(SUM) of `shapes` as Keras calls it; returns seconds."""
-  grads = _per_replica(strategy, shapes, seed=1)
-
-  @tf.function
-  def step():
-    # Values made inside the replica function carry their device, as gradients do.
-    local = strategy.run(lambda *g: [tf.identity(x) for x in g], args=tuple(grads))
-    reduced = strategy.extended.batch_reduce_to(
-        tf.distribute.ReduceOp.SUM, [(v, v) for v in local], options=options)
-    return [t for r in reduced for t in strategy.experimental_local_results(r)]
-
-  return cost_lib.time_calls(step, reps, warmup)
-
-
 def run_set(set_name, devices, args, cost_model, selected):
-  shapes = gradient_sets.SETS[set_name]()
-  total = [(int(np.prod(shapes_) if shapes_ else 1)) for shapes_ in shapes]
-  print(f"\n== {set_name}: {gradient_sets.describe(shapes)}, {len(devices)} replicas",
+  import tf_fusion  # pylint: disable=g-import-not-at-top
+  shapes = bench_lib.gradient_shapes(set_name)
+  total = sum(int(np.prod(s)) for s in shapes)
+  print(f"\n== {set_name}: {bench_lib.describe(shapes)}, {len(devices)} replicas",
         flush=True)
   rows = []
   for name, kind, factory in configs():
     if selected and name not in selected:
       continue
     strategy, options = factory(devices, cost_model)
-    set_shapes = [(sum(total),)] if kind == "floor" else shapes
-    with strategy.scope():
-      first, times = time_config(strategy, options, set_shapes, args.reps, args.warmup)
-    row = dict(config=name, kind=kind, first_call_s=first,
-               median_ms=1e3 * float(np.median(times)), min_ms=1e3 * min(times),
-               max_ms=1e3 * max(times), times_ms=[1e3 * t for t in times])
-    import tf_fusion  # pylint: disable=g-import-not-at-top
+    grads = bench_lib.per_replica(strategy, [(total,)] if kind == "floor" else shapes, 1)
+    first, times = bench_lib.time_reduction(
+        strategy, grads, lambda pairs, s=strategy, o=options: s.extended.batch_reduce_to(
+            "SUM", pairs, options=o), args.reps, args.warmup)
     ops = tf_fusion.fused_ops_of(strategy)
-    if ops is not None:
-      plan = ops.last_plan
-      row["packs"] = len(plan)
-      row["algorithms"] = {a: sum(e.algorithm == a for e in plan)
-                           for a in sorted({e.algorithm for e in plan})}
+    row = bench_lib.result_row(name, kind, times, first,
+                               ops.last_plan if ops is not None else None)
     rows.append(row)
     print(f"  {name:42s} median {row['median_ms']:8.1f} ms  (first call "
-          f"{first:5.1f} s){'  packs ' + str(row.get('packs')) if 'packs' in row else ''}",
-          flush=True)
-  return dict(set=set_name, description=gradient_sets.describe(shapes), rows=rows)
+          f"{first:5.1f} s)  {bench_lib.plan_text(row)}", flush=True)
+  return dict(set=set_name, description=bench_lib.describe(shapes), rows=rows)
 
 
 def add_ratios(result):
@@ -175,12 +144,9 @@ def print_table(result):
         f"{'x floor':>8s} {'vs per-tensor':>13s}  plan")
   fmt = lambda v, spec: format(v, spec) if v is not None else "-"
   for r in result["rows"]:
-    plan = ""
-    if "algorithms" in r:
-      plan = f"{r['packs']} packs " + ",".join(f"{k}:{v}" for k, v in r["algorithms"].items())
     print(f"{r['config']:44s} {r['median_ms']:8.1f} {r['min_ms']:8.1f} {r['max_ms']:8.1f} "
           f"{fmt(r['x_best_builtin'], '9.2f')} {fmt(r['x_floor'], '8.2f')} "
-          f"{fmt(r['speedup_vs_per_tensor'], '12.1f')}x  {plan}")
+          f"{fmt(r['speedup_vs_per_tensor'], '12.1f')}x  {bench_lib.plan_text(r)}")
 
 
 def plot(results, path):
@@ -205,17 +171,121 @@ def plot(results, path):
   fig.savefig(path, dpi=110)
 
 
+# --- several workers ------------------------------------------------------------------
+
+def multi_worker_configs():
+  """(name, kind, options for tf_fusion or bytes_per_pack for TF)."""
+  out = [("tf MWMS default (bpp=0)", "builtin", 0),
+         ("tf MWMS bpp=4MB", "builtin", 4 * MIB),
+         ("tf MWMS bpp=64MB", "builtin", 64 * MIB),
+         ("per_tensor (ring, no fusion)", "per_tensor",
+          dict(algorithm="ring", pack_bytes=1, first_pack_bytes=0))]
+  for algorithm in ("ring", "hierarchical", "auto"):
+    for compression in ("none", "fp16", "bf16"):
+      out.append((f"tf_fusion {algorithm} {compression}", "fused",
+                  dict(algorithm=algorithm, compression=compression)))
+  return out
+
+
+def worker_main(args):
+  """Inside one worker (TF_CONFIG set by the launcher): measure; worker 0 writes JSON."""
+  import tf_fusion  # pylint: disable=g-import-not-at-top
+  from tf_fusion import algorithms  # pylint: disable=g-import-not-at-top
+
+  strategy = tf_fusion.multi_worker_strategy(
+      tf_fusion.FusionOptions(timeout_seconds=600), devices_per_worker=args.devices)
+  workers = tf_fusion.strategy.num_workers(strategy)
+  tf_ops = tf_fusion.fused_ops_of(strategy).tf_ops
+  devices = strategy.extended.worker_devices
+  task = strategy.cluster_resolver.task_id
+  start = time.perf_counter()
+  cost_model = tf_fusion.calibrate(devices, algorithms.MULTI_WORKER_ALGORITHMS,
+                                   group_size=len(devices) * workers, timeout_seconds=600)
+  if task == 0:
+    print(f"calibrated in {time.perf_counter() - start:.1f} s: alpha {cost_model.alpha}, "
+          f"beta {cost_model.beta}", flush=True)
+  selected = set(filter(None, args.only.split(",")))
+  results = []
+  for set_name in args.sets.split(","):
+    shapes = bench_lib.gradient_shapes(set_name)
+    grads = bench_lib.per_replica(strategy, shapes, seed=1)
+    rows = []
+    for name, kind, setting in multi_worker_configs():
+      if selected and name not in selected:
+        continue
+      if kind == "builtin":
+        ops = tf_ops
+        options = tf.distribute.experimental.CommunicationOptions(bytes_per_pack=setting)
+      else:
+        ops = tf_fusion.MultiWorkerFusedAllReduce(
+            tf_fusion.FusionOptions(timeout_seconds=600, **setting), tf_ops, workers,
+            cost_model=cost_model)
+        options = None
+      first, times = bench_lib.time_reduction(
+          strategy, grads, lambda pairs, ops=ops, o=options: ops.batch_reduce(
+              "SUM", pairs, options=o), args.reps, args.warmup)
+      rows.append(bench_lib.result_row(name, kind, times, first,
+                                       None if kind == "builtin" else ops.last_plan))
+      if task == 0:
+        print(f"  {set_name} {name:34s} median {rows[-1]['median_ms']:8.1f} ms", flush=True)
+    results.append(dict(set=set_name, description=bench_lib.describe(shapes),
+                        fp32_bytes=sum(4 * int(np.prod(s)) for s in shapes), rows=rows))
+  if task == 0:
+    with open(args.worker_out, "w") as f:
+      json.dump(dict(workers=workers, devices_per_worker=len(devices),
+                     cost_model=json.loads(cost_model.to_json()), results=results), f)
+
+
+def add_wire_ratios(result, workers, bandwidth):
+  """Each row against TF's default and against the wire limit 2(W-1)/W * S / B."""
+  rows = result["rows"]
+  default = next(r for r in rows if r["config"].startswith("tf MWMS default"))
+  limit_s = 2 * (workers - 1) / workers * result["fp32_bytes"] / bandwidth
+  result["wire_limit_ms"] = 1e3 * limit_s
+  for r in rows:
+    r["x_faster_than_tf_default"] = default["median_ms"] / r["median_ms"]
+    r["x_wire_limit"] = r["median_ms"] / result["wire_limit_ms"]
+  return result
+
+
+def print_multi_worker_table(result, workers, devices):
+  print(f"\n{result['set']} ({result['description']}), {workers} workers x {devices} "
+        f"devices; wire limit {result['wire_limit_ms']:.1f} ms")
+  print(f"{'config':34s} {'median':>8s} {'min':>8s} {'max':>8s} {'TF default/this':>15s} "
+        f"{'x wire limit':>12s}  plan")
+  for r in result["rows"]:
+    print(f"{r['config']:34s} {r['median_ms']:8.1f} {r['min_ms']:8.1f} {r['max_ms']:8.1f} "
+          f"{r['x_faster_than_tf_default']:15.2f} {r['x_wire_limit']:12.2f}  "
+          f"{bench_lib.plan_text(r)}")
+
+
+def multi_worker_main(args, argv):
+  """Measures B, runs the workers with the same arguments, reports what worker 0 saw."""
+  bandwidth = bench_lib.loopback_bandwidth()
+  print(f"loopback TCP bandwidth B = {bandwidth / 1e9:.2f} GB/s", flush=True)
+  tag = f"{args.workers}x{args.devices}"
+  report = bench_lib.run_children(
+      "tools.allreduce_bench", argv, args.workers, args.devices,
+      os.path.abspath(os.path.join(args.out_dir, f"multi_worker_{tag}.raw.json")))
+  report["loopback_bytes_per_s"] = bandwidth
+  for result in report["results"]:
+    add_wire_ratios(result, args.workers, bandwidth)
+    print_multi_worker_table(result, args.workers, args.devices)
+  path = bench_lib.write_json(report, os.path.join(args.out_dir, f"multi_worker_{tag}.json"))
+  print(f"\nwrote {path}")
+  return report
+
+
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
+  if args.worker_out:
+    return worker_main(args)
   if args.workers > 1:
-    from tools import multi_worker_bench  # pylint: disable=g-import-not-at-top
-    return multi_worker_bench.main(args, argv)
-  cpus = tf.config.list_physical_devices("CPU")
-  tf.config.set_logical_device_configuration(
-      cpus[0], [tf.config.LogicalDeviceConfiguration()] * args.devices)
-  devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    os.makedirs(args.out_dir, exist_ok=True)
+    return multi_worker_main(args, argv)
   import tf_fusion  # pylint: disable=g-import-not-at-top
+  devices = tf_fusion.strategy.logical_cpu_devices(args.devices)
   start = time.perf_counter()
   cost_model = tf_fusion.calibrate(devices)
   print(f"calibrated in {time.perf_counter() - start:.1f} s: "
@@ -227,12 +297,9 @@ def main(argv=None):
     results.append(add_ratios(run_set(set_name, devices, args, cost_model, selected)))
   for result in results:
     print_table(result)
-  os.makedirs(args.out_dir, exist_ok=True)
   report = dict(devices=len(devices), reps=args.reps, cost_model=json.loads(
       cost_model.to_json()), tensorflow=tf.__version__, results=results)
-  json_path = os.path.join(args.out_dir, "allreduce_bench.json")
-  with open(json_path, "w") as f:
-    json.dump(report, f, indent=2)
+  json_path = bench_lib.write_json(report, os.path.join(args.out_dir, "allreduce_bench.json"))
   png_path = os.path.join(args.out_dir, "allreduce_bench.png")
   plot(results, png_path)
   print(f"\nwrote {json_path} and {png_path}")

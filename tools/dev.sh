@@ -27,7 +27,7 @@ case "$cmd" in
     # the wire (hybrid algorithm). Extra arguments override these flags.
     DATA=out/fake_imagenet
     if [ ! -f "$DATA/validation-00001-of-00002" ]; then
-      "$VENV/bin/python" tools/make_fake_imagenet.py --out_dir "$DATA" --num_train 1024 \
+      "$VENV/bin/python" -m tools.make_fake_imagenet --out_dir "$DATA" --num_train 1024 \
           --num_validation 256 --num_classes 10
     fi
     MODEL_DIR=out/main_job/$(date +%Y%m%d-%H%M%S)

@@ -10,8 +10,8 @@ so that drift on a noisy machine hits every configuration alike. Prints a table 
 with the measured and predicted times, the autotuned choice and its ratio to the best
 swept point (target <= 1.05); writes JSON and a PNG with the chosen point marked.
 
-  python tools/fusion_sweep.py --devices 4 --reps 7                 # one host
-  python tools/fusion_sweep.py --workers 2 --devices 2 --reps 5     # 2 workers x 2
+  python -m tools.fusion_sweep --devices 4 --reps 7                 # one host
+  python -m tools.fusion_sweep --workers 2 --devices 2 --reps 5     # 2 workers x 2
 
 With --workers N the same script runs as N processes on 127.0.0.1 (tf_fusion.launch);
 worker 0 writes the results.
@@ -25,8 +25,7 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from tools import bench_lib
 
 KIB = 1 << 10
 
@@ -69,7 +68,6 @@ def measure(args):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tf_fusion  # pylint: disable=g-import-not-at-top
   from tf_fusion import algorithms, autotune  # pylint: disable=g-import-not-at-top
-  from tools import allreduce_bench, gradient_sets  # pylint: disable=g-import-not-at-top
 
   tf.get_logger().setLevel("ERROR")   # one trace per configuration is the point here
   multi = bool(os.environ.get("TF_CONFIG"))
@@ -106,9 +104,9 @@ def measure(args):
   unknown = "hierarchical" if multi else "reduce_to_one"
   results = []
   for set_name in args.sets.split(","):
-    shapes = gradient_sets.SETS[set_name]()
+    shapes = bench_lib.gradient_shapes(set_name)
     specs = [(tf.float32, tf.TensorShape(s)) for s in shapes]
-    grads = allreduce_bench._per_replica(strategy, shapes, seed=1)  # pylint: disable=protected-access
+    grads = bench_lib.per_replica(strategy, shapes, seed=1)
     configs = []
     for alg in chosen_algorithms:
       for pack_bytes in grid(args.grid) + (None, "measure"):
@@ -121,7 +119,8 @@ def measure(args):
                             ops=make_ops(options, model)))
     steps = []
     for c in configs:
-      step = _step_fn(strategy, c["ops"], grads)
+      step = bench_lib.reduction_step(
+          strategy, grads, lambda pairs, ops=c["ops"]: ops.batch_reduce("SUM", pairs))
       with strategy.scope():
         step()   # trace
         step()
@@ -152,22 +151,11 @@ def measure(args):
             autotune.list_key(specs, alg, args.compression)]
         row["chosen_pack_bytes"], row["chosen_first_pack_bytes"] = tuned[:2]
       rows.append(row)
-    results.append(dict(set=set_name, description=gradient_sets.describe(shapes),
+    results.append(dict(set=set_name, description=bench_lib.describe(shapes),
                         rows=rows))
   return dict(workers=num_workers, devices_per_worker=len(devices),
               compression=args.compression, cost_model=json.loads(model.to_json()),
               results=results, is_chief=not multi or strategy.cluster_resolver.task_id == 0)
-
-
-def _step_fn(strategy, ops, grads):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  @tf.function
-  def step():
-    local = strategy.run(lambda *g: [tf.identity(x) for x in g], args=tuple(grads))
-    reduced = ops.batch_reduce(tf.distribute.ReduceOp.SUM, [(v, v) for v in local])
-    return [t for r in reduced for t in strategy.experimental_local_results(r)]
-  return step
 
 
 def summarize(result):
@@ -272,42 +260,17 @@ def plot(report, path):
   plt.close(fig)
 
 
-def _without(argv, flag):
-  """argv without `flag` and its value (either --flag=v or --flag v)."""
-  out, skip = [], False
-  for a in argv:
-    if skip:
-      skip = False
-    elif a == flag:
-      skip = True
-    elif not a.startswith(flag + "="):
-      out.append(a)
-  return out
-
-
 def run_part(args, argv, set_name, algorithm):
   """One gradient set and algorithm in fresh processes: TF keeps hundreds of idle
   collective threads per traced configuration, and one process for the whole sweep
   runs out of threads."""
-  import subprocess  # pylint: disable=g-import-not-at-top
   tag = f"{args.workers}x{args.devices}"
   raw = os.path.abspath(os.path.join(args.out_dir,
                                      f"sweep_{tag}_{set_name}_{algorithm}.raw.json"))
-  command = ([sys.executable, os.path.abspath(__file__)]
-             + _without(_without(argv, "--sets"), "--algorithms")
-             + ["--sets", set_name, "--algorithms", algorithm, "--worker_out", raw])
-  env = dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
-  if args.workers > 1:
-    from tf_fusion import launch  # pylint: disable=g-import-not-at-top
-    code = launch.launch(command, args.workers, args.devices, env=env)
-  else:
-    code = subprocess.call(command, env=env)
-  if code:
-    raise SystemExit(f"the sweep of {set_name} failed (exit {code})")
-  with open(raw) as f:
-    report = json.load(f)
-  os.remove(raw)
-  return report
+  argv = bench_lib.without_flag(bench_lib.without_flag(argv, "--sets"), "--algorithms")
+  return bench_lib.run_children("tools.fusion_sweep",
+                                argv + ["--sets", set_name, "--algorithms", algorithm],
+                                args.workers, args.devices, raw)
 
 
 def main(argv=None):

@@ -12,7 +12,7 @@ image/object/bbox) sits at a random place, so a network can learn the classes in
 hundred steps and random crops keep the label.
 
 Usage:
-  python tools/make_fake_imagenet.py --out_dir /tmp/fake_imagenet --num_train 1024 \
+  python -m tools.make_fake_imagenet --out_dir /tmp/fake_imagenet --num_train 1024 \
       --num_validation 256 --num_classes 10
   python -m official_recipes.imagenet.main --data_dir /tmp/fake_imagenet --num_classes 10 ...
 """

@@ -1,9 +1,9 @@
 """Profiles a few training steps and says, per step, how long compute and communication
 took and how much of the communication was hidden behind compute.
 
-  python tools/profile_step.py                        # ResNet-50, synthetic, 4 CPUs
-  python tools/profile_step.py --logdir out/main_job/<run>   # an existing profile
-  python tools/profile_step.py -- --model=alexnet_bn --image_size=64   # recipe flags
+  python -m tools.profile_step                        # ResNet-50, synthetic, 4 CPUs
+  python -m tools.profile_step --logdir out/main_job/<run>   # an existing profile
+  python -m tools.profile_step -- --model=alexnet_bn --image_size=64   # recipe flags
 
 Runs the ImageNet recipe (official_recipes.imagenet.main) with --profile_steps, which
 writes a TensorBoard profile (open it in TensorBoard's Profile tab: every pack's
@@ -30,8 +30,6 @@ import statistics
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 PACK = re.compile(r"(tf_fusion_pack_\d+_[a-z_]+_(?:\d+B|unknown))/")
 STEP = re.compile(r"(?:multi|one)_step_on_iterator$")

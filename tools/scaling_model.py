@@ -1,9 +1,9 @@
 """Scaling model: one data-parallel training step of ResNet-50 or AlexNet(-BN) on 1 to
 2048 GPUs, from an alpha-beta model of the all-reduce and a FLOP model of the compute.
 
-  python tools/scaling_model.py                       # the paper's cluster, a table, a PNG
-  python tools/scaling_model.py --hardware v100_ib,h100_ib
-  python tools/scaling_model.py --machine_json out/fusion_sweep/sweep_2x2.json \
+  python -m tools.scaling_model                       # the paper's cluster, a table, a PNG
+  python -m tools.scaling_model --hardware v100_ib,h100_ib
+  python -m tools.scaling_model --machine_json out/fusion_sweep/sweep_2x2.json \
       --machine_images_per_sec 99                     # a profile fitted to this machine
 
 What one step costs (`step_seconds`):

@@ -1,0 +1,169 @@
+"""What the benchmarks in tools/ share, as Model Garden's benchmark base does for its
+benchmarks: the gradient sets (from the recipe's own models), per-replica values, a
+timed reduction, result rows with the plan, the loopback bandwidth, and running a
+benchmark again as N worker processes on 127.0.0.1.
+
+Run the tools as modules from the repository's root, e.g.
+`python -m tools.allreduce_bench --workers 2 --devices 2`.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+MIB = 1 << 20
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETS = ("resnet50", "alexnet_bn")
+
+
+def gradient_shapes(name, num_classes=1000, image_size=224):
+  """The shapes of the trainable variables (so, of the gradients, in the order Keras
+  reduces them) of the ImageNet recipe's model `name`: what a training step reduces."""
+  from official_recipes.imagenet import models  # pylint: disable=g-import-not-at-top
+  if name not in SETS:
+    raise ValueError(f"unknown gradient set {name!r}; valid: {', '.join(SETS)}")
+  model = models.build(name, num_classes, image_size)
+  return [tuple(int(d) for d in v.shape) for v in model.trainable_variables]
+
+
+def describe(shapes):
+  params = int(sum(np.prod(s) for s in shapes))
+  return f"{len(shapes)} tensors, {params / 1e6:.1f}M params, {params * 4 / MIB:.1f} MiB"
+
+
+def per_replica(strategy, shapes, seed):
+  """One PerReplica of random float32 values per shape (any number of workers)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def value_fn(ctx, i, shape):
+    rng = tf.random.Generator.from_seed(seed + 1000 * i + ctx.replica_id_in_sync_group)
+    return rng.normal(shape)
+  return [strategy.experimental_distribute_values_from_function(
+      lambda ctx, i=i, s=s: value_fn(ctx, i, s)) for i, s in enumerate(shapes)]
+
+
+def reduction_step(strategy, grads, reduce):
+  """A tf.function that reduces `grads` as Keras does: values made inside the replica
+  function (so they carry their device, as gradients do), then `reduce(list of
+  PerReplica) -> list of Mirrored`; returns every local result."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  @tf.function
+  def step():
+    local = strategy.run(lambda *g: [tf.identity(x) for x in g], args=tuple(grads))
+    reduced = reduce([(v, v) for v in local])
+    return [t for r in reduced for t in strategy.experimental_local_results(r)]
+  return step
+
+
+def time_reduction(strategy, grads, reduce, reps, warmup):
+  """(first call seconds, [seconds per timed call]) of `reduction_step`; each call is
+  timed until the devices are done (tf_fusion.cost_model.time_calls)."""
+  from tf_fusion import cost_model as cost_lib  # pylint: disable=g-import-not-at-top
+  step = reduction_step(strategy, grads, reduce)
+  with strategy.scope():
+    return cost_lib.time_calls(step, reps, warmup)
+
+
+def plan_fields(plan):
+  """The packs of a tf_fusion plan and how many run each algorithm."""
+  return dict(packs=len(plan), algorithms={
+      a: sum(e.algorithm == a for e in plan) for a in sorted({e.algorithm for e in plan})})
+
+
+def plan_text(row):
+  """'5 packs ring:5' for a row with plan fields, else ''."""
+  if "algorithms" not in row:
+    return ""
+  return f"{row['packs']} packs " + ",".join(f"{k}:{v}" for k, v in row["algorithms"].items())
+
+
+def result_row(config, kind, times, first=None, plan=None, **extra):
+  """One configuration's timings in ms (median, min, max, all), with its plan."""
+  row = dict(config=config, kind=kind, first_call_s=first,
+             median_ms=1e3 * float(np.median(times)), min_ms=1e3 * min(times),
+             max_ms=1e3 * max(times), times_ms=[1e3 * t for t in times], **extra)
+  if plan is not None:
+    row.update(plan_fields(plan))
+  return row
+
+
+def loopback_bandwidth(nbytes=512 * MIB, chunk=4 * MIB):
+  """Bytes per second through one TCP connection on 127.0.0.1 (median of 3)."""
+  rates = []
+  payload = b"\0" * chunk
+  for _ in range(3):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    received = [0]
+
+    def sink():
+      conn, _ = server.accept()
+      while True:
+        data = conn.recv(chunk)
+        if not data:
+          break
+        received[0] += len(data)
+      conn.close()
+
+    thread = threading.Thread(target=sink)
+    thread.start()
+    client = socket.create_connection(server.getsockname())
+    start = time.perf_counter()
+    for _ in range(nbytes // chunk):
+      client.sendall(payload)
+    client.close()
+    thread.join()
+    rates.append(received[0] / (time.perf_counter() - start))
+    server.close()
+  return float(np.median(rates))
+
+
+def without_flag(argv, flag):
+  """argv without `flag` and its value (either --flag=v or --flag v)."""
+  out, skip = [], False
+  for a in argv:
+    if skip:
+      skip = False
+    elif a == flag:
+      skip = True
+    elif not a.startswith(flag + "="):
+      out.append(a)
+  return out
+
+
+def run_children(module, argv, workers, devices, out_path):
+  """Runs `python -m module argv --worker_out out_path` as `workers` processes on
+  127.0.0.1 (tf_fusion.launch, `devices` logical CPUs each), or as one process when
+  workers == 1; returns the JSON the chief wrote to out_path (then removed).
+
+  Raises:
+    SystemExit: when a process fails, with the exit code.
+  """
+  command = [sys.executable, "-m", module] + list(argv) + ["--worker_out", out_path]
+  env = dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
+  if workers > 1:
+    from tf_fusion import launch  # pylint: disable=g-import-not-at-top
+    code = launch.launch(command, workers, devices, env=env)
+  else:
+    code = subprocess.call(command, env=env, cwd=ROOT)
+  if code:
+    raise SystemExit(f"{module} {' '.join(argv)}: the workers failed (exit {code})")
+  with open(out_path) as f:
+    report = json.load(f)
+  os.remove(out_path)
+  return report
+
+
+def write_json(report, path):
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(report, f, indent=2)
+  return path
