@@ -99,6 +99,27 @@ class ChooseTest(tf.test.TestCase):
                                autotune.exposed_seconds(entries, specs, backward) + 1e-15)
 
 
+class MeasureTest(tf.test.TestCase):
+
+  def test_times_every_candidate_and_keeps_the_fastest(self):
+    timed = []
+
+    def time_plan(pack_bytes, first):
+      timed.append((pack_bytes, first))
+      return {0: 3.0, 1024: 1.0, 4096: 2.0}[pack_bytes]
+    candidates = [(0, 0), (1024, 0), (4096, 256)]
+    best, seconds = autotune.measure(candidates, time_plan)
+    self.assertEqual(timed, candidates)
+    self.assertEqual((best, seconds), (1, [3.0, 1.0, 2.0]))
+
+  def test_the_workers_average_decides(self):
+    # This worker saw 1024 fastest; the average over the workers says 4096.
+    best, seconds = autotune.measure(
+        [(1024, 0), (4096, 0)], lambda p, f: {1024: 1.0, 4096: 2.0}[p],
+        across=lambda s: (s + np.array([5.0, 0.0])) / 2)
+    self.assertEqual((best, seconds), (1, [3.0, 1.0]))
+
+
 class MeasuredAutotuneTest(tf.test.TestCase):
 
   def test_measures_once_keeps_the_fastest_and_reuses_it(self):

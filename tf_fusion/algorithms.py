@@ -199,6 +199,26 @@ class Collectives:
     return Collectives.get(self.devices[-1:], self.num_workers, self._timeout_seconds,
                            self._implementation)
 
+  def differences_across_workers(self, parts, rank) -> List[str]:
+    """What differs between the workers' `parts` ({name: float64-exact hash}), as
+    "name (worker(s) 1, 3 differ from worker 0)", one entry per differing part.
+
+    Each worker writes its hashes in its own row (`rank`) of a table that one sum across
+    workers hands to everyone, so every worker learns every other's: all of them can
+    name the same difference. Every worker must call it at the same point.
+    """
+    n, k = self.num_workers, len(parts)
+    table = np.zeros((n, k), np.float64)
+    table[rank] = list(parts.values())
+    table = self.sum_across_workers(table.ravel()).reshape(n, k)
+    differences = []
+    for j, name in enumerate(parts):
+      others = [w for w in range(n) if table[w, j] != table[0, j]]
+      if others:
+        differences.append(f"{name} (worker(s) {', '.join(map(str, others))} differ "
+                           "from worker 0)")
+    return differences
+
   def sum_across_workers(self, vector) -> np.ndarray:
     """Eagerly sums a small float64 vector over the workers (also while tracing).
 

@@ -33,6 +33,7 @@ import zlib
 from typing import Callable, Optional, Sequence, Tuple
 
 from absl import logging
+import numpy as np
 import tensorflow as tf
 
 from tf_fusion import algorithms
@@ -114,6 +115,18 @@ def candidates(specs, wire_dtype, model, algorithm, backward_seconds=None,
       seen.add(plan)
       out.append((pack_bytes, first))
   return out
+
+
+def measure(candidates, time_plan: Callable[[int, int], float],
+            across: Optional[Callable] = None):
+  """(index of the fastest, seconds of each): every (pack_bytes, first_pack_bytes)
+  candidate timed once by `time_plan`, which builds that plan and times it on the real
+  gradient list. With several workers, `across` averages the times over them so that
+  every worker keeps the same candidate (else their plans, and collectives, differ)."""
+  seconds = [float(time_plan(pack_bytes, first)) for pack_bytes, first in candidates]
+  if across is not None:
+    seconds = [float(s) for s in across(np.array(seconds, np.float64))]
+  return int(np.argmin(seconds)), seconds
 
 
 def list_key(specs, algorithm, compression) -> str:

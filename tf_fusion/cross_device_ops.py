@@ -499,22 +499,24 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
       return tuple(model.tuned[key][:2])
     candidates = autotune.candidates(specs, wire, model, algorithm, opts.backward_seconds,
                                      unknown)
-    seconds = []
     with tf.init_scope():
       buffers = []
       for device in collectives.devices:
         with tf.device(device):
           buffers.append([tf.zeros(shape, dtype) for dtype, shape in specs])
-      for pack_bytes, first in candidates:
-        plan = self._plan(specs, pack_bytes, first, model, algorithm, note)
+
+      def time_plan(pack_bytes, first_pack_bytes):
+        plan = self._plan(specs, pack_bytes, first_pack_bytes, model, algorithm, note)
         fn = tf.function(functools.partial(self._reduce_dense, tf.distribute.ReduceOp.SUM,
                                            collectives.devices, plan))
         with _explain_collective_errors(self):
-          seconds.append(float(np.median(cost_lib.time_calls(
-              lambda fn=fn: fn(buffers), repeats=3, warmup=2)[1])))
+          return float(np.median(cost_lib.time_calls(
+              lambda: fn(buffers), repeats=3, warmup=2)[1]))
+
+      across = None
       if collectives.num_workers > 1:   # the same choice everywhere
-        seconds = list(collectives.sum_across_workers(seconds) / collectives.num_workers)
-    best = int(np.argmin(seconds))
+        across = lambda s: collectives.sum_across_workers(s) / collectives.num_workers
+      best, seconds = autotune.measure(candidates, time_plan, across)
     logging.info("tf_fusion autotune measured %s: %s", key, ", ".join(
         f"{p}/{f}: {1e3 * t:.1f} ms" for (p, f), t in zip(candidates, seconds)))
     model = dataclasses.replace(model, tuned={**model.tuned, key: [
@@ -661,21 +663,12 @@ class MultiWorkerFusedAllReduce(FusedAllReduce):
     key = tuple(parts.values())
     if key in self._checked_plans:
       return
-    n, k = self._num_workers, len(parts)
     rank = self._rank()
-    table = np.zeros((n, k), np.float64)
-    table[rank] = list(parts.values())
     timeout_seconds = timeout_seconds or self._options.timeout_seconds
     collectives = algorithms.Collectives.get(devices, self._group_size(devices),
                                              timeout_seconds)
     with _explain_collective_errors(self, timeout_seconds):
-      table = collectives.sum_across_workers(table.ravel()).reshape(n, k)
-    differences = []
-    for j, name in enumerate(parts):
-      others = [w for w in range(n) if table[w, j] != table[0, j]]
-      if others:
-        differences.append(f"{name} (worker(s) {', '.join(map(str, others))} differ "
-                           "from worker 0)")
+      differences = collectives.differences_across_workers(parts, rank)
     if differences:
       raise ValueError(
           f"tf_fusion: the workers would run different all-reduce plans: "
