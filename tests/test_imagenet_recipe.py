@@ -101,6 +101,18 @@ class RecipeTest(tf.test.TestCase, parameterized.TestCase):
     with open(os.path.join(stats["model_dir"], "stats.json")) as f:
       self.assertEqual(json.load(f)["final_step"], 3)
 
+  def test_tf_baseline_on_one_host(self):
+    """--cross_device_ops=tf: TensorFlow's MirroredStrategy reduces, on the same devices;
+    the stats work without a tf_fusion plan."""
+    stats = main.run(parse(self._argv(synthetic=True, num_train_examples=64,
+                                      num_eval_examples=16, cross_device_ops="tf")))
+    self.assertEqual((stats["final_step"], stats["num_replicas"]), (2, 2))
+    self.assertEqual((stats["cross_device_ops"], stats["packs"]), ("tf", []))
+    self.assertTrue(np.isfinite(stats["eval_loss"]))
+    with self.assertRaisesRegex(ValueError, "accumulation_steps > 1 fails under"):
+      main.run(parse(self._argv(synthetic=True, cross_device_ops="tf",
+                                accumulation_steps=2)))
+
   def test_bad_input_on_the_command_line_is_one_line_not_a_traceback(self):
     proc = subprocess.run(
         [sys.executable, "-m", "official_recipes.imagenet.main", "--data_dir=/nonexistent",
@@ -187,10 +199,11 @@ class RecipeTest(tf.test.TestCase, parameterized.TestCase):
                                 model_dir=model_dir)))
 
 
-class MultiWorkerRecipeTest(tf.test.TestCase):
+class MultiWorkerRecipeTest(tf.test.TestCase, parameterized.TestCase):
   """The recipe on 2 worker processes x 2 logical CPUs, through the launcher."""
 
-  def test_two_workers(self):
+  @parameterized.parameters("tf_fusion", "tf")
+  def test_two_workers(self, cross_device_ops):
     tmp = self.create_tempdir().full_path
     data_dir = os.path.join(tmp, "data")
     make_fake_imagenet.make(data_dir, num_train=64, num_validation=16,
@@ -202,13 +215,18 @@ class MultiWorkerRecipeTest(tf.test.TestCase):
          "--model=alexnet_bn", "--image_size=64", f"--data_dir={data_dir}",
          f"--num_classes={NUM_CLASSES}", "--batch_size=16", "--train_steps=3",
          "--warmup_epochs=0", f"--model_dir={model_dir}", "--compression=fp16",
-         "--seed=1"], timeout=300)
+         "--seed=1", f"--cross_device_ops={cross_device_ops}", "--tf_bytes_per_pack=65536"],
+        timeout=300)
     self.assertEqual(code, 0, out[-3000:])
     found = dict(re.findall(r"^\[worker (\d)\] (\{.*\})$", out, re.M))
     stats = [json.loads(found[k]) for k in sorted(found)]
     self.assertLen(stats, 2, out[-3000:])
     for s in stats:
       self.assertEqual((s["num_replicas"], s["final_step"]), (4, 3))
+      self.assertEqual(s["cross_device_ops"], cross_device_ops)
+      # TF's own reduction has no tf_fusion plan: the baseline is TF's alone.
+      with open(os.path.join(s["model_dir"], "stats.json")) as f:
+        self.assertEqual(bool(json.load(f)["packs"]), cross_device_ops == "tf_fusion")
     # Same all-reduced model on both workers; each wrote its own logs and checkpoint.
     self.assertEqual(stats[0]["train_loss"], stats[1]["train_loss"])
     self.assertEqual(stats[1]["model_dir"], os.path.join(model_dir, "worker1"))

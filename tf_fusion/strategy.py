@@ -198,6 +198,30 @@ def multi_worker_strategy(options: Optional[FusionOptions] = None,
   return strategy
 
 
+def tf_multi_worker_strategy(bytes_per_pack: int = 0,
+                             timeout_seconds: Optional[float] = None,
+                             cluster_resolver=None,
+                             devices_per_worker: Optional[int] = None,
+                             ) -> tf.distribute.MultiWorkerMirroredStrategy:
+  """TensorFlow's own MultiWorkerMirroredStrategy reduction (CollectiveAllReduce,
+  `bytes_per_pack` as TF documents it), on the devices `multi_worker_strategy` would
+  use: the baseline to compare tf_fusion with, everything else equal.
+
+  Only two things differ from a stock MultiWorkerMirroredStrategy, both needed to train
+  at all in this comparison: a CPU-only worker may have several logical devices (TF
+  gives it one), and Keras 3's `strategy.reduce` calls that TF rejects are mapped
+  (keras-team/keras#20585). TF's cross-device ops and its collective launchers are
+  left as they are.
+  """
+  if devices_per_worker is None:
+    devices_per_worker = devices_per_worker_from_env()
+  if devices_per_worker and devices_per_worker > 1 and not tf.config.list_physical_devices("GPU"):
+    split_cpu(devices_per_worker)
+  communication = tf.distribute.experimental.CommunicationOptions(
+      bytes_per_pack=bytes_per_pack, timeout_seconds=timeout_seconds)
+  return _MultiWorkerStrategy(cluster_resolver, communication, devices_per_worker)
+
+
 def logical_cpu_devices(n: int) -> List[str]:
   """Splits the CPU into `n` logical devices (replicas without GPUs) and returns their
   names, "/job:localhost/replica:0/task:0/device:CPU:i" style as TF lists them.

@@ -52,6 +52,9 @@ def make_strategy(cfg):
       cost_model_file=cost_model_file, backward_seconds=cfg.backward_seconds,
       autotune=cfg.autotune)
   if cfg.strategy == "multi_worker":
+    if cfg.cross_device_ops == "tf":
+      return tf_fusion.strategy.tf_multi_worker_strategy(
+          cfg.tf_bytes_per_pack, options.timeout_seconds, devices_per_worker=cfg.num_devices)
     return tf_fusion.multi_worker_strategy(options, devices_per_worker=cfg.num_devices)
   # Physical first: listing logical devices would start TF before CPUs can be split.
   if (not tf.config.list_physical_devices("GPU") and cfg.num_devices
@@ -65,6 +68,12 @@ def make_strategy(cfg):
         f"--num_devices={n} but this host has {len(devices)} "
         f"{'GPU' if gpus else 'CPU'} device(s); logical CPUs can only be made before "
         "TensorFlow starts using devices.")
+  if cfg.cross_device_ops == "tf":
+    if cfg.accumulation_steps > 1:
+      raise ValueError("--accumulation_steps > 1 fails under TensorFlow's own "
+                       "MirroredStrategy (keras-team/keras#20582); it needs "
+                       "--cross_device_ops=tf_fusion.")
+    return tf.distribute.MirroredStrategy([d.name for d in devices[:n]])
   return tf_fusion.mirrored_strategy([d.name for d in devices[:n]], options)
 
 
@@ -241,9 +250,11 @@ def _run(cfg):
   if evaluation is not None and "val_top_1" not in metrics:
     metrics.update({f"val_{k}": v for k, v in model.evaluate(
         evaluation, steps=eval_steps, verbose=0, return_dict=True).items()})
-  plan = tf_fusion.fused_ops_of(strategy).last_plan
+  ops = tf_fusion.fused_ops_of(strategy)
+  plan = ops.last_plan if ops is not None else ()
   stats = {
-      "model": cfg.model, "num_replicas": replicas, "global_batch_size": cfg.batch_size,
+      "model": cfg.model, "cross_device_ops": cfg.cross_device_ops,
+      "num_replicas": replicas, "global_batch_size": cfg.batch_size,
       "dtype": cfg.dtype, "start_step": start_step,
       "final_step": recipe_callbacks.step_of(model), "total_steps": total,
       "accumulation_steps": per_update, "updates": recipe_callbacks.updates_of(model),

@@ -152,6 +152,16 @@ def define_communication_flags(fv=flags.FLAGS):
                     ["auto", "ring", "hierarchical", "reduce_to_one"],
                     "All-reduce per pack; auto picks per pack from a calibrated cost "
                     "model.", flag_values=fv)
+  flags.DEFINE_enum("cross_device_ops", "tf_fusion", ["tf_fusion", "tf"],
+                    "Who reduces the gradients: tf_fusion, or TensorFlow's own reduction "
+                    "for the strategy (MirroredStrategy's default; MultiWorkerMirrored"
+                    "Strategy's CollectiveAllReduce with --tf_bytes_per_pack), on the same "
+                    "devices with everything else equal: the baseline to compare with.",
+                    flag_values=fv)
+  flags.DEFINE_integer("tf_bytes_per_pack", 0, "With --cross_device_ops=tf and several "
+                       "workers: TF's bytes_per_pack (0: TF's default, one pack).",
+                       flag_values=fv)
+  _positive("tf_bytes_per_pack", fv, allow_zero=True, allow_none=False)
   flags.register_validator(
       "pack_bytes", lambda v: pack_bytes_value(v) != -1,
       message="--pack_bytes must be a whole number of bytes >= 0, or auto.",
