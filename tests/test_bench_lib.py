@@ -3,8 +3,13 @@
 import numpy as np
 import tensorflow as tf
 
+from absl import flags
+
+from official_recipes.imagenet import recipe_flags
 from tools import allreduce_bench
 from tools import bench_lib
+from tools import profile_step
+from tools import train_bench
 
 
 class WireLimitTest(tf.test.TestCase):
@@ -48,6 +53,42 @@ class BenchLibTest(tf.test.TestCase):
     self.assertEqual(bench_lib.without_flag(["--a", "1", "--b=2", "--c", "3"], "--a"),
                      ["--b=2", "--c", "3"])
     self.assertEqual(bench_lib.without_flag(["--a", "1", "--b=2"], "--b"), ["--a", "1"])
+
+
+class TrainBenchTest(tf.test.TestCase):
+
+  def test_both_sides_run_the_same_recipe_but_for_the_reduction(self):
+    configs = {}
+    for side in train_bench.SIDES:
+      argv = train_bench.recipe_argv("resnet50", side, 2, 2, 24, 4, "/tmp/m",
+                                     extra=["--compression=bf16"])
+      fv = flags.FlagValues()
+      recipe_flags.define_all(fv)
+      fv(["main"] + argv)            # the recipe accepts what the tool passes
+      cfg = recipe_flags.resolve(fv)
+      configs[side] = {k: getattr(cfg, k) for k in (
+          "model", "batch_size", "train_steps", "num_devices", "strategy", "dtype",
+          "compression", "image_size", "cross_device_ops")}
+    self.assertEqual(configs["tf"].pop("cross_device_ops"), "tf")
+    self.assertEqual(configs["tf_fusion"].pop("cross_device_ops"), "tf_fusion")
+    self.assertEqual(configs["tf"], configs["tf_fusion"])
+    self.assertEqual(configs["tf"]["strategy"], "multi_worker")
+
+  def test_summarize_takes_medians_and_the_ratio(self):
+    runs = [dict(layout="1x4", model="m", side=side, images_per_sec=v)
+            for side, v in [("tf_fusion", 110.0), ("tf", 100.0), ("tf", 80.0),
+                            ("tf_fusion", 90.0), ("tf_fusion", 100.0), ("tf", 90.0)]]
+    (row,) = train_bench.summarize(runs)
+    self.assertEqual((row["tf_fusion"]["median"], row["tf"]["median"]), (100.0, 90.0))
+    self.assertAllClose(row["ratio"], 100.0 / 90.0)
+
+  def test_tf_communication_ops_are_found(self):
+    ops = [("replica_1/CollectiveReduceV2:CollectiveReduceV2", 0.1, 0.2),
+           ("gradient_tape/conv/Conv2DBackpropFilter:Conv2DBackpropFilter", 0.0, 0.15),
+           ("send_1:_Send", 0.25, 0.3)]
+    (step,) = profile_step.analyze(ops, [(0.0, 0.4)], profile_step.TF_COMMUNICATION)
+    self.assertAllClose((step["communication"], step["overlap"], step["compute"]),
+                        (0.15, 0.05, 0.15))
 
 
 if __name__ == "__main__":

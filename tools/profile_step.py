@@ -32,6 +32,11 @@ import tempfile
 
 
 PACK = re.compile(r"(tf_fusion_pack_\d+_[a-z_]+_(?:\d+B|unknown))/")
+# TensorFlow's own reduction (the recipe's --cross_device_ops=tf): its collectives and
+# the copies between devices; the sums of a reduce-to-one-device are not told apart.
+TF_COMMUNICATION = re.compile(
+    r":(Collective(?:ReduceV2|GatherV2|BcastSendV2|BcastRecvV2|Reduce|Gather)|"
+    r"NcclAllReduce|_Send|_Recv|_HostSend|_HostRecv)$")
 STEP = re.compile(r"(?:multi|one)_step_on_iterator$")
 
 
@@ -69,22 +74,24 @@ def clip(spans, window):
           if e > window[0] and s < window[1]]
 
 
-def analyze(ops, steps):
+def analyze(ops, steps, pattern=PACK):
   """Per-step summary from op spans.
 
   Args:
     ops: (op name, start s, end s) of TensorFlow ops, from every thread.
     steps: (start s, end s) of each training step.
+    pattern: what marks a communication op (group 1 names its pack): tf_fusion's pack
+      scopes, or TF_COMMUNICATION for TensorFlow's own reduction.
 
   Returns:
     A list of dicts per step: seconds of step, compute, communication, overlap,
     backward; overlap_fraction; packs {name: {busy, start}}.
   """
-  comm_ops = [(PACK.search(n).group(1), s, e) for n, s, e in ops if PACK.search(n)]
-  compute = union([(s, e) for n, s, e in ops if not PACK.search(n)])
+  comm_ops = [(pattern.search(n).group(1), s, e) for n, s, e in ops if pattern.search(n)]
+  compute = union([(s, e) for n, s, e in ops if not pattern.search(n)])
   comm = union([(s, e) for _, s, e in comm_ops])
   backward = union([(s, e) for n, s, e in ops
-                    if "gradient_tape/" in n and not PACK.search(n)])
+                    if "gradient_tape/" in n and not pattern.search(n)])
   out = []
   for window in steps:
     c, m, b = clip(compute, window), clip(comm, window), clip(backward, window)

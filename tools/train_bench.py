@@ -1,0 +1,224 @@
+"""Training benchmark: the ImageNet recipe end to end, tf_fusion against TensorFlow's own
+reduction (the recipe's --cross_device_ops=tf), side by side.
+
+Each run is the recipe in fresh processes on synthetic images (one host with --devices
+logical CPU replicas, or --workers processes on 127.0.0.1 through tf_fusion.launch),
+everything equal but who reduces the gradients. Runs alternate between the two (A B,
+then B A, ...), so that drift on a noisy machine hits both alike; every configuration
+runs --reps times and the table gives the median of the steady images/s (the recipe's
+step logs after the first window, which holds tracing) and the ratio tf_fusion / TF.
+With --profile, one more run of each configuration traces a few steps and reports the
+communication time per step and how much of it overlapped compute (tools.profile_step:
+tf_fusion's packs by their name scopes, TF's by its collective ops; asynchronous
+collectives count from their launch only, so their spans are lower bounds).
+
+  python -m tools.train_bench                                   # both layouts, both models
+  python -m tools.train_bench --layouts 2x2 --models resnet50 --reps 5
+  python -m tools.train_bench --extra=--compression=fp16        # any recipe flag, both sides
+
+Writes train_bench.json and train_bench.png to --out_dir.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from tools import bench_lib
+
+SIDES = ("tf_fusion", "tf")
+# Per model: image size, global batch, steps. Small images keep the CPU's compute near
+# what the reduction costs, as on GPUs at full size.
+MODELS = {"resnet50": dict(image_size=32, batch_size=64, steps=24),
+          "alexnet_bn": dict(image_size=64, batch_size=64, steps=12)}
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--layouts", default="1x4,2x2",
+                 help="comma-separated WORKERSxDEVICES, e.g. 1x4 (one host, 4 replicas)")
+  p.add_argument("--models", default="resnet50,alexnet_bn",
+                 help=f"comma-separated: {', '.join(MODELS)}")
+  p.add_argument("--reps", type=int, default=3, help="runs per configuration")
+  p.add_argument("--steps", type=int, default=0, help="steps per run (default: per model)")
+  p.add_argument("--log_steps", type=int, default=4, help="steps per images/s window")
+  p.add_argument("--profile", action="store_true",
+                 help="one more run per configuration with a trace of 2 steps")
+  p.add_argument("--extra", action="append", default=[],
+                 help="a recipe flag for both sides, e.g. --extra=--dtype=fp32")
+  p.add_argument("--out_dir", default="out/train_bench")
+  args = p.parse_args(argv)
+  try:
+    args.layouts = [tuple(int(x) for x in l.lower().split("x")) for l in args.layouts.split(",")]
+  except ValueError:
+    p.error(f"--layouts must be WORKERSxDEVICES[,...], got {args.layouts!r}")
+  if any(len(l) != 2 or min(l) < 1 or l[0] * l[1] < 2 for l in args.layouts):
+    p.error("each layout needs >= 1 worker, >= 1 device and >= 2 replicas in all")
+  args.models = args.models.split(",")
+  unknown = set(args.models) - set(MODELS)
+  if unknown:
+    p.error(f"unknown --models {sorted(unknown)}; valid: {', '.join(MODELS)}")
+  if args.reps < 1 or args.log_steps < 1:
+    p.error("--reps and --log_steps must be >= 1")
+  return args
+
+
+def recipe_argv(model, side, workers, devices, steps, log_steps, model_dir, extra=(),
+                profile_steps=""):
+  """The recipe's flags for one run: synthetic data, one epoch of `steps`, one
+  evaluation step at the end, bf16 compute, the fp16-free default wire."""
+  m = MODELS[model]
+  batch = m["batch_size"]
+  argv = [f"--model={model}", "--synthetic", f"--image_size={m['image_size']}",
+          "--num_classes=1000", f"--batch_size={batch}", f"--train_steps={steps}",
+          f"--num_train_examples={batch * steps}", f"--num_eval_examples={batch}",
+          "--warmup_epochs=0", "--dtype=bf16", f"--log_steps={log_steps}",
+          f"--num_devices={devices}", f"--cross_device_ops={side}", "--stall_seconds=0",
+          f"--model_dir={model_dir}", "--seed=1"]
+  if workers > 1:
+    argv.append("--strategy=multi_worker")
+  if profile_steps:
+    argv.append(f"--profile_steps={profile_steps}")
+  return argv + list(extra)
+
+
+def run_once(model, side, workers, devices, steps, log_steps, extra, profile_steps=""):
+  """One recipe run in fresh processes; returns worker 0's stats (and its model_dir)."""
+  model_dir = tempfile.mkdtemp(prefix=f"train_bench_{model}_{side}_")
+  argv = recipe_argv(model, side, workers, devices, steps, log_steps, model_dir, extra,
+                     profile_steps)
+  command = [sys.executable, "-m", "official_recipes.imagenet.main"] + argv
+  env = dict(os.environ, PYTHONPATH=bench_lib.ROOT, CUDA_VISIBLE_DEVICES="",
+             TF_CPP_MIN_LOG_LEVEL="2")
+  with open(os.path.join(model_dir, "run.log"), "w") as log:
+    if workers > 1:
+      from tf_fusion import launch  # pylint: disable=g-import-not-at-top
+      code = launch.launch(command, workers, devices, env=env, out=log)
+    else:
+      code = subprocess.call(command, env=env, cwd=bench_lib.ROOT, stdout=log,
+                             stderr=subprocess.STDOUT)
+  if code:
+    with open(os.path.join(model_dir, "run.log")) as f:
+      tail = f.read()[-3000:]
+    raise SystemExit(f"recipe run failed (exit {code}): {' '.join(argv)}\n{tail}")
+  with open(os.path.join(model_dir, "stats.json")) as f:
+    return json.load(f)
+
+
+def communication(model_dir, side):
+  """Median per-step communication and overlap from the run's trace."""
+  from tools import profile_step  # pylint: disable=g-import-not-at-top
+  ops, steps = profile_step.read_trace(profile_step.latest_trace(model_dir))
+  pattern = profile_step.PACK if side == "tf_fusion" else profile_step.TF_COMMUNICATION
+  summary = profile_step.analyze(ops, steps, pattern)
+  if not summary:
+    return {}
+  med = lambda k: statistics.median(s[k] for s in summary)
+  return dict(step_ms=1e3 * med("step"), communication_ms=1e3 * med("communication"),
+              overlap_ms=1e3 * med("overlap"), overlap_fraction=med("overlap_fraction"))
+
+
+def summarize(runs):
+  """Per (layout, model): images/s medians of each side and tf_fusion / TF."""
+  rows = []
+  keys = dict.fromkeys((r["layout"], r["model"]) for r in runs)
+  for layout, model in keys:
+    row = dict(layout=layout, model=model)
+    for side in SIDES:
+      rates = [r["images_per_sec"] for r in runs
+               if (r["layout"], r["model"], r["side"]) == (layout, model, side)
+               and r["images_per_sec"]]
+      row[side] = dict(median=statistics.median(rates) if rates else None, runs=rates)
+    a, b = row["tf_fusion"]["median"], row["tf"]["median"]
+    row["ratio"] = a / b if a and b else None
+    rows.append(row)
+  return rows
+
+
+def print_table(rows, profiles):
+  print(f"\n{'layout':>7s} {'model':>11s} {'tf_fusion img/s':>16s} {'TF img/s':>9s} "
+        f"{'ratio':>6s}  runs (tf_fusion | TF)")
+  for r in rows:
+    fmt = lambda v: f"{v:.1f}" if v else "-"
+    print(f"{r['layout']:>7s} {r['model']:>11s} {fmt(r['tf_fusion']['median']):>16s} "
+          f"{fmt(r['tf']['median']):>9s} {fmt(r['ratio']) if r['ratio'] else '-':>6s}  "
+          f"{', '.join(fmt(x) for x in r['tf_fusion']['runs'])} | "
+          f"{', '.join(fmt(x) for x in r['tf']['runs'])}")
+  if profiles:
+    print(f"\n{'layout':>7s} {'model':>11s} {'side':>9s} {'step ms':>8s} {'comm ms':>8s} "
+          f"{'overlap ms':>10s} {'hidden':>7s}")
+    for p in profiles:
+      c = p["communication"]
+      if c:
+        print(f"{p['layout']:>7s} {p['model']:>11s} {p['side']:>9s} {c['step_ms']:8.1f} "
+              f"{c['communication_ms']:8.1f} {c['overlap_ms']:10.1f} "
+              f"{100 * c['overlap_fraction']:6.1f}%")
+
+
+def plot(rows, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(1.8 * len(rows) + 3, 4))
+  width = 0.38
+  for k, side in enumerate(SIDES):
+    xs = [i + (k - 0.5) * width for i in range(len(rows))]
+    ax.bar(xs, [r[side]["median"] or 0 for r in rows], width,
+           label="tf_fusion" if side == "tf_fusion" else "TensorFlow's own reduction")
+    for x, r in zip(xs, rows):
+      ax.plot([x] * len(r[side]["runs"]), r[side]["runs"], "k.", ms=4)
+  ax.set_xticks(range(len(rows)),
+                [f"{r['model']}\n{r['layout']}" + (f"\n{r['ratio']:.2f}x" if r["ratio"] else "")
+                 for r in rows])
+  ax.set_ylabel("images/s (median; dots: runs)")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None):
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  runs, profiles = [], []
+  order = 0
+  for rep in range(args.reps):
+    for workers, devices in args.layouts:
+      for model in args.models:
+        sides = SIDES if order % 2 == 0 else SIDES[::-1]
+        order += 1
+        for side in sides:
+          steps = args.steps or MODELS[model]["steps"]
+          start = time.perf_counter()
+          stats = run_once(model, side, workers, devices, steps, args.log_steps, args.extra)
+          run = dict(rep=rep, layout=f"{workers}x{devices}", model=model, side=side,
+                     images_per_sec=stats["images_per_sec"],
+                     final_step=stats["final_step"], seconds=time.perf_counter() - start)
+          runs.append(run)
+          print(f"[{rep + 1}/{args.reps}] {run['layout']} {model:10s} {side:9s} "
+                f"{run['images_per_sec'] or 0:7.1f} images/s ({run['seconds']:.0f} s)",
+                flush=True)
+  if args.profile:
+    for workers, devices in args.layouts:
+      for model in args.models:
+        for side in SIDES:
+          steps = args.steps or MODELS[model]["steps"]
+          stats = run_once(model, side, workers, devices, steps, args.log_steps,
+                           args.extra, profile_steps=f"{steps - 3},{steps - 2}")
+          profiles.append(dict(layout=f"{workers}x{devices}", model=model, side=side,
+                               communication=communication(stats["model_dir"], side)))
+  rows = summarize(runs)
+  print_table(rows, profiles)
+  report = dict(args={k: v for k, v in vars(args).items()}, runs=runs, rows=rows,
+                profiles=profiles)
+  path = bench_lib.write_json(report, os.path.join(args.out_dir, "train_bench.json"))
+  plot(rows, os.path.join(args.out_dir, "train_bench.png"))
+  print(f"\nwrote {path} and train_bench.png")
+  return report
+
+
+if __name__ == "__main__":
+  main()
