@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -71,19 +72,19 @@ def _tail(tmp, i, lines=40):
 
 
 def launch_job(mode, out_dir, workers=2, devices_per_worker=2, timeout=240,
-               extra_env=None):
+               extra_env=None, launcher_args=()):
   """`python -m tf_fusion.launch ... -- -m tests.multi_worker_job MODE OUT`.
 
   Returns:
     (exit code, launcher output).
   """
   return launch_script(["-m", "tests.multi_worker_job", mode,
-                 os.path.join(out_dir, "worker{task}.json")],
-                workers, devices_per_worker, timeout, extra_env)
+                        os.path.join(out_dir, "worker{task}.json")],
+                       workers, devices_per_worker, timeout, extra_env, launcher_args)
 
 
 def launch_script(script, workers=2, devices_per_worker=2, timeout=240,
-                  extra_env=None):
+                  extra_env=None, launcher_args=()):
   """`python -m tf_fusion.launch --workers W --devices_per_worker D -- SCRIPT...`.
 
   Returns:
@@ -92,7 +93,7 @@ def launch_script(script, workers=2, devices_per_worker=2, timeout=240,
   env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT, **(extra_env or {}))
   cmd = [sys.executable, "-m", "tf_fusion.launch", "--workers", str(workers),
          "--devices_per_worker", str(devices_per_worker), "--grace_seconds", "5",
-         "--"] + list(script)
+         *launcher_args, "--"] + list(script)
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=timeout, check=False)
   return proc.returncode, proc.stdout + proc.stderr
@@ -104,3 +105,53 @@ def read_results(out_dir, workers=2):
     with open(os.path.join(out_dir, f"worker{i}.json")) as f:
       out.append(json.load(f))
   return out
+
+
+RECIPE = ["-m", "official_recipes.imagenet.main", "--strategy=multi_worker", "--synthetic",
+          "--model=alexnet_bn", "--image_size=64", "--num_classes=6", "--batch_size=8",
+          "--num_train_examples=32", "--num_eval_examples=8", "--warmup_epochs=0",
+          "--seed=1", "--log_steps=1", "--stall_seconds=0"]
+
+
+def start_recipe(envs, model_dir, flags=(), logs_dir=None):
+  """The recipe (RECIPE + flags) in one process per (env, extra flags) of `envs`, with
+  no launcher: the env is all each gets. Returns [(Popen, log path)]."""
+  logs_dir = logs_dir or tempfile.mkdtemp(prefix="tf_fusion_recipe_")
+  out = []
+  for i, (env, extra) in enumerate(envs):
+    path = os.path.join(logs_dir, f"process{i}.log")
+    with open(path, "w") as log:
+      out.append((subprocess.Popen(
+          [sys.executable] + RECIPE + [f"--model_dir={model_dir}"] + list(flags) + extra,
+          cwd=ROOT, env=dict(env, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2"),
+          stdout=log, stderr=subprocess.STDOUT), path))
+  return out
+
+
+def finish_recipe(started, timeout=300, codes=(0,)):
+  """Waits for start_recipe's processes; returns each one's final stats line (dict).
+
+  Raises:
+    AssertionError: a process ended with a code not in `codes`, with its log's tail.
+  """
+  try:
+    for proc, _ in started:
+      proc.wait(timeout=timeout)
+  finally:
+    for proc, _ in started:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  stats = []
+  for proc, path in started:
+    with open(path) as f:
+      out = f.read()
+    if proc.returncode not in codes:
+      raise AssertionError(f"exit {proc.returncode}:\n{out[-3000:]}")
+    stats.append(json.loads(re.findall(r"^(\{.*\})$", out, re.M)[-1]))
+  return stats
+
+
+def run_recipe(envs, model_dir, flags=(), timeout=300):
+  """start_recipe, then finish_recipe."""
+  return finish_recipe(start_recipe(envs, model_dir, flags), timeout)

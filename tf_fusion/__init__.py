@@ -5,6 +5,7 @@ Jia et al. 2018, "Training ImageNet in Four Minutes" (arXiv:1807.11205).
 """
 
 from tf_fusion import callbacks
+from tf_fusion import cluster
 from tf_fusion import mixed_precision
 from tf_fusion.cost_model import CostModel
 from tf_fusion.cost_model import calibrate
@@ -13,6 +14,7 @@ from tf_fusion.cross_device_ops import FusedAllReduce
 from tf_fusion.cross_device_ops import MultiWorkerFusedAllReduce
 from tf_fusion.optimizers import LARS
 from tf_fusion.options import FusionOptions
+from tf_fusion.preemption import SaveOnPreemption
 from tf_fusion.stall import StallWatch
 from tf_fusion.stats import PackPlan
 from tf_fusion.strategy import fused_ops_of
@@ -29,9 +31,11 @@ __all__ = [
     "LARS",
     "MultiWorkerFusedAllReduce",
     "PackPlan",
+    "SaveOnPreemption",
     "StallWatch",
     "calibrate",
     "callbacks",
+    "cluster",
     "fused_ops_of",
     "mirrored_strategy",
     "mixed_precision",

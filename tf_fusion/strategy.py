@@ -174,7 +174,8 @@ def multi_worker_strategy(options: Optional[FusionOptions] = None,
 
   Args:
     options: a FusionOptions (default FusionOptions()).
-    cluster_resolver: default: TFConfigClusterResolver (reads TF_CONFIG).
+    cluster_resolver: default: TFConfigClusterResolver (reads TF_CONFIG);
+      `tf_fusion.cluster.resolver("slurm")` for srun, "auto" to pick.
     cost_model: skip calibration with a saved CostModel (same on every worker).
     devices_per_worker: on workers without GPUs, use this many (logical) CPU devices
       per worker instead of TF's one (default: TF_FUSION_DEVICES_PER_WORKER, which

@@ -52,10 +52,14 @@ def make_strategy(cfg):
       cost_model_file=cost_model_file, backward_seconds=cfg.backward_seconds,
       autotune=cfg.autotune)
   if cfg.strategy == "multi_worker":
+    # Before anything touches the GPUs: under Slurm this sets each task's share.
+    resolver = tf_fusion.cluster.resolver(cfg.cluster_resolver, cfg.port_base)
     if cfg.cross_device_ops == "tf":
       return tf_fusion.strategy.tf_multi_worker_strategy(
-          cfg.tf_bytes_per_pack, options.timeout_seconds, devices_per_worker=cfg.num_devices)
-    return tf_fusion.multi_worker_strategy(options, devices_per_worker=cfg.num_devices)
+          cfg.tf_bytes_per_pack, options.timeout_seconds, cluster_resolver=resolver,
+          devices_per_worker=cfg.num_devices)
+    return tf_fusion.multi_worker_strategy(options, cluster_resolver=resolver,
+                                           devices_per_worker=cfg.num_devices)
   # Physical first: listing logical devices would start TF before CPUs can be split.
   if (not tf.config.list_physical_devices("GPU") and cfg.num_devices
       and cfg.num_devices > 1):
@@ -159,10 +163,13 @@ def plan_steps(cfg, n_train, n_eval, global_batch):
 
 
 def _worker_dir(model_dir, strategy):
-  """model_dir for the chief; model_dir/worker<N> for the other workers."""
+  """model_dir for the chief (a "chief" task, else worker 0); model_dir/<type><index>
+  for the others."""
   resolver = getattr(strategy, "cluster_resolver", None)
-  task = getattr(resolver, "task_id", None) or 0
-  return model_dir if task == 0 else os.path.join(model_dir, f"worker{task}")
+  task_type = getattr(resolver, "task_type", None)
+  if task_type is None or strategy.extended.should_checkpoint:
+    return model_dir
+  return os.path.join(model_dir, f"{task_type}{resolver.task_id}")
 
 
 def run(flags_obj):
@@ -222,6 +229,10 @@ def _run(cfg):
                keras.callbacks.TensorBoard(out_dir, write_graph=False, profile_batch=0)]
   if cfg.stall_seconds:
     callbacks.append(tf_fusion.StallWatch(cfg.stall_seconds))
+  # SIGTERM (Slurm before its time limit, Kubernetes before an eviction): every worker
+  # saves at one agreed step, and the rerun resumes from that step.
+  preemption = tf_fusion.SaveOnPreemption(save=lambda: _save_now(model, backup))
+  callbacks.append(preemption)
   profile = recipe_flags.profile_range(cfg.profile_steps)
   if profile:
     callbacks.append(recipe_callbacks.Profiler(*profile, out_dir))
@@ -268,6 +279,7 @@ def _run(cfg):
                      if hasattr(model.optimizer, "dynamic_scale") else None),
       "packs": [p.as_dict() for p in plan or ()],
       "fit_epochs": fit_epochs,
+      "preempted": preemption.preempted_at is not None,
       "model_dir": out_dir, "wall_seconds": time.perf_counter() - start_time,
   }
   _write_report(stats)
@@ -283,6 +295,14 @@ def _first_epoch(backup, start_step, loop):
     with open(path) as f:
       return int(json.load(f)["epoch"])
   return math.ceil(start_step / loop)
+
+
+def _save_now(model, backup):
+  """The checkpoint BackupAndRestore writes at an epoch's end, written now (mid-epoch):
+  the batch-norm statistics averaged over the replicas first, as at an epoch's end."""
+  tf_fusion.callbacks.sync_moving_statistics(model)
+  backup._save_model()  # pylint: disable=protected-access
+  logging.info("Saved step %d to %s", recipe_callbacks.step_of(model), backup.backup_dir)
 
 
 def _restore(model, strategy, backup):
@@ -313,6 +333,12 @@ def main(_):
   short = {k: v for k, v in stats.items() if k != "packs"}
   logging.info("Stats: %s", json.dumps(short, default=str))
   print(json.dumps(short, default=str))
+  if stats["preempted"]:
+    # As a process ended by SIGTERM: schedulers (Slurm requeue, a TFJob's restart
+    # policy, tf_fusion.launch --max_restarts) count it as retryable, not done.
+    logging.warning("Preempted at step %d of %d; the same command resumes from it.",
+                    stats["final_step"], stats["total_steps"])
+    sys.exit(143)
 
 
 def _write_report(stats):

@@ -182,10 +182,18 @@ def define_distribution_flags(fv=flags.FLAGS):
   flags.DEFINE_enum("strategy", "mirrored", ["mirrored", "multi_worker"],
                     "One host (MirroredStrategy) or several (TF_CONFIG; see "
                     "python -m tf_fusion.launch).", flag_values=fv)
+  flags.DEFINE_enum("cluster_resolver", "auto", ["auto", "tf_config", "slurm"],
+                    "With --strategy=multi_worker, where the workers come from: TF_CONFIG "
+                    "(tf_fusion.launch, Kubernetes TFJob), Slurm's srun variables, or auto: "
+                    "TF_CONFIG when set, else Slurm when SLURM_PROCID is set.",
+                    flag_values=fv)
+  flags.DEFINE_integer("port_base", 8888, "Under Slurm, task i of a node listens on "
+                       "port_base + i.", flag_values=fv)
   flags.DEFINE_integer("num_devices", None, "Devices per host; default: all GPUs, or "
                        "1 CPU. On a host without GPUs, N > 1 makes N logical CPUs.",
                        flag_values=fv)
   _positive("num_devices", fv)
+  _positive("port_base", fv, allow_none=False)
 
 
 def define_output_flags(fv=flags.FLAGS):
