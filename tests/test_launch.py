@@ -54,6 +54,31 @@ class LaunchTest(tf.test.TestCase):
     self.assertIn("[launch] worker 1 exited with code 3; stopping the others",
                   out.getvalue())
 
+  def test_max_restarts_starts_all_workers_again_on_fresh_ports(self):
+    # Worker 1 fails in the first start only; every start gets new ports.
+    out = io.StringIO()
+    code = launch.launch(_python(
+        "import json, os, sys, time\n"
+        "c = json.loads(os.environ['TF_CONFIG'])\n"
+        "print('start', os.environ['TF_FUSION_RESTART'], c['cluster']['worker'][0])\n"
+        "if c['task']['index'] == 1 and os.environ['TF_FUSION_RESTART'] == '0': sys.exit(3)\n"
+        "time.sleep(0.5)"), workers=2, grace_seconds=5, out=out, max_restarts=2)
+    self.assertEqual(code, 0)
+    text = out.getvalue()
+    self.assertIn("[launch] worker 1 exited with code 3; stopping the others", text)
+    self.assertEqual(text.count("[launch] restart "), 1)
+    self.assertIn("[launch] restart 1 of 2: starting all 2 workers again", text)
+    starts = [l.split()[-2:] for l in text.splitlines() if l.startswith("[worker 0] start")]
+    self.assertEqual([s[0] for s in starts], ["0", "1"])
+    self.assertNotEqual(starts[0][1], starts[1][1])      # fresh ports
+
+  def test_max_restarts_gives_up_with_the_last_code(self):
+    out = io.StringIO()
+    code = launch.launch(_python("import sys; sys.exit(5)"), workers=2, grace_seconds=5,
+                         out=out, max_restarts=2)
+    self.assertEqual(code, 5)
+    self.assertEqual(out.getvalue().count("[launch] restart "), 2)
+
   def test_ctrl_c_is_forwarded(self):
     tmp = self.create_tempdir().full_path
     script = os.path.join(tmp, "worker.py")

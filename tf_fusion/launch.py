@@ -5,11 +5,10 @@ here), prefixes every output line with the worker's rank, forwards Ctrl-C (SIGIN
 SIGTERM to the workers, and fails fast: when a worker exits non-zero the others are
 stopped and the launcher exits non-zero, naming the worker and how it ended.
 
-On a real cluster there is no launcher: start the same SCRIPT on every host with
-TF_CONFIG naming all hosts, e.g. on host 1 of 2:
-  TF_CONFIG='{"cluster": {"worker": ["host0:2222", "host1:2222"]},
-              "task": {"type": "worker", "index": 1}}' python train.py
-SCRIPT builds its strategy with `tf_fusion.multi_worker_strategy(...)`.
+With --max_restarts K, a failed job is started again (all workers, fresh ports) up to K
+times; SCRIPT resumes from its checkpoints. On a cluster, Slurm (srun) or Kubernetes
+(TFJob) start the workers instead: see docs/multi_worker.md. SCRIPT builds its strategy
+with `tf_fusion.multi_worker_strategy(...)`.
 """
 
 import argparse
@@ -61,9 +60,18 @@ def _describe_exit(code):
   return f"exited with code {code}"
 
 
+RESTART_ENV = "TF_FUSION_RESTART"   # which start this is: 0, then 1, 2, ... after restarts
+
+
 def launch(command, workers, devices_per_worker=None, grace_seconds=10.0, out=None,
-           env=None):
-  """Runs `command` as `workers` processes; returns 0 or the first failure's code (> 0).
+           env=None, max_restarts=0):
+  """Runs `command` as `workers` processes; returns 0 or the last failure's code (> 0).
+
+  When a worker fails, the others are stopped; with `max_restarts` K > 0, all of them
+  are then started again on fresh ports, up to K times (each logged), so that a job
+  whose script resumes from its checkpoints (keras.callbacks.BackupAndRestore) survives
+  a lost worker. A signal to the launcher (Ctrl-C, SIGTERM) is forwarded and never
+  restarts.
 
   Args:
     command: argv of one worker, e.g. [sys.executable, "train.py", "--epochs", "3"].
@@ -73,13 +81,28 @@ def launch(command, workers, devices_per_worker=None, grace_seconds=10.0, out=No
       before SIGKILL.
     out: where the prefixed output goes (sys.stdout).
     env: base environment (os.environ).
+    max_restarts: how many times to restart all workers after a failure.
   """
   out = out or sys.stdout
-  ports = free_ports(workers)
   lock = threading.Lock()
+  for attempt in range(max_restarts + 1):
+    code, signalled = _launch_once(command, workers, devices_per_worker, grace_seconds,
+                                   out, env, lock, attempt)
+    if code == 0 or signalled or attempt == max_restarts:
+      return code
+    _say(out, lock, f"restart {attempt + 1} of {max_restarts}: starting all {workers} "
+         "workers again on fresh ports")
+  return code
+
+
+def _launch_once(command, workers, devices_per_worker, grace_seconds, out, env, lock,
+                 attempt):
+  """One start of all workers; (exit code, whether a signal to the launcher ended it)."""
+  ports = free_ports(workers)
   procs, pumps = [], []
   for i in range(workers):
-    worker_env = dict(env if env is not None else os.environ, TF_CONFIG=tf_config(ports, i))
+    worker_env = dict(env if env is not None else os.environ, TF_CONFIG=tf_config(ports, i),
+                      **{RESTART_ENV: str(attempt)})
     if devices_per_worker:
       worker_env[DEVICES_PER_WORKER_ENV] = str(devices_per_worker)
     proc = subprocess.Popen(command, env=worker_env, stdout=subprocess.PIPE,
@@ -123,12 +146,13 @@ def launch(command, workers, devices_per_worker=None, grace_seconds=10.0, out=No
     failure = next(((i, p.returncode) for i, p in enumerate(procs) if p.returncode), None)
     if failure is not None:
       _say(out, lock, f"worker {failure[0]} {_describe_exit(failure[1])}")
+  signalled = stopping["signal"] is not None
   if failure is not None:
-    return failure[1] if failure[1] > 0 else 128 - failure[1]
-  if stopping["signal"] is not None:
-    return 128 + stopping["signal"]
+    return (failure[1] if failure[1] > 0 else 128 - failure[1]), signalled
+  if signalled:
+    return 128 + stopping["signal"], True
   _say(out, lock, f"all {workers} workers finished")
-  return 0
+  return 0, False
 
 
 def _stop(procs, grace_seconds):
@@ -163,18 +187,24 @@ def main(argv=None):
   parser.add_argument("--devices_per_worker", type=int, default=None,
                       help="logical CPU devices per worker on hosts without GPUs")
   parser.add_argument("--grace_seconds", type=float, default=10.0)
+  parser.add_argument("--max_restarts", type=int, default=0,
+                      help="after a worker fails, stop the others and start all again, "
+                      "up to this many times (the script resumes from its checkpoints)")
   args = parser.parse_args(argv[:split])
   script = argv[split + 1:]
   if args.workers < 1:
     parser.error(f"--workers must be >= 1, got {args.workers}")
   if args.devices_per_worker is not None and args.devices_per_worker < 1:
     parser.error(f"--devices_per_worker must be >= 1, got {args.devices_per_worker}")
+  if args.max_restarts < 0:
+    parser.error(f"--max_restarts must be >= 0, got {args.max_restarts}")
   if not script:
     parser.error("nothing to run after --")
   # A Python script or module runs under this interpreter; anything else as given.
   python = script[0] == "-m" or script[0].endswith(".py")
   command = [sys.executable] + script if python else script
-  return launch(command, args.workers, args.devices_per_worker, args.grace_seconds)
+  return launch(command, args.workers, args.devices_per_worker, args.grace_seconds,
+                max_restarts=args.max_restarts)
 
 
 if __name__ == "__main__":
