@@ -1,6 +1,7 @@
 """Shared test helpers: devices, per-replica values, the NumPy reference reduction."""
 
 import functools
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -8,8 +9,18 @@ import tensorflow as tf
 import tf_fusion
 
 
+# TF_FUSION_TEST_DEVICE=GPU (tools/gpu_check.py on a GPU host): the tests' replicas are
+# the host's GPUs instead of the 4 logical CPUs; tests that want more replicas than
+# there are GPUs fail, naming the count.
+DEVICE_TYPE = os.environ.get("TF_FUSION_TEST_DEVICE", "CPU").upper()
+
+
 def devices(n=4):
-  return [d.name for d in tf.config.list_logical_devices("CPU")][:n]
+  found = [d.name for d in tf.config.list_logical_devices(DEVICE_TYPE)][:n]
+  if DEVICE_TYPE != "CPU" and len(found) < n:
+    raise RuntimeError(f"this test wants {n} {DEVICE_TYPE} replicas; the host has "
+                       f"{len(found)}.")
+  return found
 
 
 def fixed_cost_model():

@@ -2,6 +2,8 @@
 traced for GPU device names (nothing runs) and each collective's device and
 communication hint are read from the ops. TF runs NCCL only for the hint "nccl"."""
 
+import json
+
 from absl.testing import parameterized
 import tensorflow as tf
 
@@ -12,10 +14,11 @@ GPUS = tuple(f"/job:localhost/replica:0/task:0/device:GPU:{i}" for i in range(2)
 SUM = tf.distribute.ReduceOp.SUM
 
 
-def _collectives(devices, algorithm, options=None):
+def _collectives(devices, algorithm, options=None, implementation="auto"):
   """(device, communication_hint) of every CollectiveReduceV2 of one traced reduction."""
   ops = tf_fusion.FusedAllReduce(
-      tf_fusion.FusionOptions(pack_bytes=1024, first_pack_bytes=0, algorithm=algorithm),
+      tf_fusion.FusionOptions(pack_bytes=1024, first_pack_bytes=0, algorithm=algorithm,
+                              implementation=implementation),
       cost_model=helpers.fixed_cost_model())
   call = ops._call_settings(options)  # pylint: disable=protected-access
   specs = [(tf.float32, tf.TensorShape([n])) for n in (300, 10, 500, 7)]
@@ -59,12 +62,37 @@ class GpuGraphTest(tf.test.TestCase, parameterized.TestCase):
             tf.distribute.experimental.CommunicationImplementation, implementation))
     self.assertEqual({h for _, h in _collectives(GPUS, "ring", options)}, {hint})
 
+  @parameterized.parameters(("ring", None, "ring"), ("nccl", None, "nccl"),
+                            ("ring", "NCCL", "nccl"), ("nccl", "AUTO", "nccl"))
+  def test_fusion_options_choose_the_collective_a_call_may_override(
+      self, implementation, call, hint):
+    options = call and tf.distribute.experimental.CommunicationOptions(
+        implementation=getattr(tf.distribute.experimental.CommunicationImplementation, call))
+    self.assertEqual({h for _, h in _collectives(GPUS, "ring", options, implementation)},
+                     {hint})
+
   def test_cpus_keep_tf_ring(self):
     cpus = tuple(helpers.devices(2))
     self.assertEqual({h for _, h in _collectives(cpus, "ring")}, {"auto"})
     nccl = tf.distribute.experimental.CommunicationOptions(
         implementation=tf.distribute.experimental.CommunicationImplementation.NCCL)
     self.assertEqual({h for _, h in _collectives(cpus, "ring", nccl)}, {"auto"})
+
+
+class GpuCheckToolTest(tf.test.TestCase):
+
+  def test_without_gpus_it_says_so_checks_the_graph_and_exits_0(self):
+    from tools import gpu_check  # pylint: disable=g-import-not-at-top
+    out_dir = self.create_tempdir().full_path
+    self.assertEqual(gpu_check.main(["--out_dir", out_dir]), 0)
+    with open(f"{out_dir}/gpu_check.json") as f:
+      report = json.load(f)
+    self.assertEqual(report["host"]["gpus"], [])
+    self.assertStartsWith(report["skipped"], "no GPUs on this host")
+    ring = report["graph"]["ring"]["collectives"]
+    self.assertNotEmpty(ring)
+    self.assertEqual({hint for _, _, hint in ring}, {"nccl"})
+    self.assertNotIn("tests", report)
 
 
 if __name__ == "__main__":

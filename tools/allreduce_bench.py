@@ -35,7 +35,9 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--sets", default="resnet50,alexnet_bn",
                  help=f"comma-separated gradient sets: {', '.join(bench_lib.SETS)}")
-  p.add_argument("--devices", type=int, default=4, help="logical CPU replicas")
+  p.add_argument("--devices", type=int, default=4,
+                 help="replicas: logical CPUs, or the first N GPUs with --device_type=gpu")
+  p.add_argument("--device_type", default="cpu", choices=("cpu", "gpu"))
   p.add_argument("--reps", type=int, default=10, help="timed repetitions per config")
   p.add_argument("--warmup", type=int, default=2, help="untimed calls (the first traces)")
   p.add_argument("--only", default="", help="comma-separated config names to run")
@@ -285,7 +287,12 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     return multi_worker_main(args, argv)
   import tf_fusion  # pylint: disable=g-import-not-at-top
-  devices = tf_fusion.strategy.logical_cpu_devices(args.devices)
+  if args.device_type == "gpu":
+    devices = [d.name for d in tf.config.list_logical_devices("GPU")][:args.devices]
+    if len(devices) < 2:
+      raise SystemExit(f"--device_type=gpu needs >= 2 GPUs; this host has {len(devices)}.")
+  else:
+    devices = tf_fusion.strategy.logical_cpu_devices(args.devices)
   start = time.perf_counter()
   cost_model = tf_fusion.calibrate(devices)
   print(f"calibrated in {time.perf_counter() - start:.1f} s: "
@@ -297,7 +304,7 @@ def main(argv=None):
     results.append(add_ratios(run_set(set_name, devices, args, cost_model, selected)))
   for result in results:
     print_table(result)
-  report = dict(devices=len(devices), reps=args.reps, cost_model=json.loads(
+  report = dict(devices=len(devices), device_names=devices, reps=args.reps, cost_model=json.loads(
       cost_model.to_json()), tensorflow=tf.__version__, results=results)
   json_path = bench_lib.write_json(report, os.path.join(args.out_dir, "allreduce_bench.json"))
   png_path = os.path.join(args.out_dir, "allreduce_bench.png")

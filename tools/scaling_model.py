@@ -149,6 +149,20 @@ HARDWARE = {
             "intra_bw": "assumption: NCCL all-reduce bus bandwidth on a DGX-1, ~130 GB/s",
             "inter_bw": "4 x 100 Gb/s EDR per node = 50 GB/s",
             "intra_alpha, inter_alpha": "assumption: 5 us per step"}),
+    "a100_nvlink": Hardware(
+        "A100 SXM 80GB, 8 per node (NVLink 3, NVSwitch), 8x200 Gb/s InfiniBand HDR", 8,
+        {"fp32": 19.5e12, "fp16": 312e12}, efficiency=0.1,
+        intra_alpha=4e-6, intra_bw=230e9, inter_alpha=5e-6, inter_bw=200e9,
+        sources={
+            "peak_flops": "NVIDIA A100 datasheet: 19.5 TFLOPS FP32, 312 TFLOPS FP16 "
+                          "dense",
+            "efficiency": "assumption: ~2,500 ResNet-50 images/s per A100 in mixed "
+                          "precision (NVIDIA's published training figures, unverified)",
+            "intra_bw": "assumption: NCCL all-reduce bus bandwidth inside a DGX A100 "
+                        "(NVLink 3 through NVSwitch), ~230 GB/s; the one-node profile: "
+                        "up to 8 GPUs the model uses only these constants",
+            "inter_bw": "8 x 200 Gb/s HDR per node = 200 GB/s",
+            "intra_alpha, inter_alpha": "assumption: 4 us / 5 us per step"}),
     "h100_ib": Hardware(
         "H100 SXM, 8 per node (NVLink 4), 8x400 Gb/s InfiniBand NDR", 8,
         {"fp32": 67e12, "fp16": 989e12}, efficiency=0.08,

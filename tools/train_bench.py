@@ -86,14 +86,17 @@ def recipe_argv(model, side, workers, devices, steps, log_steps, model_dir, extr
   return argv + list(extra)
 
 
-def run_once(model, side, workers, devices, steps, log_steps, extra, profile_steps=""):
-  """One recipe run in fresh processes; returns worker 0's stats (and its model_dir)."""
+def run_once(model, side, workers, devices, steps, log_steps, extra, profile_steps="",
+             gpus=False):
+  """One recipe run in fresh processes; returns worker 0's stats (and its model_dir).
+  CPU replicas unless `gpus` (then the host's GPUs, as the recipe picks them)."""
   model_dir = tempfile.mkdtemp(prefix=f"train_bench_{model}_{side}_")
   argv = recipe_argv(model, side, workers, devices, steps, log_steps, model_dir, extra,
                      profile_steps)
   command = [sys.executable, "-m", "official_recipes.imagenet.main"] + argv
-  env = dict(os.environ, PYTHONPATH=bench_lib.ROOT, CUDA_VISIBLE_DEVICES="",
-             TF_CPP_MIN_LOG_LEVEL="2")
+  env = dict(os.environ, PYTHONPATH=bench_lib.ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+  if not gpus:
+    env["CUDA_VISIBLE_DEVICES"] = ""
   with open(os.path.join(model_dir, "run.log"), "w") as log:
     if workers > 1:
       from tf_fusion import launch  # pylint: disable=g-import-not-at-top
@@ -144,8 +147,9 @@ def print_table(rows, profiles):
         f"{'ratio':>6s}  runs (tf_fusion | TF)")
   for r in rows:
     fmt = lambda v: f"{v:.1f}" if v else "-"
+    ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
     print(f"{r['layout']:>7s} {r['model']:>11s} {fmt(r['tf_fusion']['median']):>16s} "
-          f"{fmt(r['tf']['median']):>9s} {fmt(r['ratio']) if r['ratio'] else '-':>6s}  "
+          f"{fmt(r['tf']['median']):>9s} {ratio:>6s}  "
           f"{', '.join(fmt(x) for x in r['tf_fusion']['runs'])} | "
           f"{', '.join(fmt(x) for x in r['tf']['runs'])}")
   if profiles:
