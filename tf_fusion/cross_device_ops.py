@@ -137,14 +137,16 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
 
     timeout_seconds bounds this call's collectives; bytes_per_pack > 0 caps the pack
     size (as TF documents it); implementation picks the collective (NCCL or ring) on
-    GPUs, and on other devices does what TF does: NCCL is not there, so ring.
+    GPUs (over FusionOptions.implementation), and on other devices does what TF does:
+    NCCL is not there, so ring.
     """
     timeout = self._options.timeout_seconds
-    max_pack_bytes, implementation = None, "auto"
+    max_pack_bytes, implementation = None, self._options.implementation
     if options is not None:
       timeout = options.timeout_seconds or timeout
       max_pack_bytes = options.bytes_per_pack or None
-      implementation = options.implementation.value.lower()
+      if options.implementation.value.lower() != "auto":
+        implementation = options.implementation.value.lower()
     return _Call(timeout, max_pack_bytes, implementation)
 
   def _gather_implementation(self, per_replica_value, destinations, axis, options):

@@ -13,6 +13,7 @@ from typing import Mapping, Optional
 COMPRESSIONS = ("none", "fp16", "bf16")
 AUTOTUNE = ("model", "measure")
 ALGORITHMS = ("ring", "hierarchical", "reduce_to_one", "auto")
+IMPLEMENTATIONS = ("auto", "nccl", "ring")
 
 _ENV_PREFIX = "TF_FUSION_"
 
@@ -76,6 +77,10 @@ class FusionOptions:
     autotune: how pack_bytes=None decides: "model" (the cost model's prediction, with
       overlap) or "measure" (times the reduction of the actual gradient list under a
       few candidate thresholds, once, and keeps the fastest; kept in cost_model_file).
+    implementation: the collective on GPUs: "auto" (NCCL when every device of a group
+      is a GPU), "nccl", or "ring" (TensorFlow's own ring, also on GPUs). Devices that
+      are not all GPUs always run TensorFlow's ring, as TF does. A call's
+      CommunicationOptions(implementation=...) other than AUTO wins.
 
   Example:
     >>> opts = FusionOptions(pack_bytes=4 << 20, compression="fp16")
@@ -95,6 +100,7 @@ class FusionOptions:
   cost_model_file: Optional[str] = None
   backward_seconds: Optional[float] = None
   autotune: str = "model"
+  implementation: str = "auto"
 
   def __post_init__(self):
     _check_bytes("pack_bytes", self.pack_bytes, allow_none=True)
@@ -105,6 +111,8 @@ class FusionOptions:
                        _check_choice("algorithm", self.algorithm, ALGORITHMS))
     object.__setattr__(self, "autotune",
                        _check_choice("autotune", self.autotune, AUTOTUNE))
+    object.__setattr__(self, "implementation", _check_choice(
+        "implementation", self.implementation, IMPLEMENTATIONS))
     _check_seconds("timeout_seconds", self.timeout_seconds, allow_zero=False)
     _check_seconds("backward_seconds", self.backward_seconds, allow_zero=True)
     if self.cost_model_file is not None and (
