@@ -107,9 +107,14 @@ def run_once(model, side, workers, devices, steps, log_steps, extra, profile_ste
   if code:
     with open(os.path.join(model_dir, "run.log")) as f:
       tail = f.read()[-3000:]
-    raise SystemExit(f"recipe run failed (exit {code}): {' '.join(argv)}\n{tail}")
+    raise RunFailed(f"recipe run failed (exit {code}; log in {model_dir}/run.log): "
+                    f"{' '.join(argv)}\n{tail}")
   with open(os.path.join(model_dir, "stats.json")) as f:
     return json.load(f)
+
+
+class RunFailed(RuntimeError):
+  """One recipe run ended non-zero (its log's tail is in the message)."""
 
 
 def communication(model_dir, side):
@@ -187,7 +192,22 @@ def plot(rows, path):
 
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  runs, profiles = [], []
+  report = dict(args={k: v for k, v in vars(args).items()}, runs=[], rows=[], profiles=[],
+                failures=[])
+  json_path = os.path.join(args.out_dir, "train_bench.json")
+
+  def attempt(what, fn):
+    """Runs one recipe run; a failure is recorded and the bench goes on. The report is
+    written after every run, so a crash loses nothing measured."""
+    try:
+      return fn()
+    except RunFailed as e:
+      report["failures"].append(dict(what, error=str(e)[:4000]))
+      print(f"FAILED {what}: {str(e).splitlines()[0]}", flush=True)
+      return None
+    finally:
+      bench_lib.write_json(report, json_path)
+
   order = 0
   for rep in range(args.reps):
     for workers, devices in args.layouts:
@@ -196,12 +216,15 @@ def main(argv=None):
         order += 1
         for side in sides:
           steps = args.steps or MODELS[model]["steps"]
+          what = dict(rep=rep, layout=f"{workers}x{devices}", model=model, side=side)
           start = time.perf_counter()
-          stats = run_once(model, side, workers, devices, steps, args.log_steps, args.extra)
-          run = dict(rep=rep, layout=f"{workers}x{devices}", model=model, side=side,
-                     images_per_sec=stats["images_per_sec"],
+          stats = attempt(what, lambda: run_once(model, side, workers, devices, steps,
+                                                 args.log_steps, args.extra))
+          if stats is None:
+            continue
+          run = dict(what, images_per_sec=stats["images_per_sec"],
                      final_step=stats["final_step"], seconds=time.perf_counter() - start)
-          runs.append(run)
+          report["runs"].append(run)
           print(f"[{rep + 1}/{args.reps}] {run['layout']} {model:10s} {side:9s} "
                 f"{run['images_per_sec'] or 0:7.1f} images/s ({run['seconds']:.0f} s)",
                 flush=True)
@@ -210,17 +233,21 @@ def main(argv=None):
       for model in args.models:
         for side in SIDES:
           steps = args.steps or MODELS[model]["steps"]
-          stats = run_once(model, side, workers, devices, steps, args.log_steps,
-                           args.extra, profile_steps=f"{steps - 3},{steps - 2}")
-          profiles.append(dict(layout=f"{workers}x{devices}", model=model, side=side,
-                               communication=communication(stats["model_dir"], side)))
-  rows = summarize(runs)
-  print_table(rows, profiles)
-  report = dict(args={k: v for k, v in vars(args).items()}, runs=runs, rows=rows,
-                profiles=profiles)
-  path = bench_lib.write_json(report, os.path.join(args.out_dir, "train_bench.json"))
-  plot(rows, os.path.join(args.out_dir, "train_bench.png"))
-  print(f"\nwrote {path} and train_bench.png")
+          what = dict(layout=f"{workers}x{devices}", model=model, side=side)
+          stats = attempt(dict(what, profile=True), lambda: run_once(
+              model, side, workers, devices, steps, args.log_steps, args.extra,
+              profile_steps=f"{steps - 3},{steps - 2}"))
+          if stats is not None:
+            report["profiles"].append(dict(what, model_dir=stats["model_dir"],
+                                           communication=communication(
+                                               stats["model_dir"], side)))
+  report["rows"] = summarize(report["runs"])
+  print_table(report["rows"], report["profiles"])
+  bench_lib.write_json(report, json_path)
+  plot(report["rows"], os.path.join(args.out_dir, "train_bench.png"))
+  print(f"\nwrote {json_path} and train_bench.png"
+        + (f"; {len(report['failures'])} run(s) failed (in the JSON)" if report["failures"]
+           else ""))
   return report
 
 
