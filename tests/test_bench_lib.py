@@ -25,6 +25,13 @@ class WireLimitTest(tf.test.TestCase):
     self.assertAllClose(auto["x_faster_than_tf_default"], 1.6)
     self.assertAllClose(auto["x_wire_limit"], 250.0 / 157.2864)
 
+  def test_every_config_can_be_picked_with_only(self):
+    # --only is comma-separated: a name with a comma could never be selected.
+    names = [n for n, _, _ in allreduce_bench.configs()] + [
+        n for n, _, _ in allreduce_bench.multi_worker_configs()]
+    self.assertEmpty([n for n in names if "," in n])
+    self.assertLen(set(names), len(names))
+
   def test_loopback_bandwidth_is_measured(self):
     rate = bench_lib.loopback_bandwidth(nbytes=16 << 20, chunk=1 << 20)
     self.assertGreater(rate, 1e6)   # bytes/s: any working loopback beats 1 MB/s

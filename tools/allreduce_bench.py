@@ -94,7 +94,7 @@ def configs():
       out.append((f"tf_fusion {algorithm} {compression}", "fused",
                   _fused(algorithm=algorithm, compression=compression)))
   for algorithm in ("ring", "reduce_to_one"):
-    out.append((f"floor: one pre-packed buffer, {algorithm}", "floor",
+    out.append((f"floor: one pre-packed buffer ({algorithm})", "floor",
                 _fused(algorithm=algorithm, pack_bytes=0, first_pack_bytes=0)))
   return out
 
