@@ -79,7 +79,7 @@ def configs():
   from tensorflow.python.distribute import collective_util  # pylint: disable=g-import-not-at-top
   bpp = lambda n: collective_util.Options(bytes_per_pack=n)
   out = [
-      ("per_tensor (ring, no fusion)", "per_tensor",
+      ("per_tensor (ring; no fusion)", "per_tensor",
        _fused(algorithm="ring", pack_bytes=1, first_pack_bytes=0)),
       ("tf MirroredStrategy default", "builtin", _builtin()),
       ("tf ReductionToOneDevice", "builtin", _builtin(tf.distribute.ReductionToOneDevice())),
@@ -180,7 +180,7 @@ def multi_worker_configs():
   out = [("tf MWMS default (bpp=0)", "builtin", 0),
          ("tf MWMS bpp=4MB", "builtin", 4 * MIB),
          ("tf MWMS bpp=64MB", "builtin", 64 * MIB),
-         ("per_tensor (ring, no fusion)", "per_tensor",
+         ("per_tensor (ring; no fusion)", "per_tensor",
           dict(algorithm="ring", pack_bytes=1, first_pack_bytes=0))]
   for algorithm in ("ring", "hierarchical", "auto"):
     for compression in ("none", "fp16", "bf16"):
