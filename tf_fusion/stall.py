@@ -35,6 +35,8 @@ import keras
 import tensorflow as tf
 from tensorflow.python.eager import context  # pylint: disable=g-direct-tensorflow-import
 
+from tf_fusion import strategy as strategy_lib
+
 _KEY = "tf_fusion/stall/{stall}/{worker}"
 
 
@@ -113,11 +115,10 @@ def _worker_and_count(model):
   """(this worker's index, number of workers) of the model's strategy."""
   strategy = getattr(model, "distribute_strategy", None)
   resolver = getattr(strategy, "cluster_resolver", None)
-  extended = getattr(strategy, "extended", None)
-  workers = getattr(extended, "_num_workers", 1) if extended is not None else 1
+  workers = strategy_lib.num_workers(strategy) if strategy is not None else 1
   if resolver is None or workers <= 1:
     return 0, 1
-  return int(getattr(extended, "_id_in_cluster", resolver.task_id or 0)), int(workers)
+  return int(getattr(strategy.extended, "_id_in_cluster", resolver.task_id or 0)), workers
 
 
 def _ask_the_others(stall, worker, workers, step, answer_seconds):

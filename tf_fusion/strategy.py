@@ -183,13 +183,8 @@ def multi_worker_strategy(options: Optional[FusionOptions] = None,
       all their GPUs.
   """
   options = options or FusionOptions()
-  if devices_per_worker is None:
-    devices_per_worker = devices_per_worker_from_env()
-  if devices_per_worker and devices_per_worker > 1 and not tf.config.list_physical_devices("GPU"):
-    split_cpu(devices_per_worker)
-  communication = tf.distribute.experimental.CommunicationOptions(
-      timeout_seconds=options.timeout_seconds)
-  strategy = _MultiWorkerStrategy(cluster_resolver, communication, devices_per_worker)
+  strategy = _multi_worker(cluster_resolver, devices_per_worker,
+                           timeout_seconds=options.timeout_seconds)
   extended = strategy.extended
   for tf_ops in (extended._cross_device_ops, extended._host_cross_device_ops):  # pylint: disable=protected-access
     algorithms.use_run_time_keys(tf_ops)
@@ -214,13 +209,20 @@ def tf_multi_worker_strategy(bytes_per_pack: int = 0,
   (keras-team/keras#20585). TF's cross-device ops and its collective launchers are
   left as they are.
   """
+  return _multi_worker(cluster_resolver, devices_per_worker, bytes_per_pack=bytes_per_pack,
+                       timeout_seconds=timeout_seconds)
+
+
+def _multi_worker(cluster_resolver, devices_per_worker, **communication):
+  """_MultiWorkerStrategy with `devices_per_worker` (default: from the environment)
+  logical CPUs on a worker without GPUs, and TF's CommunicationOptions(**communication)."""
   if devices_per_worker is None:
     devices_per_worker = devices_per_worker_from_env()
   if devices_per_worker and devices_per_worker > 1 and not tf.config.list_physical_devices("GPU"):
     split_cpu(devices_per_worker)
-  communication = tf.distribute.experimental.CommunicationOptions(
-      bytes_per_pack=bytes_per_pack, timeout_seconds=timeout_seconds)
-  return _MultiWorkerStrategy(cluster_resolver, communication, devices_per_worker)
+  return _MultiWorkerStrategy(
+      cluster_resolver, tf.distribute.experimental.CommunicationOptions(**communication),
+      devices_per_worker)
 
 
 def logical_cpu_devices(n: int) -> List[str]:

@@ -148,18 +148,25 @@ def run_children(module, argv, workers, devices, out_path):
     SystemExit: when a process fails, with the exit code.
   """
   command = [sys.executable, "-m", module] + list(argv) + ["--worker_out", out_path]
-  env = dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
-  if workers > 1:
-    from tf_fusion import launch  # pylint: disable=g-import-not-at-top
-    code = launch.launch(command, workers, devices, env=env)
-  else:
-    code = subprocess.call(command, env=env, cwd=ROOT)
+  code = run_processes(command, workers, devices,
+                       dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES=""))
   if code:
     raise SystemExit(f"{module} {' '.join(argv)}: the workers failed (exit {code})")
   with open(out_path) as f:
     report = json.load(f)
   os.remove(out_path)
   return report
+
+
+def run_processes(command, workers, devices, env, log=None):
+  """Runs `command` as `workers` processes on 127.0.0.1 (tf_fusion.launch, `devices`
+  logical CPUs each), or as one process from the repository's root when workers == 1;
+  output to `log` (a file) if given. Returns the exit code."""
+  if workers > 1:
+    from tf_fusion import launch  # pylint: disable=g-import-not-at-top
+    return launch.launch(command, workers, devices, env=env, out=log)
+  return subprocess.call(command, env=env, cwd=ROOT, stdout=log,
+                         stderr=subprocess.STDOUT if log is not None else None)
 
 
 def write_json(report, path):

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -98,12 +97,7 @@ def run_once(model, side, workers, devices, steps, log_steps, extra, profile_ste
   if not gpus:
     env["CUDA_VISIBLE_DEVICES"] = ""
   with open(os.path.join(model_dir, "run.log"), "w") as log:
-    if workers > 1:
-      from tf_fusion import launch  # pylint: disable=g-import-not-at-top
-      code = launch.launch(command, workers, devices, env=env, out=log)
-    else:
-      code = subprocess.call(command, env=env, cwd=bench_lib.ROOT, stdout=log,
-                             stderr=subprocess.STDOUT)
+    code = bench_lib.run_processes(command, workers, devices, env, log)
   if code:
     with open(os.path.join(model_dir, "run.log")) as f:
       tail = f.read()[-3000:]
