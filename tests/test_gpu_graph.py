@@ -9,9 +9,10 @@ import tensorflow as tf
 
 import tf_fusion
 from tests import helpers
+from tools import gpu_check
 
 GPUS = tuple(f"/job:localhost/replica:0/task:0/device:GPU:{i}" for i in range(2))
-SUM = tf.distribute.ReduceOp.SUM
+SPECS = [(tf.float32, tf.TensorShape([n])) for n in (300, 10, 500, 7)]
 
 
 def _collectives(devices, algorithm, options=None, implementation="auto"):
@@ -20,20 +21,9 @@ def _collectives(devices, algorithm, options=None, implementation="auto"):
       tf_fusion.FusionOptions(pack_bytes=1024, first_pack_bytes=0, algorithm=algorithm,
                               implementation=implementation),
       cost_model=helpers.fixed_cost_model())
-  call = ops._call_settings(options)  # pylint: disable=protected-access
-  specs = [(tf.float32, tf.TensorShape([n])) for n in (300, 10, 500, 7)]
-  plan = ops.make_plan(specs, devices)
-
-  def reduce():
-    per_device = []
-    for d in devices:
-      with tf.device(d):
-        per_device.append([tf.zeros(s, dt) for dt, s in specs])
-    return ops._reduce_dense(SUM, devices, plan, per_device, call=call)  # pylint: disable=protected-access
-
-  graph = tf.function(reduce).get_concrete_function().graph
-  return [(op.device, op.get_attr("communication_hint").decode())
-          for op in graph.get_operations() if op.type == "CollectiveReduceV2"]
+  _, graph = gpu_check.trace_reduction(ops, devices, SPECS, options)
+  return [(d, hint) for d, kind, hint in gpu_check.launches(graph)
+          if kind == "CollectiveReduceV2"]
 
 
 class GpuGraphTest(tf.test.TestCase, parameterized.TestCase):
@@ -78,6 +68,48 @@ class GpuGraphTest(tf.test.TestCase, parameterized.TestCase):
         implementation=tf.distribute.experimental.CommunicationImplementation.NCCL)
     self.assertEqual({h for _, h in _collectives(cpus, "ring", nccl)}, {"auto"})
 
+  def test_hierarchical_across_workers_is_nccl_in_the_node_and_across_in_shards(self):
+    # As worker 0 of 2, each with 2 GPUs. Packs (back-propagation order) of 7, 500, 10
+    # and 300 floats: the small ones are one shard, the others one shard per GPU.
+    ops = gpu_check.fused_ops("hierarchical", GPUS, num_workers=2, pack_bytes=1024)
+    plan, graph = gpu_check.trace_reduction(ops, GPUS, SPECS)
+    self.assertEqual([e.tensor_count for e in plan], [1, 1, 1, 1])
+    found = gpu_check.launches(graph)
+    self.assertEqual({hint for _, _, hint in found}, {"nccl"})
+    inside = [d for d, kind, _ in found if kind == "NcclAllReduce"]
+    across = [d for d, kind, _ in found if kind == "CollectiveReduceV2"]
+    self.assertEqual(sorted(inside), sorted(GPUS * 4))   # every pack, every GPU
+    # 7 and 10 floats: shard 0 on GPU 0; 500 and 300 floats: a shard on each GPU.
+    self.assertEqual(sorted(across), sorted([GPUS[0]] * 4 + [GPUS[1]] * 2))
+    # Two communicators on each GPU: its launches must be chained in plan order.
+    self.assertEqual(gpu_check.chained(graph), {d: True for d in GPUS})
+
+  def test_auto_across_workers_chains_ring_and_hierarchical_launches(self):
+    ops = gpu_check.fused_ops("auto", GPUS, num_workers=2, pack_bytes=1 << 20)
+    plan, graph = gpu_check.trace_reduction(
+        ops, GPUS, [(tf.float32, tf.TensorShape([n])) for n in (300_000, 10, 500_000, 7)])
+    self.assertEqual({e.algorithm for e in plan}, {"ring", "hierarchical"})
+    self.assertEqual(gpu_check.chained(graph), {d: True for d in GPUS})
+
+  def test_hierarchical_forced_to_tf_ring_uses_no_nccl(self):
+    ring = tf.distribute.experimental.CommunicationOptions(
+        implementation=tf.distribute.experimental.CommunicationImplementation.RING)
+    ops = gpu_check.fused_ops("hierarchical", GPUS, num_workers=2, pack_bytes=1024)
+    _, graph = gpu_check.trace_reduction(ops, GPUS, SPECS, ring)
+    found = gpu_check.launches(graph)
+    self.assertEqual({(kind, hint) for _, kind, hint in found},
+                     {("CollectiveReduceV2", "ring")})
+
+  def test_hierarchical_on_cpus_adds_in_the_worker_and_keeps_tf_ring(self):
+    cpus = tuple(helpers.devices(2))
+    ops = gpu_check.fused_ops("hierarchical", cpus, num_workers=2, pack_bytes=1024)
+    _, graph = gpu_check.trace_reduction(ops, cpus, SPECS)
+    found = gpu_check.launches(graph)
+    self.assertEqual({(kind, hint) for _, kind, hint in found},
+                     {("CollectiveReduceV2", "auto")})
+    self.assertLen(found, 6)   # shards as on GPUs
+    self.assertEmpty(gpu_check.chained(graph))   # no NCCL, nothing to chain
+
 
 class GpuCheckToolTest(tf.test.TestCase):
 
@@ -92,6 +124,9 @@ class GpuCheckToolTest(tf.test.TestCase):
     ring = report["graph"]["ring"]["collectives"]
     self.assertNotEmpty(ring)
     self.assertEqual({hint for _, _, hint in ring}, {"nccl"})
+    hierarchical = report["graph"]["hierarchical, 2 workers"]
+    self.assertIn("NcclAllReduce", {kind for _, kind, _ in hierarchical["collectives"]})
+    self.assertTrue(all(hierarchical["chained"].values()))
     self.assertNotIn("tests", report)
 
 

@@ -98,5 +98,37 @@ class PackUnpackTest(tf.test.TestCase):
     self.assertAllEqual(got_b, 2 * b)
 
 
+class ShardsTest(tf.test.TestCase, parameterized.TestCase):
+  """shard_sizes and unpack_shards: a buffer held in consecutive shards (hierarchical's
+  cross-worker step) unpacks to what NumPy's split of the whole buffer gives."""
+
+  @parameterized.parameters((99, 2, F32, [64, 35]), (38, 2, F32, [32, 6]),
+                            (6, 4, F32, [6]), (64, 4, F32, [16, 16, 16, 16]),
+                            (65, 4, F16, [32, 32, 1]), (1000, 3, F32, [336, 336, 328]))
+  def test_shard_sizes_are_aligned_and_cover_the_buffer(self, n, k, dtype, want):
+    got = packing.shard_sizes(n, k, dtype)
+    self.assertEqual(got, want)
+    self.assertEqual(sum(got), n)
+    for size in got[:-1]:    # every shard but the last starts and ends on 64 bytes
+      self.assertEqual(size * dtype.size % packing.SHARD_ALIGN_BYTES, 0)
+
+  @parameterized.parameters(([32, 7],), ([1, 38],), ([16, 16, 7],), ([15, 7, 17],),
+                            ([22, 17],), ([39],))
+  def test_unpack_shards_equals_numpy_split(self, shard_lengths):
+    shapes = [(3, 5), (7,), (0, 4), (2, 2, 4), (1,)]   # 15 + 7 + 0 + 16 + 1 = 39
+    rng = np.random.RandomState(3)
+    arrays = [np.asarray(rng.randn(*s), np.float32) for s in shapes]
+    whole = np.concatenate([a.ravel() for a in arrays])
+    shards = [tf.constant(p) for p in np.split(whole, np.cumsum(shard_lengths)[:-1])]
+    like = [tf.zeros(s) for s in shapes]
+    for got, want in zip(packing.unpack(shards, like), arrays):
+      self.assertAllEqual(got, want)
+      self.assertEqual(got.shape, want.shape)
+
+  def test_shards_that_do_not_add_up_are_refused(self):
+    with self.assertRaisesRegex(ValueError, "add up to the same"):
+      packing.unpack_shards([tf.zeros([3]), tf.zeros([3])], [tf.zeros([7])])
+
+
 if __name__ == "__main__":
   tf.test.main()

@@ -6,7 +6,12 @@ One pack, already flattened into one buffer per local device, is reduced by one 
 - reduce_to_one: sum onto one device of the worker in device order, then a copy back to
   each device (bit-identical to a left-to-right sum, run after run);
 - hierarchical: the multi-worker scheme of Jia et al. 2018 (reduce in a worker, all-reduce
-  across workers, broadcast in a worker); on one worker it *is* reduce_to_one.
+  across workers, back to every device of the worker); on one worker it *is*
+  reduce_to_one. The cross-worker step is split over the local devices: device i
+  all-reduces shard i with device i of every other worker, k groups in parallel, so no
+  one device carries the whole buffer across. On GPUs the step inside the worker is
+  NCCL (as Jia et al.'s), and a DeviceOrder keeps every GPU's NCCL launches in one
+  order.
 
 The cost of one pack comes from a calibrated cost model (cost_model.py): measured on
 the devices in use, never guessed. The hybrid ("auto") choice picks, per pack, the
@@ -24,6 +29,7 @@ import tensorflow as tf
 # per-call instance keys, the two things a hand-rolled launcher gets wrong. Pinned TF.
 from tensorflow.python.distribute import collective_util
 from tensorflow.python.distribute import cross_device_utils
+from tensorflow.python.ops import nccl_ops
 from tensorflow.python.ops import resource_variable_ops
 
 from tf_fusion import packing
@@ -194,10 +200,19 @@ class Collectives:
     options = self._watched if watched and self._timeout_seconds else None
     return self._launchers[index].all_reduce(buffer, options=options)
 
+  @property
+  def uses_nccl(self) -> bool:
+    """Whether this group's collectives run NCCL (GPUs, hint "nccl")."""
+    return self.implementation == _HINTS["nccl"]
+
   def across_workers(self) -> "Collectives":
     """The group of one device per worker (this worker's last local device)."""
-    return Collectives.get(self.devices[-1:], self.num_workers, self._timeout_seconds,
-                           self._implementation)
+    return self.shard_group(len(self.devices) - 1)
+
+  def shard_group(self, index) -> "Collectives":
+    """The group of local device `index` of every worker (hierarchical's shard `index`)."""
+    return Collectives.get(self.devices[index:index + 1], self.num_workers,
+                           self._timeout_seconds, self._implementation)
 
   def differences_across_workers(self, parts, rank) -> List[str]:
     """What differs between the workers' `parts` ({name: float64-exact hash}), as
@@ -230,10 +245,48 @@ class Collectives:
           tf.constant(vector, tf.float64)).numpy()
 
 
-def ring(buffers, collectives, finish=None, root=0, watched=False):
+class DeviceOrder:
+  """Chains one reduction's NCCL launches per device, in the plan's order.
+
+  NCCL runs a GPU's kernels in the order they were enqueued. Two communicators on one
+  GPU (hierarchical's node sum and its cross-worker shard group; the ring's group),
+  enqueued in one order on one GPU and the other order on another, wait for each other
+  forever. TF's launchers order only their own collectives (an ordering token), and
+  nccl_ops nothing. Here each NCCL launch on a device waits (a control dependency) for
+  the previous one's result there, so every GPU of every worker launches in plan order.
+  Not used off GPUs: TF's CPU ring has no such hazard, and the chain would cost overlap.
+  """
+
+  def __init__(self):
+    self._last = {}
+
+  def before(self, device, tensor):
+    """`tensor`, held back until `device`'s previous NCCL launch is done."""
+    last = self._last.get(device)
+    if last is None:
+      return tensor
+    with tf.device(device), tf.control_dependencies([last]):
+      return tf.identity(tensor)
+
+  def after(self, device, tensor):
+    """Records `tensor` as `device`'s latest NCCL result; returns it."""
+    self._last[device] = tensor
+    return tensor
+
+
+def _launch(group, buffers, watched, order):
+  """group.all_reduce(buffers), in `order` (DeviceOrder or None)."""
+  if order is None:
+    return group.all_reduce(buffers, watched)
+  buffers = [order.before(d, b) for d, b in zip(group.devices, buffers)]
+  return [order.after(d, r)
+          for d, r in zip(group.devices, group.all_reduce(buffers, watched))]
+
+
+def ring(buffers, collectives, finish=None, root=0, watched=False, order=None):
   """All-reduce with TF's collective ops; `finish` runs on every device's result."""
   del root
-  reduced = collectives.all_reduce(buffers, watched)
+  reduced = _launch(collectives, buffers, watched, order)
   if finish is None:
     return reduced
   out = []
@@ -243,10 +296,10 @@ def ring(buffers, collectives, finish=None, root=0, watched=False):
   return out
 
 
-def copy_only(buffers, collectives, finish=None, root=0, watched=False):
+def copy_only(buffers, collectives, finish=None, root=0, watched=False, order=None):
   """For empty packs: nothing to add, so no collective (TF's CPU collective crashes
   on zero elements); each device keeps its own, equally empty, buffer."""
-  del root, watched
+  del root, watched, order
   out = []
   for device, b in zip(collectives.devices, buffers):
     with tf.device(device):
@@ -254,7 +307,7 @@ def copy_only(buffers, collectives, finish=None, root=0, watched=False):
   return out
 
 
-def reduce_to_one(buffers, collectives, finish=None, root=0, watched=False):
+def reduce_to_one(buffers, collectives, finish=None, root=0, watched=False, order=None):
   """Sums in device order onto one device, runs `finish` there once, copies back.
 
   The sum is a chain of binary adds, step k placed on device k: (((b0 + b1) + b2) + b3).
@@ -266,51 +319,113 @@ def reduce_to_one(buffers, collectives, finish=None, root=0, watched=False):
   the chain is also the fastest form measured (ResNet-50 gradients, 4 logical CPUs:
   39.8 ms against 43.9 ms for AddN).
   """
-  del root, watched  # The order, hence the last device, is fixed; no collective.
+  del root, watched, order  # The order, hence the last device, is fixed; no collective.
   return _sum_then_copy(buffers, collectives.devices, finish)
 
 
-def hierarchical(buffers, collectives, finish=None, root=0, watched=False):
-  """Jia et al. 2018, §6: reduce inside the worker, all-reduce across workers, broadcast.
+def hierarchical(buffers, collectives, finish=None, root=0, watched=False, order=None):
+  """Jia et al. 2018, section 6: reduce inside the worker, all-reduce across workers,
+  back to every device of the worker.
 
-  The local sum is reduce_to_one's chain of adds onto the last local device; that
-  device joins a group of one device per worker, whose all-reduce crosses workers with
-  one buffer per worker instead of one per device; the result is copied back to the
-  local devices. On one worker it is reduce_to_one.
+  On several workers with k local devices, for a buffer of static size:
+  1. the worker's sum on every device: NCCL's all-reduce on GPUs; elsewhere
+     reduce_to_one's chain of adds onto the last device, which every device reads
+     (one host's memory: no copy);
+  2. device i all-reduces shard i (1/k of the buffer, aligned) with device i of every
+     other worker: k cross-worker groups in parallel, each carrying 1/k of the bytes,
+     and `finish` runs on each shard once;
+  3. every device gets the other devices' reduced shards (device-to-device copies).
+
+  Returns, per device, the list of reduced shards (consecutive parts of the buffer,
+  for packing.unpack), or one buffer when there is a single shard. With one local
+  device, or a buffer of unknown size, the sum crosses workers from the last device
+  whole, as Jia et al.'s; on one worker this is reduce_to_one.
   """
   del root
-  across = None
-  if collectives.num_workers > 1:
-    across = lambda total: collectives.across_workers().all_reduce([total], watched)[0]
-  return _sum_then_copy(buffers, collectives.devices, finish, across)
+  devices = collectives.devices
+  if collectives.num_workers == 1:
+    return _sum_then_copy(buffers, devices, finish)
+  size = buffers[0].shape.num_elements()
+  if len(devices) == 1 or size is None:
+    across = lambda total: _launch(collectives.across_workers(), [total], watched,
+                                   order)[0]
+    return _sum_then_copy(buffers, devices, finish, across)
+  sums = _local_sums(buffers, collectives, order)
+  sizes = packing.shard_sizes(size, len(devices), buffers[0].dtype)
+  shards, start = [], 0
+  for i, n in enumerate(sizes):
+    with tf.device(devices[i]):
+      shard = tf.slice(sums[i], [start], [n])
+      shard = _launch(collectives.shard_group(i), [shard],
+                      watched and i == len(sizes) - 1, order)[0]
+      shards.append(finish(shard) if finish is not None else shard)
+    start += n
+  if len(shards) == 1:
+    return _copy_to(devices, shards[0])
+  out = []
+  for j, device in enumerate(devices):
+    with tf.device(device):
+      out.append([s if i == j else tf.identity(s) for i, s in enumerate(shards)])
+  return out
+
+
+def _local_sums(buffers, collectives, order):
+  """The sum of this worker's `buffers`, one tensor per local device."""
+  devices = collectives.devices
+  if not collectives.uses_nccl:
+    total = _chain_sum(buffers, devices)
+    return [total] * len(devices)
+  if order is not None:
+    buffers = [order.before(d, b) for d, b in zip(devices, buffers)]
+  sums = nccl_ops.all_sum(buffers)
+  if order is not None:
+    sums = [order.after(d, s) for d, s in zip(devices, sums)]
+  return sums
+
+
+def _chain_sum(buffers, devices):
+  """(((b0 + b1) + b2) + ...), step k on device k (reduce_to_one's doc says why)."""
+  total = buffers[0]
+  for device, b in zip(devices[1:], buffers[1:]):
+    with tf.device(device):
+      total = tf.math.add(total, b)
+  return total
+
+
+def _copy_to(devices, tensor):
+  out = []
+  for device in devices:
+    with tf.device(device):
+      out.append(tf.identity(tensor))
+  return out
 
 
 def _sum_then_copy(buffers, devices, finish, across=None):
   """Chain-adds in device order onto the last device, runs `across` (the cross-worker
   all-reduce) and `finish` there, copies the result to every device."""
-  total = buffers[0]
-  for device, b in zip(devices[1:], buffers[1:]):
-    with tf.device(device):
-      total = tf.math.add(total, b)
+  total = _chain_sum(buffers, devices)
   with tf.device(devices[-1]):
     if across is not None:
       total = across(total)
     if finish is not None:
       total = finish(total)
-  out = []
-  for device in devices:
-    with tf.device(device):
-      out.append(tf.identity(total))
-  return out
+  return _copy_to(devices, total)
 
 
 _IMPLEMENTATIONS = {"ring": ring, "reduce_to_one": reduce_to_one,
                     "hierarchical": hierarchical, "none": copy_only}
 
 
-def run(algorithm, buffers, collectives, finish=None, root=0, watched=False):
+def run(algorithm, buffers, collectives, finish=None, root=0, watched=False,
+        order=None, sharded=False):
   """Reduces one pack with `algorithm` (a key of _IMPLEMENTATIONS); `watched`: its
-  collective carries the timeout (Collectives.all_reduce)."""
+  collective carries the timeout (Collectives.all_reduce); `order`: a DeviceOrder for
+  NCCL launches (or None).
+
+  Returns one reduced buffer per device or, with `sharded`, one list of consecutive
+  shards of it per device (packing.unpack takes either; it saves a concat per device
+  where hierarchical split the buffer).
+  """
   try:
     fn = _IMPLEMENTATIONS[algorithm]
   except KeyError:
@@ -319,7 +434,16 @@ def run(algorithm, buffers, collectives, finish=None, root=0, watched=False):
   if algorithm == "reduce_to_one" and collectives.num_workers > 1:
     raise ValueError("reduce_to_one stays on one worker; across workers use "
                      "hierarchical (its multi-worker form).")
-  return fn(buffers, collectives, finish=finish, root=root, watched=watched)
+  out = fn(buffers, collectives, finish=finish, root=root, watched=watched, order=order)
+  if sharded:
+    return [list(o) if isinstance(o, list) else [o] for o in out]
+  whole = []
+  for device, o in zip(collectives.devices, out):
+    if isinstance(o, list):
+      with tf.device(device):
+        o = tf.concat(o, axis=0)
+    whole.append(o)
+  return whole
 
 
 def assign(packs: Sequence[packing.Pack],

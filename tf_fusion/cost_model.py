@@ -256,7 +256,10 @@ def calibrate(devices: Sequence[str],
       for nbytes in sizes:
         low = 4 if nbytes <= (1 << 20) else 1
         inputs = [_filled(devices, nbytes // 4, j) for j in range(3 * low)]
-        unit = lambda bufs, a=algorithm: [o[0] for o in run(a, bufs, collectives)]
+        # One element of every shard on every device: all the work is needed, little
+        # is returned.
+        unit = lambda bufs, a=algorithm: [
+            shard[0] for o in run(a, bufs, collectives, sharded=True) for shard in o]
         per_size.append(_per_unit_seconds(unit, inputs, low, repeats))
       alpha[algorithm], beta[algorithm] = _fit_line(list(sizes), per_size)
       points[algorithm] = list(zip(sizes, per_size))

@@ -314,6 +314,7 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
     call = call or self._call_settings(None)
     collectives = self._collectives(devices, call)
     group_size = collectives.group_size
+    order = algorithms.DeviceOrder() if collectives.uses_nccl else None
     outputs = [[None] * len(per_device[0]) for _ in devices]
     # The timeout rides on the last pack that runs a collective (see
     # Collectives.all_reduce): launched last, it cannot finish while a peer is gone.
@@ -329,7 +330,7 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
             with tf.device(device):
               bounds.append(compression_lib.local_bounds(p))
           with tf.name_scope("range"):
-            bounds = self._run(entry, bounds, collectives, None)
+            bounds = self._run(entry, bounds, collectives, None, order=order)
           scales = []
           for device, b in zip(collectives.devices, bounds):
             with tf.device(device):
@@ -342,7 +343,7 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
         finish = self._finisher(reduce_op, group_size, ctx, parts[0],
                                 scaled=scales[0] is not None)
         reduced = self._run(entry, buffers, collectives, finish,
-                            watched=entry.index == watched)
+                            watched=entry.index == watched, order=order, sharded=True)
         for d, device in enumerate(collectives.devices):
           with tf.device(device):
             unpacked = _unscaled(packing.unpack(reduced[d], parts[d]), scales[d], parts[d],
@@ -381,9 +382,10 @@ class FusedAllReduce(tf.distribute.CrossDeviceOps):
       return tf.cast(reduced, dtype)
     return finish
 
-  def _run(self, entry, buffers, collectives, finish, watched=False):
+  def _run(self, entry, buffers, collectives, finish, watched=False, order=None,
+           sharded=False):
     return algorithms.run(entry.algorithm, buffers, collectives, finish=finish,
-                          root=entry.index, watched=watched)
+                          root=entry.index, watched=watched, order=order, sharded=sharded)
 
   # --- planning ----------------------------------------------------------------------
 

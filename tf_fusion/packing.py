@@ -110,12 +110,36 @@ def pack(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
   return tf.concat(flat, axis=0)
 
 
-def unpack(buffer: tf.Tensor, like: Sequence[tf.Tensor]) -> List[tf.Tensor]:
+# Shards start on multiples of 64 bytes: TF's CPU Slice and Split hand out such a part
+# of a buffer without copying it (Eigen's alignment), and GPUs read them coalesced.
+SHARD_ALIGN_BYTES = 64
+
+
+def shard_sizes(num_elements: int, num_shards: int, dtype) -> List[int]:
+  """Element counts of at most `num_shards` nearly equal, non-empty, aligned shards of a
+  buffer of `num_elements` (fewer shards when it is too small to give each one an
+  aligned part; the last shard takes the remainder)."""
+  align = max(1, SHARD_ALIGN_BYTES // tf.as_dtype(dtype).size)
+  per = -(-num_elements // max(1, num_shards))
+  per = max(align, -(-per // align) * align)
+  sizes = []
+  while num_elements > 0:
+    sizes.append(min(per, num_elements))
+    num_elements -= sizes[-1]
+  return sizes
+
+
+def unpack(buffer, like: Sequence[tf.Tensor]) -> List[tf.Tensor]:
   """Splits `buffer` back into tensors shaped as `like` (inverse of `pack`).
 
-  Static sizes are used when known, so the split needs no shape ops at run time;
-  otherwise sizes and shapes are read dynamically.
+  `buffer` is one rank-1 tensor, or a list of consecutive shards of one (see
+  `unpack_shards`). Static sizes are used when known, so the split needs no shape ops
+  at run time; otherwise sizes and shapes are read dynamically.
   """
+  if isinstance(buffer, (list, tuple)):
+    if len(buffer) > 1:
+      return unpack_shards(buffer, like)
+    buffer = buffer[0]
   if len(like) == 1:
     return [_reshape_like(buffer, like[0])]
   static = [t.shape.num_elements() for t in like]
@@ -131,3 +155,34 @@ def _reshape_like(flat, like):
   if like.shape.is_fully_defined():
     return tf.reshape(flat, like.shape)
   return tf.reshape(flat, tf.shape(like))
+
+
+def unpack_shards(shards: Sequence[tf.Tensor], like: Sequence[tf.Tensor]) -> List[tf.Tensor]:
+  """`unpack` of a buffer held as consecutive shards (static sizes): no concat of the
+  whole buffer. Each shard is split at the tensor boundaries inside it; only a tensor
+  that straddles shards is concatenated from its pieces (at most one per boundary)."""
+  sizes = [t.shape.num_elements() for t in like]
+  shard_lengths = [s.shape.num_elements() for s in shards]
+  if None in sizes or None in shard_lengths or sum(sizes) != sum(shard_lengths):
+    raise ValueError(f"cannot unpack shards of sizes {shard_lengths} into tensors of "
+                     f"sizes {sizes}: both must be static and add up to the same.")
+  ends = np.cumsum(sizes)
+  pieces = [[] for _ in like]
+  start = 0
+  for shard, length in zip(shards, shard_lengths):
+    stop = start + length
+    # Cut points inside this shard: tensor ends strictly between start and stop.
+    cuts = [int(e) for e in ends if start < e < stop]
+    bounds = [start] + cuts + [stop]
+    parts = (tf.split(shard, np.diff(bounds).tolist(), num=len(bounds) - 1)
+             if cuts else [shard])
+    for lo, part in zip(bounds[:-1], parts):
+      pieces[int(np.searchsorted(ends, lo, side="right"))].append(part)
+    start = stop
+  out = []
+  for t, p in zip(like, pieces):
+    if not p:   # an empty tensor: no element in any shard
+      p = [tf.zeros([0], shards[0].dtype)]
+    flat = p[0] if len(p) == 1 else tf.concat(p, axis=0)
+    out.append(_reshape_like(flat, t))
+  return out

@@ -6,8 +6,9 @@
 Checks, in order, and writes one JSON report (gpu_check.json):
 1. the host: TensorFlow's version and build (CUDA, cuDNN), the GPUs;
 2. the graph: the fused reduction traced for this host's GPUs (or two GPU names when
-   it has none), with the device and communication hint of every collective: TF runs
-   NCCL only for the hint "nccl";
+   it has none), on one worker and as one of two workers, with the device, op and
+   communication hint of every collective (TF runs NCCL only for the hint "nccl"), and
+   whether each GPU's NCCL launches are chained in one order;
 3. with >= 2 GPUs: the training-equivalence and 16-bit-wire tests on the GPUs
    (TF_FUSION_TEST_DEVICE=GPU; tests that want more replicas than GPUs fail and say so);
 4. with >= 2 GPUs: the all-reduce benchmark (TF's NcclAllReduce, HierarchicalCopy,
@@ -58,36 +59,110 @@ def host():
               gpu_details=[{k: str(v) for k, v in d.items()} for d in details])
 
 
-def collective_hints(devices):
-  """(device, op type, communication_hint) of every collective in one traced fused
-  reduction over `devices`, for ring and hierarchical-style plans."""
+# Ops that launch a collective on a device: TF's collectives (NCCL or ring by hint) and
+# nccl_ops' in-process all-reduce (always NCCL).
+_NCCL_OP = "NcclAllReduce"
+
+
+def _fixed_model(algorithms):
+  """A cost model with a crossover near 100 KB: small packs take the first algorithm,
+  large ones the second (tracing only; nothing is measured)."""
+  import tf_fusion  # pylint: disable=g-import-not-at-top
+  first, second = algorithms
+  return tf_fusion.CostModel({first: 1e-5, second: 1e-4}, {first: 1e-9, second: 1e-10})
+
+
+def fused_ops(algorithm, devices, num_workers=1, pack_bytes=1 << 20):
+  """A FusedAllReduce (one worker) or MultiWorkerFusedAllReduce (`num_workers`, this
+  being worker 0) over `devices`, built without a cluster: for tracing only."""
+  import tf_fusion  # pylint: disable=g-import-not-at-top
+  from tf_fusion import algorithms as algs  # pylint: disable=g-import-not-at-top
+  options = tf_fusion.FusionOptions(pack_bytes=pack_bytes, first_pack_bytes=0,
+                                    algorithm=algorithm)
+  if num_workers == 1:
+    return tf_fusion.FusedAllReduce(options, cost_model=_fixed_model(algs.LOCAL_ALGORITHMS))
+  from tensorflow.python.distribute import collective_util  # pylint: disable=g-import-not-at-top
+  from tensorflow.python.distribute import cross_device_ops  # pylint: disable=g-import-not-at-top
+  tf_ops = cross_device_ops.CollectiveAllReduce(
+      devices=devices, group_size=num_workers * len(devices), options=collective_util.Options())
+  return tf_fusion.MultiWorkerFusedAllReduce(
+      options, tf_ops, num_workers, cost_model=_fixed_model(algs.MULTI_WORKER_ALGORITHMS),
+      worker_index=0)
+
+
+def trace_reduction(ops, devices, specs, options=None):
+  """(plan, graph) of one fused SUM reduction of zeros of `specs` by `ops` over
+  `devices`, traced and never run. The plan is made without the workers' agreement
+  checks, which would wait for peers."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tf_fusion  # pylint: disable=g-import-not-at-top
+  call = ops._call_settings(options)  # pylint: disable=protected-access
+  plan = tf_fusion.FusedAllReduce.make_plan(ops, specs, devices)
+
+  def reduce():
+    per_device = []
+    for d in devices:
+      with tf.device(d):
+        per_device.append([tf.zeros(s, dt) for dt, s in specs])
+    return ops._reduce_dense(tf.distribute.ReduceOp.SUM, devices, plan, per_device,  # pylint: disable=protected-access
+                             call=call)
+
+  return plan, tf.function(reduce).get_concrete_function().graph
+
+
+def launches(graph):
+  """(device, op type, communication hint) of every collective launch in `graph`, in
+  the order the ops were made; nccl_ops' all-reduce has the hint "nccl"."""
+  out = []
+  for op in graph.get_operations():
+    if op.type == _NCCL_OP:
+      out.append((op.device, op.type, "nccl"))
+    elif op.type.startswith("Collective") and "communication_hint" in op.node_def.attr:
+      out.append((op.device, op.type, op.get_attr("communication_hint").decode()))
+  return out
+
+
+def chained(graph):
+  """{device: whether each NCCL launch there depends (through data or control edges)
+  on the one made before it}: the order every GPU must keep (algorithms.DeviceOrder)."""
+  by_device = {}
+  for op in graph.get_operations():
+    if op.type == _NCCL_OP or (op.type.startswith("Collective") and op.node_def.attr.get(
+        "communication_hint") and op.get_attr("communication_hint") == b"nccl"):
+      by_device.setdefault(op.device, []).append(op)
+  return {device: all(_depends_on(b, a) for a, b in zip(ops, ops[1:]))
+          for device, ops in by_device.items()}
+
+
+def _depends_on(op, earlier):
+  seen, stack = set(), [op]
+  while stack:
+    current = stack.pop()
+    for parent in list(current.control_inputs) + [t.op for t in current.inputs]:
+      if parent is earlier:
+        return True
+      if parent.name not in seen:
+        seen.add(parent.name)
+        stack.append(parent)
+  return False
+
+
+def collective_hints(devices):
+  """What one traced fused reduction over `devices` launches, for ring and auto on one
+  worker and hierarchical and auto as worker 0 of two: each collective's device, op
+  type and hint, and whether every GPU's NCCL launches are chained in one order."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  specs = [(tf.float32, tf.TensorShape([n])) for n in (300_000, 10, 500_000, 7)]
   out = {}
   soft = tf.config.get_soft_device_placement()
   tf.config.set_soft_device_placement(True)   # tracing only, also without the GPUs
   try:
-    for algorithm in ("ring", "auto"):
-      ops = tf_fusion.FusedAllReduce(tf_fusion.FusionOptions(
-          pack_bytes=1 << 20, first_pack_bytes=0, algorithm=algorithm),
-          cost_model=tf_fusion.CostModel({"ring": 1e-5, "reduce_to_one": 1e-4},
-                                         {"ring": 1e-9, "reduce_to_one": 1e-10}))
-      specs = [(tf.float32, tf.TensorShape([n])) for n in (300_000, 10, 500_000, 7)]
-      plan = ops.make_plan(specs, devices)
-
-      def reduce(ops=ops, plan=plan):
-        per_device = []
-        for d in devices:
-          with tf.device(d):
-            per_device.append([tf.zeros(s, dt) for dt, s in specs])
-        return ops._reduce_dense(tf.distribute.ReduceOp.SUM, devices, plan, per_device)  # pylint: disable=protected-access
-
-      graph = tf.function(reduce).get_concrete_function().graph
-      out[algorithm] = dict(
-          plan=[e.algorithm for e in plan],
-          collectives=[(op.device, op.type, op.get_attr("communication_hint").decode())
-                       for op in graph.get_operations() if op.type.startswith("Collective")
-                       and "communication_hint" in op.node_def.attr])
+    for name, algorithm, workers in (("ring", "ring", 1), ("auto", "auto", 1),
+                                     ("hierarchical, 2 workers", "hierarchical", 2),
+                                     ("auto, 2 workers", "auto", 2)):
+      plan, graph = trace_reduction(fused_ops(algorithm, devices, workers), devices, specs)
+      out[name] = dict(plan=[e.algorithm for e in plan], collectives=launches(graph),
+                       chained=chained(graph))
   finally:
     tf.config.set_soft_device_placement(soft)
   return out
@@ -165,8 +240,10 @@ def main(argv=None):
   report["graph"] = collective_hints(names)
   for algorithm, found in report["graph"].items():
     hints = sorted({h for _, _, h in found["collectives"]})
-    print(f"graph, {algorithm}: {len(found['collectives'])} collective(s), hints {hints}, "
-          f"plan {found['plan']}", flush=True)
+    kinds = sorted({t for _, t, _ in found["collectives"]})
+    print(f"graph, {algorithm}: {len(found['collectives'])} collective(s) {kinds}, hints "
+          f"{hints}, plan {found['plan']}, NCCL chained per GPU: "
+          f"{all(found['chained'].values())}", flush=True)
   if len(gpus) < 2:
     report["skipped"] = ("no GPUs on this host" if not gpus else "one GPU: nothing to "
                          "all-reduce") + ": ran the host and graph checks only"
