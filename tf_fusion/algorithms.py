@@ -110,7 +110,9 @@ class _Launcher(cross_device_utils.CollectiveReplicaLauncher):
     self._counter = _instance_key_counter(group_key, device)
 
   def _next_instance_key(self):
-    with tf.device(self._counter.device):
+    # Its own name scope: these ops run as soon as the step starts, long before the
+    # pack's data exists; tools/profile_step leaves them out of a pack's time in flight.
+    with tf.device(self._counter.device), tf.name_scope("instance_key"):
       count = self._counter.assign_add(1)
       return tf.cast(tf.math.floormod(count, (1 << 31) - 1), tf.int32)
 

@@ -13,12 +13,17 @@ protobuf TensorBoard reads) and prints:
 - per step: step time, compute time, communication time (the union of the pack ops'
   spans), the overlap fraction (communication time during which compute ran too) and
   the backward-pass time (ops under Keras's `gradient_tape/` scope);
+- per step, for tf_fusion's packs: the time packs are in flight (the union of each
+  pack's span from its first op on its data to its last, which runs once the reduced
+  buffer is back: the receiving side closes the span), how much of it compute
+  overlapped, and the rest, exposed;
 - per pack: its ops' busy time and when it started in the step;
 - the --backward_seconds to give the autotuner (FusionOptions.backward_seconds).
 
 Times are wall-clock unions of op spans over all TensorFlow threads. Asynchronous ops
-(collectives, cross-device sends) are spans of their launch only, so the communication
-time of the "ring" algorithm is a lower bound; "reduce_to_one" is measured in full.
+(collectives, cross-device sends) are spans of their launch only, so "comm" of a
+collective is a lower bound; "in flight" bounds it from above: it also holds the wait
+for the slowest replica's gradients, for the collective cannot finish before they join.
 """
 
 import argparse
@@ -38,6 +43,9 @@ TF_COMMUNICATION = re.compile(
     r":(Collective(?:ReduceV2|GatherV2|BcastSendV2|BcastRecvV2|Reduce|Gather)|"
     r"NcclAllReduce|_Send|_Recv|_HostSend|_HostRecv)$")
 STEP = re.compile(r"(?:multi|one)_step_on_iterator$")
+# A collective's instance key is computed when the step starts, not when its data is
+# ready: not part of a pack's time in flight.
+INSTANCE_KEY = "/instance_key/"
 
 
 def union(spans):
@@ -85,9 +93,13 @@ def analyze(ops, steps, pattern=PACK):
 
   Returns:
     A list of dicts per step: seconds of step, compute, communication, overlap,
-    backward; overlap_fraction; packs {name: {busy, start}}.
+    backward; overlap_fraction; packs {name: {busy, start}}; with tf_fusion's packs
+    (pattern PACK) also in_flight, in_flight_overlap, exposed and in_flight_hidden
+    (module doc), else those are None.
   """
   comm_ops = [(pattern.search(n).group(1), s, e) for n, s, e in ops if pattern.search(n)]
+  data_ops = [(pattern.search(n).group(1), s, e) for n, s, e in ops
+              if pattern.search(n) and INSTANCE_KEY not in n]
   compute = union([(s, e) for n, s, e in ops if not pattern.search(n)])
   comm = union([(s, e) for _, s, e in comm_ops])
   backward = union([(s, e) for n, s, e in ops
@@ -100,10 +112,24 @@ def analyze(ops, steps, pattern=PACK):
     for name in sorted({p for p, s, e in comm_ops if e > window[0] and s < window[1]}):
       spans = clip(union([(s, e) for p, s, e in comm_ops if p == name]), window)
       packs[name] = dict(busy=length(spans), start=spans[0][0] - window[0])
+    flight = dict(in_flight=None, in_flight_overlap=None, exposed=None,
+                  in_flight_hidden=None)
+    if pattern is PACK:
+      envelopes = []
+      for name in packs:
+        spans = [(s, e) for p, s, e in data_ops
+                 if p == name and e > window[0] and s < window[1]]
+        if spans:
+          envelopes.append((min(s for s, _ in spans), max(e for _, e in spans)))
+      f = clip(union(envelopes), window)
+      hidden = length(intersect(c, f))
+      flight = dict(in_flight=length(f), in_flight_overlap=hidden,
+                    exposed=length(f) - hidden,
+                    in_flight_hidden=hidden / length(f) if f else 0.0)
     out.append(dict(step=window[1] - window[0], compute=length(c), communication=length(m),
                     overlap=length(both),
                     overlap_fraction=length(both) / length(m) if m else 0.0,
-                    backward=(b[-1][1] - b[0][0]) if b else 0.0, packs=packs))
+                    backward=(b[-1][1] - b[0][0]) if b else 0.0, packs=packs, **flight))
   return out
 
 
@@ -144,12 +170,15 @@ def latest_trace(logdir):
 def report(summary, path):
   print(f"trace: {path}")
   print(f"{'step':>4s} {'step ms':>8s} {'compute':>8s} {'comm':>8s} {'overlap':>8s} "
-        f"{'hidden':>7s} {'backward':>9s} {'packs':>5s}")
+        f"{'hidden':>7s} {'in flight':>9s} {'exposed':>8s} {'hidden':>7s} "
+        f"{'backward':>9s} {'packs':>5s}")
+  fmt = lambda v, scale, spec: format(scale * v, spec) if v is not None else "-"
   for i, s in enumerate(summary):
     print(f"{i:4d} {1e3 * s['step']:8.1f} {1e3 * s['compute']:8.1f} "
           f"{1e3 * s['communication']:8.1f} {1e3 * s['overlap']:8.1f} "
-          f"{100 * s['overlap_fraction']:6.1f}% {1e3 * s['backward']:9.1f} "
-          f"{len(s['packs']):5d}")
+          f"{100 * s['overlap_fraction']:6.1f}% {fmt(s['in_flight'], 1e3, '9.1f')} "
+          f"{fmt(s['exposed'], 1e3, '8.1f')} {fmt(s['in_flight_hidden'], 100, '6.1f')}% "
+          f"{1e3 * s['backward']:9.1f} {len(s['packs']):5d}")
   if summary and summary[-1]["packs"]:
     print("packs of the last step (busy ms, start ms into the step):")
     for name, p in list(summary[-1]["packs"].items())[:40]:

@@ -119,9 +119,13 @@ def communication(model_dir, side):
   summary = profile_step.analyze(ops, steps, pattern)
   if not summary:
     return {}
-  med = lambda k: statistics.median(s[k] for s in summary)
-  return dict(step_ms=1e3 * med("step"), communication_ms=1e3 * med("communication"),
-              overlap_ms=1e3 * med("overlap"), overlap_fraction=med("overlap_fraction"))
+  med = lambda k: (statistics.median(s[k] for s in summary)
+                   if summary[0][k] is not None else None)
+  ms = lambda k: med(k) and 1e3 * med(k)
+  return dict(step_ms=ms("step"), communication_ms=ms("communication"),
+              overlap_ms=ms("overlap"), overlap_fraction=med("overlap_fraction"),
+              in_flight_ms=ms("in_flight"), exposed_ms=ms("exposed"),
+              in_flight_hidden=med("in_flight_hidden"))
 
 
 def summarize(runs):
@@ -153,13 +157,18 @@ def print_table(rows, profiles):
           f"{', '.join(fmt(x) for x in r['tf']['runs'])}")
   if profiles:
     print(f"\n{'layout':>7s} {'model':>11s} {'side':>9s} {'step ms':>8s} {'comm ms':>8s} "
-          f"{'overlap ms':>10s} {'hidden':>7s}")
+          f"{'overlap ms':>10s} {'hidden':>7s} {'in flight':>9s} {'exposed':>8s} "
+          f"{'hidden':>7s}")
+    fmt = lambda v, spec: format(v, spec) if v is not None else "-"
     for p in profiles:
       c = p["communication"]
       if c:
+        hidden = c.get("in_flight_hidden")
         print(f"{p['layout']:>7s} {p['model']:>11s} {p['side']:>9s} {c['step_ms']:8.1f} "
               f"{c['communication_ms']:8.1f} {c['overlap_ms']:10.1f} "
-              f"{100 * c['overlap_fraction']:6.1f}%")
+              f"{100 * c['overlap_fraction']:6.1f}% {fmt(c.get('in_flight_ms'), '9.1f')} "
+              f"{fmt(c.get('exposed_ms'), '8.1f')} "
+              f"{fmt(hidden and 100 * hidden, '6.1f')}%")
 
 
 def plot(rows, path):
