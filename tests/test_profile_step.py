@@ -48,17 +48,19 @@ class AnalyzeTest(tf.test.TestCase):
     scope = "StatefulPartitionedCall/lars/tf_fusion_pack_000_ring_400B/"
     ops = [
         (scope + "instance_key/AssignAddVariableOp:AssignAddVariableOp", 0.0, 0.1),
+        (scope + "instance_key_1/FloorMod:FloorMod", 0.1, 0.2),   # a second launcher
         ("StatefulPartitionedCall/gradient_tape/conv/g:Conv2DBackprop", 0.0, 20.0),
         (scope + "concat:ConcatV2", 10.0, 11.0),      # packed: the collective launches
         (scope + "split:SplitV", 30.0, 31.0),          # its result is back
         ("StatefulPartitionedCall/conv/Conv2D:Conv2D", 25.0, 27.0),
     ]
     step, = profile_step.analyze(ops, [(0.0, 40.0)])
-    self.assertAlmostEqual(step["communication"], 2.1)    # launch spans only
+    self.assertAlmostEqual(step["communication"], 2.2)    # launch spans only
     self.assertAlmostEqual(step["in_flight"], 21.0)       # 10 .. 31, not from 0
     self.assertAlmostEqual(step["in_flight_overlap"], 12.0)   # [10, 20] + [25, 27]
     self.assertAlmostEqual(step["exposed"], 9.0)
     self.assertAlmostEqual(step["in_flight_hidden"], 12.0 / 21.0)
+    self.assertAlmostEqual(step["packs"]["tf_fusion_pack_000_ring_400B"]["start"], 10.0)
     tf_side, = profile_step.analyze(
         [(n.replace("tf_fusion_pack_000_ring_400B/", ""), s, e) for n, s, e in ops],
         [(0.0, 40.0)], profile_step.TF_COMMUNICATION)

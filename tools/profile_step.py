@@ -45,7 +45,8 @@ TF_COMMUNICATION = re.compile(
 STEP = re.compile(r"(?:multi|one)_step_on_iterator$")
 # A collective's instance key is computed when the step starts, not when its data is
 # ready: not part of a pack's time in flight.
-INSTANCE_KEY = "/instance_key/"
+# TF numbers a scope used twice in one scope: instance_key, instance_key_1, ...
+INSTANCE_KEY = re.compile(r"/instance_key(?:_\d+)?/")
 
 
 def union(spans):
@@ -99,7 +100,7 @@ def analyze(ops, steps, pattern=PACK):
   """
   comm_ops = [(pattern.search(n).group(1), s, e) for n, s, e in ops if pattern.search(n)]
   data_ops = [(pattern.search(n).group(1), s, e) for n, s, e in ops
-              if pattern.search(n) and INSTANCE_KEY not in n]
+              if pattern.search(n) and not INSTANCE_KEY.search(n)]
   compute = union([(s, e) for n, s, e in ops if not pattern.search(n)])
   comm = union([(s, e) for _, s, e in comm_ops])
   backward = union([(s, e) for n, s, e in ops
@@ -111,7 +112,9 @@ def analyze(ops, steps, pattern=PACK):
     packs = {}
     for name in sorted({p for p, s, e in comm_ops if e > window[0] and s < window[1]}):
       spans = clip(union([(s, e) for p, s, e in comm_ops if p == name]), window)
-      packs[name] = dict(busy=length(spans), start=spans[0][0] - window[0])
+      # It starts with its data (its instance keys are drawn at the step's start).
+      data = clip(union([(s, e) for p, s, e in data_ops if p == name]), window) or spans
+      packs[name] = dict(busy=length(spans), start=data[0][0] - window[0])
     flight = dict(in_flight=None, in_flight_overlap=None, exposed=None,
                   in_flight_hidden=None)
     if pattern is PACK:
