@@ -276,13 +276,17 @@ class DeviceOrder:
     return tensor
 
 
-def _launch(group, buffers, watched, order):
-  """group.all_reduce(buffers), in `order` (DeviceOrder or None)."""
+def _ordered(devices, buffers, order, launch):
+  """launch(buffers) (one result per device), in `order` (a DeviceOrder, or None)."""
   if order is None:
-    return group.all_reduce(buffers, watched)
-  buffers = [order.before(d, b) for d, b in zip(group.devices, buffers)]
-  return [order.after(d, r)
-          for d, r in zip(group.devices, group.all_reduce(buffers, watched))]
+    return launch(buffers)
+  buffers = [order.before(d, b) for d, b in zip(devices, buffers)]
+  return [order.after(d, r) for d, r in zip(devices, launch(buffers))]
+
+
+def _launch(group, buffers, watched, order):
+  """group.all_reduce(buffers), in `order`."""
+  return _ordered(group.devices, buffers, order, lambda b: group.all_reduce(b, watched))
 
 
 def ring(buffers, collectives, finish=None, root=0, watched=False, order=None):
@@ -377,12 +381,7 @@ def _local_sums(buffers, collectives, order):
   if not collectives.uses_nccl:
     total = _chain_sum(buffers, devices)
     return [total] * len(devices)
-  if order is not None:
-    buffers = [order.before(d, b) for d, b in zip(devices, buffers)]
-  sums = nccl_ops.all_sum(buffers)
-  if order is not None:
-    sums = [order.after(d, s) for d, s in zip(devices, sums)]
-  return sums
+  return _ordered(devices, buffers, order, nccl_ops.all_sum)
 
 
 def _chain_sum(buffers, devices):
