@@ -251,7 +251,7 @@ def mode_retrace_alone(strategy):
   across them); then worker 0 alone traces the reduction again. That retrace must run
   no collective: with worker 1 gone to sleep, one would wait until the timeout."""
   import time  # pylint: disable=g-import-not-at-top
-  from tf_fusion import algorithms  # pylint: disable=g-import-not-at-top
+  from tf_fusion import collectives as collectives_lib  # pylint: disable=g-import-not-at-top
   task = strategy.cluster_resolver.task_id
   value = strategy.experimental_distribute_values_from_function(
       lambda ctx: tf.ones([3000]))
@@ -268,7 +268,7 @@ def mode_retrace_alone(strategy):
     time.sleep(12)   # alive, but never joins again
     return {"error": None}
   device = strategy.extended.worker_devices[0]
-  before = algorithms.collectives_run(device)
+  before = collectives_lib.collectives_run(device)
   start = time.monotonic()
   try:
     with strategy.scope():
@@ -276,7 +276,7 @@ def mode_retrace_alone(strategy):
   except Exception as e:  # pylint: disable=broad-except
     return {"error": f"{type(e).__name__}: {e}"[:2000]}
   return {"error": None, "seconds": time.monotonic() - start,
-          "collectives": algorithms.collectives_run(device) - before,
+          "collectives": collectives_lib.collectives_run(device) - before,
           "first": float(strategy.experimental_local_results(first[0])[0].numpy()[0])}
 
 

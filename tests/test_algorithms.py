@@ -3,7 +3,7 @@
 import tensorflow as tf
 
 import tf_fusion
-from tf_fusion import algorithms
+from tf_fusion import plans
 from tf_fusion import packing
 from tests import helpers
 
@@ -26,7 +26,7 @@ class AssignTest(tf.test.TestCase):
     large = self._specs(*[1 << 20] * 3)   # 3 x 4 MiB
     for specs, want in ((small, 1), (large, 3)):
       packs = packing.plan_packs(specs, pack_bytes=1 << 30)
-      out = algorithms.assign(packs, specs, _wire, "auto", m)
+      out = plans.assign(packs, specs, _wire, "auto", m)
       self.assertLen(out, want)
       # Hand-computed: fused = alpha + (beta + copy) S; split = n alpha + beta S.
       n, size = len(specs), sum(packing.tensor_nbytes(*s) for s in specs)
@@ -38,7 +38,7 @@ class AssignTest(tf.test.TestCase):
     m = helpers.fixed_cost_model()  # ring below ~100 KB, reduce_to_one above.
     specs = self._specs(10, 1 << 20)
     packs = packing.plan_packs(specs, pack_bytes=1)
-    out = algorithms.assign(packs, specs, _wire, "auto", m)
+    out = plans.assign(packs, specs, _wire, "auto", m)
     self.assertEqual([(p.indices, a) for p, a, _ in out],
                      [((1,), "reduce_to_one"), ((0,), "ring")])
 
@@ -46,12 +46,12 @@ class AssignTest(tf.test.TestCase):
     specs = self._specs(1000)
     packs = packing.plan_packs(specs, pack_bytes=0)
     wire = tf_fusion.Compression.fp16.wire_dtype
-    self.assertEqual(algorithms.wire_nbytes(packs[0], specs, wire), 2000)
+    self.assertEqual(plans.wire_nbytes(packs[0], specs, wire), 2000)
 
   def test_auto_without_model_is_refused(self):
     specs = self._specs(4)
     with self.assertRaisesRegex(ValueError, "CostModel"):
-      algorithms.assign(packing.plan_packs(specs, 0), specs, _wire, "auto")
+      plans.assign(packing.plan_packs(specs, 0), specs, _wire, "auto")
 
 
 if __name__ == "__main__":

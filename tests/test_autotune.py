@@ -9,6 +9,9 @@ import tensorflow as tf
 
 import tf_fusion
 from tf_fusion import algorithms
+from tf_fusion import collectives as collectives_lib
+from tf_fusion import plans
+from tf_fusion import calibration
 from tf_fusion import autotune
 from tf_fusion import cost_model as cost_lib
 from tf_fusion import packing
@@ -27,7 +30,7 @@ def _specs(*elements):
 
 def _entries(specs, pack_bytes, first=0, model=None):
   model = model or tf_fusion.CostModel({"ring": 1.0}, {"ring": 0.0})
-  return algorithms.assign(packing.plan_packs(specs, pack_bytes, first), specs, _wire,
+  return plans.assign(packing.plan_packs(specs, pack_bytes, first), specs, _wire,
                            "ring", model)
 
 
@@ -93,7 +96,7 @@ class ChooseTest(tf.test.TestCase):
       pack_bytes, first, seconds = autotune.choose(specs, _wire, model, "auto", backward)
       for p in autotune.PACK_BYTES_GRID:
         for f in autotune.FIRST_PACK_BYTES_GRID:
-          entries = algorithms.assign(packing.plan_packs(specs, p, f), specs, _wire,
+          entries = plans.assign(packing.plan_packs(specs, p, f), specs, _wire,
                                       "auto", model)
           self.assertLessEqual(seconds,
                                autotune.exposed_seconds(entries, specs, backward) + 1e-15)
@@ -127,7 +130,7 @@ class MeasuredAutotuneTest(tf.test.TestCase):
     devices = helpers.devices(2)
     model = helpers.fixed_cost_model()
     cost_lib.CostModel(model.alpha, model.beta, model.copy_beta, "for the test",
-                         topology=autotune.topology(algorithms.canonical_devices(devices),
+                         topology=autotune.topology(collectives_lib.canonical_devices(devices),
                                                     1, algorithms.LOCAL_ALGORITHMS)
                          ).save(path)
     options = tf_fusion.FusionOptions(pack_bytes=None, autotune="measure",
@@ -141,10 +144,10 @@ class MeasuredAutotuneTest(tf.test.TestCase):
       strategy = tf.distribute.MirroredStrategy(devices, cross_device_ops=ops)
       values = [helpers.per_replica(strategy, [a[i] for a in arrays])
                 for i in range(len(shapes))]
-      patch = (mock.patch.object(cost_lib, "time_calls",
+      patch = (mock.patch.object(calibration, "time_calls",
                                  side_effect=AssertionError("measured again"))
-               if attempt else mock.patch.object(cost_lib, "time_calls",
-                                                 wraps=cost_lib.time_calls))
+               if attempt else mock.patch.object(calibration, "time_calls",
+                                                 wraps=calibration.time_calls))
       with strategy.scope(), patch as timed:
         out = ops.batch_reduce(tf.distribute.ReduceOp.SUM, [(v, v) for v in values])
       for got, shape in zip(out, shapes):
@@ -177,12 +180,12 @@ class MeasuredAutotuneTest(tf.test.TestCase):
     ops = tf_fusion.FusedAllReduce(
         tf_fusion.FusionOptions(pack_bytes=None, autotune="measure",
                                 algorithm="reduce_to_one"), cost_model=model)
-    with mock.patch.object(cost_lib, "time_calls", side_effect=lambda *a, **k: next(fake)):
-      plan = ops.make_plan(specs, algorithms.canonical_devices(devices))
+    with mock.patch.object(calibration, "time_calls", side_effect=lambda *a, **k: next(fake)):
+      plan = ops.make_plan(specs, collectives_lib.canonical_devices(devices))
     pack_bytes, first = want[fastest]
     self.assertEqual([p.tensor_indices for p in plan],
                      [p.indices for p in packing.plan_packs(specs, pack_bytes, first)])
-    (tuned,) = ops._given_cost_model.tuned.values()  # pylint: disable=protected-access
+    (tuned,) = ops.cost_model(devices).tuned.values()
     self.assertEqual(tuple(tuned), (pack_bytes, first, 0.25))
 
   def test_candidates_are_distinct_plans(self):

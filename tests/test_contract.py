@@ -18,7 +18,7 @@ import tensorflow as tf
 from tensorflow.python.distribute import values as values_lib
 
 import tf_fusion
-from tf_fusion import algorithms
+from tf_fusion import collectives as collectives_lib
 from tests import helpers
 
 SUM, MEAN = tf.distribute.ReduceOp.SUM, tf.distribute.ReduceOp.MEAN
@@ -73,7 +73,7 @@ def _destination(kind, value, devices):
 
 def _devices_of(result):
   parts = result.values if isinstance(result, values_lib.DistributedValues) else (result,)
-  return [algorithms.canonical_devices([p.device])[0] for p in parts]
+  return [collectives_lib.canonical_devices([p.device])[0] for p in parts]
 
 
 def _numpy(result):
@@ -90,7 +90,7 @@ class ContractTest(tf.test.TestCase, parameterized.TestCase):
 
   def setUp(self):
     super().setUp()
-    self.devices = algorithms.canonical_devices(helpers.devices(2))
+    self.devices = collectives_lib.canonical_devices(helpers.devices(2))
     self.strategy = tf.distribute.MirroredStrategy(self.devices)
 
   def _both(self, fn, mode):
@@ -194,7 +194,7 @@ class ContractTest(tf.test.TestCase, parameterized.TestCase):
         want = sum(v.numpy() for v in value.values)
         for d, part in zip(self.devices, got.values):
           self.assertAllEqual(part.numpy(), want)
-          self.assertEqual(algorithms.canonical_devices([part.device])[0], d)
+          self.assertEqual(collectives_lib.canonical_devices([part.device])[0], d)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,12 @@ import tensorflow as tf
 
 import tf_fusion
 from tf_fusion import algorithms
+from tf_fusion import collectives as collectives_lib
+from tf_fusion import plans
+from tf_fusion import calibration
+from tf_fusion import planner
 from tf_fusion import autotune
 from tf_fusion import cost_model as cost_lib
-from tf_fusion import cross_device_ops
 from tf_fusion import packing
 from tests import helpers
 
@@ -34,16 +37,16 @@ class TimingTest(tf.test.TestCase):
     """On GPUs a call returns before its work is done: each timed call must end with a
     device sync (else calibration and the measured autotuner time the enqueue)."""
     calls = []
-    with mock.patch.object(cost_lib, "wait_for",
+    with mock.patch.object(calibration, "wait_for",
                            side_effect=lambda result: calls.append(("wait", result))):
-      _, times = cost_lib.time_calls(lambda: calls.append("call") or "out", repeats=3,
+      _, times = calibration.time_calls(lambda: calls.append("call") or "out", repeats=3,
                                      warmup=2)
     self.assertLen(times, 3)
     self.assertEqual(calls, ["call", ("wait", "out")] * 5)
 
   def test_wait_for_syncs_the_devices(self):
     with mock.patch.object(tf.test.experimental, "sync_devices") as sync:
-      cost_lib.wait_for([tf.constant(1.0)])
+      calibration.wait_for([tf.constant(1.0)])
     sync.assert_called_once()
 
 
@@ -55,15 +58,15 @@ class CostModelFileTest(tf.test.TestCase):
     first = autotune.load_or_calibrate(path, devices, algorithms.LOCAL_ALGORITHMS)
     self.assertTrue(os.path.exists(path))
     self.assertIn("1 worker(s) x 2 CPU device(s)", first.topology)
-    with mock.patch.object(cost_lib, "calibrate",
+    with mock.patch.object(calibration, "calibrate",
                            side_effect=AssertionError("calibrated again")):
       again = autotune.load_or_calibrate(path, devices, algorithms.LOCAL_ALGORITHMS)
     self.assertEqual(again, first)
 
   def test_a_new_fused_all_reduce_for_the_same_devices_does_not_calibrate_again(self):
-    devices = algorithms.canonical_devices(helpers.devices(3))
-    with mock.patch.dict(cross_device_ops._COST_MODELS, clear=True), mock.patch.object(  # pylint: disable=protected-access
-        cost_lib, "calibrate", wraps=cost_lib.calibrate) as measured:
+    devices = collectives_lib.canonical_devices(helpers.devices(3))
+    with mock.patch.dict(planner._COST_MODELS, clear=True), mock.patch.object(  # pylint: disable=protected-access
+        calibration, "calibrate", wraps=calibration.calibrate) as measured:
       first = tf_fusion.FusedAllReduce().cost_model(devices)
       again = tf_fusion.FusedAllReduce(tf_fusion.FusionOptions(compression="fp16")
                                        ).cost_model(devices)
@@ -89,7 +92,7 @@ class CostModelFileTest(tf.test.TestCase):
     devices = helpers.devices(2)
     model = cost_lib.CostModel(
         model.alpha, model.beta, model.copy_beta, "kept by the user",
-        topology=autotune.topology(algorithms.canonical_devices(devices), 1,
+        topology=autotune.topology(collectives_lib.canonical_devices(devices), 1,
                                    algorithms.LOCAL_ALGORITHMS))
     model.save(path)
     ops = tf_fusion.FusedAllReduce(tf_fusion.FusionOptions(
@@ -100,13 +103,13 @@ class CostModelFileTest(tf.test.TestCase):
     values = [helpers.per_replica(strategy, [a[i] for a in arrays])
               for i in range(len(shapes))]
     with strategy.scope(), mock.patch.object(
-        cost_lib, "calibrate", side_effect=AssertionError("calibrated")):
+        calibration, "calibrate", side_effect=AssertionError("calibrated")):
       out = ops.batch_reduce(tf.distribute.ReduceOp.SUM, [(v, v) for v in values])
     for got, shape in zip(out, shapes):
       self.assertAllEqual(got.values[0], np.full(shape, 3.0))
     specs = _specs(*[s[0] for s in shapes])
     pack_bytes, first, _ = autotune.choose(specs, _wire, model, "auto", 0.01)
-    want = [e[0].indices for e in algorithms.assign(
+    want = [e[0].indices for e in plans.assign(
         packing.plan_packs(specs, pack_bytes, first), specs, _wire, "auto", model)]
     self.assertEqual([p.tensor_indices for p in ops.last_plan], want)
 

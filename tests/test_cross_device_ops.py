@@ -236,7 +236,8 @@ class FusedAllReduceTest(tf.test.TestCase, parameterized.TestCase):
     clone = copy.deepcopy(ops)
     self.assertIsInstance(clone, tf_fusion.FusedAllReduce)
     self.assertIs(clone.options, ops.options)
-    self.assertIs(clone._cost_models, ops._cost_models)  # pylint: disable=protected-access
+    devices = helpers.devices(2)
+    self.assertIs(clone.cost_model(devices), ops.cost_model(devices))
     self.assertEqual(clone.last_plan, ())
     self.assertEmpty(clone._eager_fns)  # pylint: disable=protected-access
     got = _reduce(strategy, clone, SUM, arrays, "eager")

@@ -51,16 +51,16 @@ class StrategyTest(tf.test.TestCase):
   def test_an_all_reduce_inside_a_cond(self):
     """The sum over 4 replicas of 1..4 is 10 on every replica, through tf_fusion's packs
     (the collectives run: the counter moves)."""
-    from tf_fusion import algorithms  # pylint: disable=g-import-not-at-top
+    from tf_fusion import collectives as collectives_lib  # pylint: disable=g-import-not-at-top
     devices = helpers.devices(4)
     strategy = tf_fusion.mirrored_strategy(devices, tf_fusion.FusionOptions(
         algorithm="ring"))
-    before = algorithms.collectives_run(devices[0])
+    before = collectives_lib.collectives_run(devices[0])
     out = _all_reduce_in_a_cond(strategy)
     self.assertLen(out, 4)
     for r in out:
       self.assertAllEqual(r, np.full([5], 10.0))
-    self.assertGreater(algorithms.collectives_run(devices[0]), before)
+    self.assertGreater(collectives_lib.collectives_run(devices[0]), before)
 
   def test_control_tf_mirrored_strategy_cannot_reduce_inside_a_cond(self):
     """The control case: TF's MirroredStrategy, even with tf_fusion's cross-device ops,

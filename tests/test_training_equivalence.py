@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf_fusion
-from tf_fusion import algorithms
+from tf_fusion import collectives as collectives_lib
 from tests import helpers
 from tests import training_cases
 
@@ -110,9 +110,9 @@ class AccumulationCommunicationTest(tf.test.TestCase, parameterized.TestCase):
       with strategy.scope():
         model = training_cases.build("plain", "sgd")
         model.compile(training_cases.make_optimizer(optimizer_name, steps), loss="mse")
-      before = [algorithms.collectives_run(d) for d in devices]
+      before = [collectives_lib.collectives_run(d) for d in devices]
       model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)   # 6 batches
-      after = [algorithms.collectives_run(d) for d in devices]
+      after = [collectives_lib.collectives_run(d) for d in devices]
       packs = sum(e.algorithm != "none" for e in tf_fusion.fused_ops_of(strategy).last_plan)
       self.assertGreater(packs, 1)
       runs[steps] = [(a - b) / packs for a, b in zip(after, before)]

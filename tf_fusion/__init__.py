@@ -8,7 +8,7 @@ from tf_fusion import callbacks
 from tf_fusion import cluster
 from tf_fusion import mixed_precision
 from tf_fusion.cost_model import CostModel
-from tf_fusion.cost_model import calibrate
+from tf_fusion.calibration import calibrate
 from tf_fusion.compression import Compression
 from tf_fusion.cross_device_ops import FusedAllReduce
 from tf_fusion.cross_device_ops import MultiWorkerFusedAllReduce

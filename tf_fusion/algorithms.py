@@ -1,4 +1,4 @@
-"""All-reduce algorithms on TensorFlow's collectives, and the hybrid pick.
+"""All-reduce algorithms for one pack, on TensorFlow's collectives.
 
 One pack, already flattened into one buffer per local device, is reduced by one of:
 - ring: TensorFlow's collective all-reduce across the group (CollectiveReduceV2; ring on
@@ -13,267 +13,17 @@ One pack, already flattened into one buffer per local device, is reduced by one 
   NCCL (as Jia et al.'s), and a DeviceOrder keeps every GPU's NCCL launches in one
   order.
 
-The cost of one pack comes from a calibrated cost model (cost_model.py): measured on
-the devices in use, never guessed. The hybrid ("auto") choice picks, per pack, the
-algorithm with the lowest predicted time, and splits a pack back into single tensors
-when the copies cost more than the launches they save (on a shared-memory CPU host they
-do; on GPUs with per-launch latency of tens of microseconds they do not).
+Each algorithm launches its collectives through collectives.Collectives; which one a
+pack gets is decided in plans.assign (the hybrid choice), not here.
 """
 
-import threading
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
-
-import numpy as np
 import tensorflow as tf
-# Private TF modules: the launcher gives us ordered collective launches and unique
-# per-call instance keys, the two things a hand-rolled launcher gets wrong. Pinned TF.
-from tensorflow.python.distribute import collective_util
-from tensorflow.python.distribute import cross_device_utils
-from tensorflow.python.ops import nccl_ops
-from tensorflow.python.ops import resource_variable_ops
 
 from tf_fusion import packing
-
-if TYPE_CHECKING:   # cost_model imports this module
-  from tf_fusion import cost_model
+from tf_fusion._internal import tf as tf_internal
 
 LOCAL_ALGORITHMS = ("ring", "reduce_to_one")
 MULTI_WORKER_ALGORITHMS = ("ring", "hierarchical")
-
-# TF's strategies count their collective group keys up from 1 (+ a per-strategy base in
-# tests); ours start far above so that no strategy of TF's can collide with them, and
-# one process-wide table means two of our strategies never reuse an instance key.
-_GROUP_KEY_BASE = 1 << 28
-_KEYS = cross_device_utils.CollectiveKeys(group_key_start=_GROUP_KEY_BASE)
-_COLLECTIVES_CACHE = {}
-_COUNTERS = {}
-_COUNTERS_LOCK = threading.RLock()
-_HINTS = {"nccl": collective_util.CommunicationImplementation.NCCL,
-          "ring": collective_util.CommunicationImplementation.RING,
-          "auto": collective_util.CommunicationImplementation.AUTO}
-
-
-def _hint(devices, implementation):
-  """The CommunicationImplementation for `implementation` on `devices`."""
-  if implementation not in _HINTS:
-    raise ValueError(f"unknown collective implementation {implementation!r}; valid: "
-                     f"{', '.join(_HINTS)}.")
-  gpus = all(tf.DeviceSpec.from_string(d).device_type == "GPU" for d in devices)
-  if implementation == "auto" and gpus:
-    return _HINTS["nccl"]
-  if implementation == "nccl" and not gpus:
-    return _HINTS["auto"]   # as TF: no NCCL off GPUs, the ring runs
-  return _HINTS[implementation]
-
-
-def _instance_key_counter(group_key, device):
-  """The counter that numbers the collectives of (group, device): one per pair in the
-  process, so every launcher of the pair draws from the same sequence."""
-  with _COUNTERS_LOCK:
-    key = (group_key, device)
-    if key not in _COUNTERS:
-      host = tf.DeviceSpec.from_string(device).replace(device_type="CPU", device_index=0)
-      # ResourceVariable, not tf.Variable: a strategy's scope would make it mirrored.
-      with tf.init_scope(), tf.device(host.to_string()):
-        _COUNTERS[key] = resource_variable_ops.ResourceVariable(
-            0, dtype=tf.int64, trainable=False, name="tf_fusion_instance_key")
-    return _COUNTERS[key]
-
-
-def collectives_run(device) -> int:
-  """How many of tf_fusion's collectives this process has run on `device` so far, in
-  all groups (read from the instance-key counters: what ran, not what was traced)."""
-  device = canonical_devices([device])[0]
-  with _COUNTERS_LOCK:
-    counters = [c for (_, d), c in _COUNTERS.items() if d == device]
-  return int(sum(c.numpy() for c in counters))
-
-
-class _Launcher(cross_device_utils.CollectiveReplicaLauncher):
-  """TF's launcher of one device's collectives, with instance keys drawn at run time.
-
-  TF's launcher gives each call a fresh instance key by capturing a Python counter at
-  call time (`FuncGraph.capture_call_time_value`). When the function holding the
-  collective is itself called inside a `tf.cond` of another function (Keras's
-  `steps_per_execution` loop calls its one-step tf.function in a cond in a while), TF
-  re-captures that value in the cond's branch graph, which nothing feeds: "You must
-  feed a value for placeholder tensor ...". TF's own CollectiveAllReduce fails the same
-  way. Here the key is read from a counter variable on the host, incremented by the
-  collective itself: fresh on every run, as TF's, with nothing captured, so it works in
-  any control flow. Automatic control dependencies order a device's increments as its
-  collectives are ordered; every device and worker runs the same sequence, so the k-th
-  collective gets the same key everywhere.
-  """
-
-  def __init__(self, group_key, group_size, device, options):
-    super().__init__(group_key, group_size, _KEYS, device, options)
-    self._counter = _instance_key_counter(group_key, device)
-
-  def _next_instance_key(self):
-    # Its own name scope: these ops run as soon as the step starts, long before the
-    # pack's data exists; tools/profile_step leaves them out of a pack's time in flight.
-    with tf.device(self._counter.device), tf.name_scope("instance_key"):
-      count = self._counter.assign_add(1)
-      return tf.cast(tf.math.floormod(count, (1 << 31) - 1), tf.int32)
-
-
-def canonical_devices(devices: Sequence[str]) -> Tuple[str, ...]:
-  """Fully qualified device names, as the collective group table wants them."""
-  from tensorflow.python.distribute import device_util  # pylint: disable=g-import-not-at-top
-  return tuple(device_util.canonicalize(d) for d in devices)
-
-
-def use_run_time_keys(tf_ops):
-  """Gives TF's CollectiveAllReduce `tf_ops` launchers that draw instance keys at run time
-  (see _Launcher), for the reductions a strategy sends there instead of to tf_fusion
-  (metrics to the host, sparse values): else those crash in a cond as TF's do."""
-  tf_ops._launchers = [  # pylint: disable=protected-access
-      _Launcher(l._group_key, l._group_size, l._device, l._options)  # pylint: disable=protected-access
-      for l in tf_ops._launchers]  # pylint: disable=protected-access
-  return tf_ops
-
-
-class Collectives:
-  """Launchers of TF collectives for one group of local devices.
-
-  Get one with `Collectives.get(devices, group_size)`: launchers are shared by every
-  FusedAllReduce in the process, so the group and instance keys never collide.
-  `group_size` counts the devices of every worker; it is len(devices) on one worker.
-
-  Group keys are handed out in order of first use, like TF's own: every worker runs the
-  same program, so every worker gives the same group the same key.
-
-  `implementation` is the collective TF runs: "nccl", "ring", or "auto": NCCL when
-  every device is a GPU (as TF's MirroredStrategy does there), else TF's ring. TF's
-  runtime picks NCCL only for the hint "nccl" (CollectiveParamResolverLocal); with
-  "auto" it would run its ring on GPUs too.
-  """
-
-  def __init__(self, devices, group_size, timeout_seconds=None, implementation="auto"):
-    self.devices = tuple(devices)
-    self.group_size = group_size
-    if group_size % len(self.devices):
-      raise ValueError(f"group_size={group_size} is not a multiple of the "
-                       f"{len(self.devices)} local devices: workers must have equal "
-                       "device counts.")
-    self.num_workers = group_size // len(self.devices)
-    self._timeout_seconds = timeout_seconds
-    # The size is part of the key: the same devices in a local and a global group are
-    # two groups.
-    group_key = _KEYS.get_group_key(self.devices + (f"group_size:{group_size}",))
-    # No timeout by default: TF 2.21 gives every collective run with a timeout a thread
-    # that sleeps for the whole timeout (tensorflow#62466), so timing every pack of
-    # every step piles up (packs x devices x timeout / step time) threads until the
-    # process cannot start one more. Only "watched" calls carry the timeout (below).
-    self.implementation = _hint(self.devices, implementation)
-    self._implementation = implementation
-    self._options = collective_util.Options(implementation=self.implementation)
-    self._watched = collective_util.Options(timeout_seconds=timeout_seconds)
-    self._launchers = [_Launcher(group_key, group_size, d, self._options)
-                       for d in self.devices]
-
-  @classmethod
-  def get(cls, devices, group_size=None, timeout_seconds=None, implementation="auto"):
-    devices = canonical_devices(devices)
-    group_size = group_size or len(devices)
-    key = (devices, group_size, timeout_seconds, implementation)
-    with _COUNTERS_LOCK:
-      if key not in _COLLECTIVES_CACHE:
-        _COLLECTIVES_CACHE[key] = cls(devices, group_size, timeout_seconds, implementation)
-      return _COLLECTIVES_CACHE[key]
-
-  def all_reduce(self, buffers: Sequence[tf.Tensor], watched: bool = False
-                 ) -> List[tf.Tensor]:
-    """Sums `buffers` (one per local device) across the whole group.
-
-    `watched`: this call carries the group's timeout. One watched collective per step,
-    launched last, is enough: it cannot finish while a peer is dead or stuck, and its
-    timeout aborts every pending collective of the step (TF's StartAbort).
-    """
-    options = self._watched if watched and self._timeout_seconds else None
-    return [l.all_reduce(b, options=options) for l, b in zip(self._launchers, buffers)]
-
-  def launcher(self, index):
-    """The launcher of local device `index` (for per-replica, no-merge-call reductions)."""
-    return self._launchers[index]
-
-  def launch(self, index, buffer, watched=False):
-    """Local device `index`'s part of an all-reduce (the no-merge-call path)."""
-    options = self._watched if watched and self._timeout_seconds else None
-    return self._launchers[index].all_reduce(buffer, options=options)
-
-  @property
-  def uses_nccl(self) -> bool:
-    """Whether this group's collectives run NCCL (GPUs, hint "nccl")."""
-    return self.implementation == _HINTS["nccl"]
-
-  def across_workers(self) -> "Collectives":
-    """The group of one device per worker (this worker's last local device)."""
-    return self.shard_group(len(self.devices) - 1)
-
-  def shard_group(self, index) -> "Collectives":
-    """The group of local device `index` of every worker (hierarchical's shard `index`)."""
-    return Collectives.get(self.devices[index:index + 1], self.num_workers,
-                           self._timeout_seconds, self._implementation)
-
-  def differences_across_workers(self, parts, rank) -> List[str]:
-    """What differs between the workers' `parts` ({name: float64-exact hash}), as
-    "name (worker(s) 1, 3 differ from worker 0)", one entry per differing part.
-
-    Each worker writes its hashes in its own row (`rank`) of a table that one sum across
-    workers hands to everyone, so every worker learns every other's: all of them can
-    name the same difference. Every worker must call it at the same point.
-    """
-    n, k = self.num_workers, len(parts)
-    table = np.zeros((n, k), np.float64)
-    table[rank] = list(parts.values())
-    table = self.sum_across_workers(table.ravel()).reshape(n, k)
-    differences = []
-    for j, name in enumerate(parts):
-      others = [w for w in range(n) if table[w, j] != table[0, j]]
-      if others:
-        differences.append(f"{name} (worker(s) {', '.join(map(str, others))} differ "
-                           "from worker 0)")
-    return differences
-
-  def sum_across_workers(self, vector) -> np.ndarray:
-    """Eagerly sums a small float64 vector over the workers (also while tracing).
-
-    Every worker must call it at the same point of the program; each gets the same sum.
-    """
-    across = self.across_workers()
-    with tf.init_scope(), tf.device(across.devices[0]):
-      return tf.function(lambda v: across.all_reduce([v], watched=True)[0])(
-          tf.constant(vector, tf.float64)).numpy()
-
-
-class DeviceOrder:
-  """Chains one reduction's NCCL launches per device, in the plan's order.
-
-  NCCL runs a GPU's kernels in the order they were enqueued. Two communicators on one
-  GPU (hierarchical's node sum and its cross-worker shard group; the ring's group),
-  enqueued in one order on one GPU and the other order on another, wait for each other
-  forever. TF's launchers order only their own collectives (an ordering token), and
-  nccl_ops nothing. Here each NCCL launch on a device waits (a control dependency) for
-  the previous one's result there, so every GPU of every worker launches in plan order.
-  Not used off GPUs: TF's CPU ring has no such hazard, and the chain would cost overlap.
-  """
-
-  def __init__(self):
-    self._last = {}
-
-  def before(self, device, tensor):
-    """`tensor`, held back until `device`'s previous NCCL launch is done."""
-    last = self._last.get(device)
-    if last is None:
-      return tensor
-    with tf.device(device), tf.control_dependencies([last]):
-      return tf.identity(tensor)
-
-  def after(self, device, tensor):
-    """Records `tensor` as `device`'s latest NCCL result; returns it."""
-    self._last[device] = tensor
-    return tensor
 
 
 def _ordered(devices, buffers, order, launch):
@@ -302,7 +52,7 @@ def ring(buffers, collectives, finish=None, root=0, watched=False, order=None):
   return out
 
 
-def copy_only(buffers, collectives, finish=None, root=0, watched=False, order=None):
+def nothing_to_reduce(buffers, collectives, finish=None, root=0, watched=False, order=None):
   """For empty packs: nothing to add, so no collective (TF's CPU collective crashes
   on zero elements); each device keeps its own, equally empty, buffer."""
   del root, watched, order
@@ -381,7 +131,7 @@ def _local_sums(buffers, collectives, order):
   if not collectives.uses_nccl:
     total = _chain_sum(buffers, devices)
     return [total] * len(devices)
-  return _ordered(devices, buffers, order, nccl_ops.all_sum)
+  return _ordered(devices, buffers, order, tf_internal.nccl_all_sum)
 
 
 def _chain_sum(buffers, devices):
@@ -414,7 +164,7 @@ def _sum_then_copy(buffers, devices, finish, across=None):
 
 
 _IMPLEMENTATIONS = {"ring": ring, "reduce_to_one": reduce_to_one,
-                    "hierarchical": hierarchical, "none": copy_only}
+                    "hierarchical": hierarchical, "none": nothing_to_reduce}
 
 
 def run(algorithm, buffers, collectives, finish=None, root=0, watched=False,
@@ -445,78 +195,3 @@ def run(algorithm, buffers, collectives, finish=None, root=0, watched=False,
         o = tf.concat(o, axis=0)
     whole.append(o)
   return whole
-
-
-def assign(packs: Sequence[packing.Pack],
-           specs: Sequence[Tuple[tf.DType, tf.TensorShape]],
-           wire_dtype,
-           algorithm: str,
-           model: Optional["cost_model.CostModel"] = None,
-           unknown_size_algorithm: str = "reduce_to_one",
-           ) -> List[Tuple[packing.Pack, str, Optional[float]]]:
-  """Gives each pack an algorithm; under "auto", may split a pack into singletons.
-
-  Args:
-    packs: from packing.plan_packs.
-    specs: the (dtype, shape) list the packs index into.
-    wire_dtype: function from a tensor dtype to its dtype on the wire.
-    algorithm: a local algorithm name, or "auto" (needs `model`).
-    model: the cost model for "auto".
-    unknown_size_algorithm: for packs of unknown size: one that needs no size
-      agreement between devices and is safe on zero elements (reduce_to_one on one
-      worker, hierarchical on several).
-
-  Returns:
-    (pack, algorithm, predicted seconds or None) in launch order. An empty pack
-    gets "none" (nothing to send); a pack of unknown size gets
-    `unknown_size_algorithm`.
-  """
-  if algorithm == "auto" and model is None:
-    raise ValueError("algorithm='auto' needs a calibrated CostModel.")
-  out = []
-  for p in packs:
-    if p.nbytes == 0:
-      out.append((p, "none", 0.0))
-      continue
-    if p.nbytes is None:
-      out.append((p, unknown_size_algorithm, None))
-      continue
-    if algorithm != "auto":
-      out.append((p, algorithm, _predict(model, algorithm, p, specs, wire_dtype)))
-      continue
-    fused_alg = _best(model, p, specs, wire_dtype)
-    fused = _predict(model, fused_alg, p, specs, wire_dtype)
-    singles = [packing.Pack(p.dtype, (i,), packing.tensor_nbytes(*specs[i]))
-               for i in p.indices]
-    if any(s.nbytes == 0 for s in singles):  # Empty tensors ride along for free.
-      singles = [s for s in singles if s.nbytes] + [
-          packing.Pack(p.dtype, tuple(s.indices[0] for s in singles if not s.nbytes), 0)]
-    singles = [(s, _best(model, s, specs, wire_dtype) if s.nbytes else "none")
-               for s in singles]
-    split = [(s, a, _predict(model, a, s, specs, wire_dtype) if s.nbytes else 0.0)
-             for s, a in singles]
-    if len(split) > 1 and sum(t for _, _, t in split) < fused:
-      out.extend(split)
-    else:
-      out.append((p, fused_alg, fused))
-  return out
-
-
-def wire_nbytes(p: packing.Pack, specs, wire_dtype) -> Optional[int]:
-  """Bytes per device that pack `p` puts on the wire."""
-  if p.nbytes is None:
-    return None
-  return sum(packing.tensor_nbytes(wire_dtype(specs[i][0]), specs[i][1])
-             for i in p.indices)
-
-
-def _best(model, p, specs, wire_dtype):
-  return model.best(wire_nbytes(p, specs, wire_dtype) or 0,
-                    num_tensors=len(p.indices))
-
-
-def _predict(model, algorithm, p, specs, wire_dtype):
-  if model is None or algorithm not in model.alpha:
-    return None
-  return model.seconds(algorithm, wire_nbytes(p, specs, wire_dtype) or 0,
-                       len(p.indices))

@@ -36,9 +36,11 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from tf_fusion import algorithms
+from tf_fusion import calibration
+from tf_fusion import collectives as collectives_lib
 from tf_fusion import cost_model as cost_lib
 from tf_fusion import packing
+from tf_fusion import plans
 
 PACK_BYTES_GRID = (0,) + tuple(1 << s for s in range(16, 29))   # 0, 64 KiB ... 256 MiB
 FIRST_PACK_BYTES_GRID = (0, 256 << 10, 1 << 20, 4 << 20)
@@ -49,7 +51,7 @@ def exposed_seconds(entries, specs, backward_seconds: Optional[float] = None) ->
 
   Args:
     entries: (pack, algorithm, predicted seconds) in launch order, from
-      algorithms.assign.
+      plans.assign.
     specs: the (dtype, shape) list the packs index into, in forward order.
     backward_seconds: the backward pass's duration; None or 0: no overlap.
   """
@@ -87,7 +89,7 @@ def choose(specs, wire_dtype: Callable, model: cost_lib.CostModel, algorithm: st
       if first and pack_bytes and first >= pack_bytes:
         continue   # the same plan as first=0
       packs = packing.plan_packs(specs, pack_bytes, first)
-      entries = algorithms.assign(packs, specs, wire_dtype, algorithm, model,
+      entries = plans.assign(packs, specs, wire_dtype, algorithm, model,
                                   unknown_size_algorithm=unknown_size_algorithm)
       seconds = exposed_seconds(entries, specs, backward_seconds)
       key = (seconds, -_as_size(pack_bytes), -_as_size(first))
@@ -108,7 +110,7 @@ def candidates(specs, wire_dtype, model, algorithm, backward_seconds=None,
   pairs += [(p, 0) for p in MEASURED_PACK_BYTES]
   out, seen = [], set()
   for pack_bytes, first in pairs:
-    plan = tuple((p.indices, alg) for p, alg, _ in algorithms.assign(
+    plan = tuple((p.indices, alg) for p, alg, _ in plans.assign(
         packing.plan_packs(specs, pack_bytes, first), specs, wire_dtype, algorithm, model,
         unknown_size_algorithm=unknown_size_algorithm))
     if plan not in seen:
@@ -155,7 +157,7 @@ def load_or_calibrate(path: Optional[str], devices: Sequence[str], algorithm_nam
 
   Every worker must call this at the same point of the program (see the module doc).
   """
-  collectives = algorithms.Collectives.get(devices, group_size, timeout_seconds)
+  collectives = collectives_lib.Collectives.get(devices, group_size, timeout_seconds)
   devices = collectives.devices
   want = topology(devices, collectives.num_workers, algorithm_names)
   model = _load(path, want) if path else None
@@ -164,10 +166,10 @@ def load_or_calibrate(path: Optional[str], devices: Sequence[str], algorithm_nam
     if have < collectives.num_workers:
       model = None
     elif model is not None:
-      model = cost_lib.average_across_workers(collectives, model)
+      model = calibration.average_across_workers(collectives, model)
   if model is None:
-    model = cost_lib.calibrate(devices, algorithm_names, timeout_seconds=timeout_seconds,
-                                 group_size=group_size)
+    model = calibration.calibrate(devices, algorithm_names, timeout_seconds=timeout_seconds,
+                                  group_size=group_size)
     model = dataclasses.replace(model, topology=want)
     if path:
       save(model, path)

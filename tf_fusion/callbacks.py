@@ -13,11 +13,14 @@ The average is exact: it gathers the copies through the strategy (TF's own gathe
 never the FP16 wire), one collective for all variables.
 """
 
+import json
 from typing import List, Optional
 
 import keras
 import tensorflow as tf
-from tensorflow.python.distribute import values as values_lib  # pylint: disable=g-direct-tensorflow-import
+
+from tf_fusion._internal import keras as keras_internal
+from tf_fusion._internal import tf as tf_internal
 
 
 def moving_statistics(model) -> List[keras.Variable]:
@@ -29,7 +32,7 @@ def moving_statistics(model) -> List[keras.Variable]:
   out = []
   for v in model.non_trainable_variables:
     tf_var = getattr(v, "value", None)
-    if (isinstance(tf_var, values_lib.MirroredVariable) and tf_var.dtype.is_floating
+    if (tf_internal.is_mirrored_variable(tf_var) and tf_var.dtype.is_floating
         and tf_var.aggregation == tf.VariableAggregation.NONE):
       out.append(v)
   return out
@@ -56,7 +59,7 @@ def sync_moving_statistics(model, strategy: Optional[tf.distribute.Strategy] = N
     with tf.device(component.device):
       local.append(tf.concat([tf.reshape(tf.cast(v.value.values[i], tf.float32), [-1])
                               for v in variables], 0))
-  gathered = strategy.gather(values_lib.PerReplica(local), axis=0)
+  gathered = strategy.gather(tf_internal.per_replica(local), axis=0)
   mean = tf.reduce_mean(tf.reshape(gathered, [strategy.num_replicas_in_sync, -1]), 0)
   for v, part in zip(variables, tf.split(mean, sizes)):
     v.assign(tf.cast(tf.reshape(part, v.shape), v.dtype))
@@ -94,3 +97,27 @@ class SyncMovingStatistics(keras.callbacks.Callback):
     if self._trained:
       sync_moving_statistics(self.model)
       self._trained = False
+
+
+def batches_seen(model) -> int:
+  """Training batches the model's optimizer has run. Under gradient accumulation the
+  optimizer's `iterations` counts updates; this counts batches either way."""
+  optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+  return int(keras.ops.convert_to_numpy(keras_internal.batches_seen(optimizer)))
+
+
+def backup_epoch(backup: keras.callbacks.BackupAndRestore) -> Optional[int]:
+  """The epoch `backup` will restore at the start of the next `fit`, or None when it
+  holds no backup (its epoch overrides fit's initial_epoch)."""
+  path = keras_internal.backup_metadata_path(backup)
+  if not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path) as f:
+    return int(json.load(f)["epoch"])
+
+
+def backup_now(model, backup: keras.callbacks.BackupAndRestore) -> None:
+  """Writes `backup`'s checkpoint now (e.g. mid-epoch, on preemption) as it does at an
+  epoch's end: the batch-norm statistics averaged over the replicas first."""
+  sync_moving_statistics(model)
+  keras_internal.backup_now(backup)

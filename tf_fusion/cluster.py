@@ -15,7 +15,8 @@ import subprocess
 from typing import Optional
 
 import tensorflow as tf
-from tensorflow.python.distribute.cluster_resolver import slurm_cluster_resolver as slurm
+
+from tf_fusion._internal import tf as tf_internal
 
 KINDS = ("auto", "tf_config", "slurm")
 DEFAULT_PORT_BASE = 8888   # SlurmClusterResolver's default
@@ -66,10 +67,11 @@ def _slurm(port_base):
   if missing:
     raise ValueError(f"cluster_resolver=slurm but {', '.join(missing)} is not set: run "
                      "the workers with srun (one task per worker).")
-  most = max(slurm.expand_tasks_per_node(os.environ["SLURM_STEP_TASKS_PER_NODE"]))
+  most = max(tf_internal.expand_tasks_per_node(os.environ["SLURM_STEP_TASKS_PER_NODE"]))
   gpus = gpus_on_this_node()
   if gpus:
-    found = slurm.SlurmClusterResolver(port_base=port_base, gpus_per_node=gpus)
+    found = tf.distribute.cluster_resolver.SlurmClusterResolver(port_base=port_base,
+                                                                gpus_per_node=gpus)
   else:
     # One slot per task (TF pairs tasks with GPU slots), no CUDA_VISIBLE_DEVICES to
     # set, and no GPUs to report.
@@ -79,7 +81,7 @@ def _slurm(port_base):
   return found
 
 
-class _CpuSlurmClusterResolver(slurm.SlurmClusterResolver):
+class _CpuSlurmClusterResolver(tf.distribute.cluster_resolver.SlurmClusterResolver):
   """TF's SlurmClusterResolver on nodes without GPUs: reports none (MultiWorkerMirrored
   Strategy would otherwise place replicas on GPUs that are not there)."""
 

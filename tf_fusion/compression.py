@@ -19,6 +19,8 @@ import math
 
 import tensorflow as tf
 
+from tf_fusion import packing
+
 # The largest magnitude a range-scaled fp16 sum may reach: half of float16's maximum
 # (65504), so floor(log2(.)) computed in float32 can never land one power too high.
 FP16_TARGET = 2.0 ** 15
@@ -31,16 +33,25 @@ class NoneCompressor:
 
   @staticmethod
   def compress(tensor):
+    """(tensor unchanged, None)."""
     return tensor, None
 
   @staticmethod
   def decompress(tensor, ctx):
+    """`tensor` unchanged."""
     del ctx
     return tensor
 
   @staticmethod
   def wire_dtype(dtype):
+    """The dtype a tensor of `dtype` has on the wire: its own."""
     return tf.as_dtype(dtype)
+
+  @staticmethod
+  def range_scaled(wire_dtype) -> bool:
+    """Never: nothing is cast."""
+    del wire_dtype
+    return False
 
 
 class _CastCompressor:
@@ -68,12 +79,22 @@ class _CastCompressor:
       return tensor
     return tf.cast(tensor, ctx)
 
+  @staticmethod
+  def range_scaled(wire_dtype) -> bool:
+    """Whether a pack with this wire dtype is range-scaled (fp16 only)."""
+    del wire_dtype
+    return False
+
 
 class FP16Compressor(_CastCompressor):
   """float16 on the wire; packs are range-scaled (module doc) by the reduction."""
 
   name = "fp16"
   WIRE = tf.float16
+
+  @staticmethod
+  def range_scaled(wire_dtype) -> bool:
+    return needs_range_scaling(wire_dtype)
 
 
 class BF16Compressor(_CastCompressor):
@@ -135,6 +156,67 @@ def scale_from_wire(parts, factors, like):
   """Each reduced wire tensor times its factor (in at least float32), cast back to the
   dtype of its tensor in `like`."""
   return [_scale_cast(p, factors[i], t.dtype) for i, (p, t) in enumerate(zip(parts, like))]
+
+
+def divide(tensor, n):
+  """tensor / n in at least FP32, returned in tensor's dtype (integers: floor)."""
+  if tensor.dtype.is_integer:
+    return tensor // tf.cast(n, tensor.dtype)
+  if tensor.dtype.size < 4:
+    return tf.cast(tf.cast(tensor, tf.float32) / n, tensor.dtype)
+  return tensor / tf.cast(n, tensor.dtype)
+
+
+class PackCodec:
+  """How one pack goes on the wire and comes back: the compressor's cast and, where
+  the compressor says so (fp16), range scaling; MEAN's division once, in at least FP32.
+
+  Args:
+    compressor: one of Compression's.
+    reduce_op: tf.distribute.ReduceOp.SUM or MEAN.
+    group_size: replicas of every worker (MEAN divides by it).
+  """
+
+  def __init__(self, compressor, reduce_op, group_size):
+    self.compressor = compressor
+    self.divisor = group_size if reduce_op == tf.distribute.ReduceOp.MEAN else 1
+
+  def range_scaled(self, entry) -> bool:
+    """Whether pack `entry` (a PackPlan) is range-scaled; "none" sends nothing."""
+    return entry.algorithm != "none" and self.compressor.range_scaled(entry.wire_dtype)
+
+  def encode(self, tensors, scales=None):
+    """(wire buffer, ctx) of one device's tensors of a pack, range-scaled by `scales`."""
+    if scales is not None:
+      wire = self.compressor.wire_dtype(tensors[0].dtype)
+      return packing.pack(scale_to_wire(tensors, scales, wire)), None
+    compressed = [self.compressor.compress(t) for t in tensors]
+    return packing.pack([c for c, _ in compressed]), compressed[0][1]
+
+  def finisher(self, ctx, like, scaled=False):
+    """What runs on a reduced pack: back from the wire dtype, MEAN's division (in at
+    least float32), back to the tensors' dtype. A range-scaled pack stays on the wire
+    dtype: its scales and MEAN's division are applied tensor by tensor after the split,
+    in the same pass as the cast back (`decode`)."""
+    dtype = like[0].dtype
+
+    def finish(reduced):
+      if scaled:
+        return reduced
+      reduced = self.compressor.decompress(reduced, ctx)
+      if self.divisor != 1:
+        reduced = divide(reduced, self.divisor)
+      return tf.cast(reduced, dtype)
+    return finish
+
+  def decode(self, reduced, like, scales=None):
+    """The reduced pack (one buffer, or its shards) split into tensors shaped as
+    `like`; range-scaled ones divided by their scales (exact: powers of two) and by
+    MEAN's divisor, back in their own dtype."""
+    parts = packing.unpack(reduced, like)
+    if scales is None:
+      return parts
+    return scale_from_wire(parts, 1.0 / (scales * float(self.divisor)), like)
 
 
 class Compression:

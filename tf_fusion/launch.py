@@ -39,6 +39,7 @@ def free_ports(n):
 
 
 def tf_config(ports, index):
+  """The TF_CONFIG of worker `index` of a cluster on 127.0.0.1 `ports`."""
   return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
                      "task": {"type": "worker", "index": index}})
 
@@ -175,6 +176,7 @@ def _say(out, lock, text):
 
 
 def main(argv=None):
+  """The launcher's command line (see the module doc); returns the exit code."""
   argv = sys.argv[1:] if argv is None else argv
   if "--" not in argv:
     print("usage: python -m tf_fusion.launch --workers N [--devices_per_worker K] "

@@ -28,6 +28,9 @@ import keras
 from keras import ops
 import tensorflow as tf
 
+from tf_fusion._internal import keras as keras_internal
+from tf_fusion._internal import tf as tf_internal
+
 POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
@@ -77,17 +80,15 @@ def _never_reduce_again(optimizer):
   """Makes Keras's TF optimizer skip its own all-reduce, for good.
 
   The wrapper always reduces before it calls the inner optimizer, so "already reduced"
-  is a fixed property of the pair, not something to switch on around each call. (It was
-  switched per call once, with a depth counter; MirroredStrategy suspends replica thread
-  0 inside the inner optimizer's merge_call while the other threads enter, then resumes
-  them in replica order, so the switch was undone while a count stayed behind: after the
-  first trace, and on every eager step, gradients were reduced a second time.)
+  is a fixed property of the pair, not something to switch on around each call: a
+  per-call switch is undone while MirroredStrategy holds replica thread 0 suspended in
+  the inner optimizer's merge_call, and the gradients are then reduced twice.
   """
-  if not hasattr(optimizer, "_all_reduce_sum_gradients"):
+  if not keras_internal.has_all_reduce_step(optimizer):
     raise TypeError(
-        f"{type(optimizer).__name__} has no _all_reduce_sum_gradients: tf_fusion's loss "
-        "scaling needs a Keras 3 optimizer on the TensorFlow backend.")
-  optimizer._all_reduce_sum_gradients = _reduced_by_the_wrapper  # pylint: disable=protected-access
+        f"{type(optimizer).__name__} does not all-reduce its gradients itself: "
+        "tf_fusion's loss scaling needs a Keras 3 optimizer on the TensorFlow backend.")
+  keras_internal.skip_all_reduce(optimizer, _reduced_by_the_wrapper)
 
 
 @keras.saving.register_keras_serializable(package="tf_fusion")
@@ -112,15 +113,15 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
       with keras.name_scope(self.name, caller=self):
         self.build(trainable_variables)
       self.built = True
-    variables = list(trainable_variables or self._trainable_variables)
+    variables = list(trainable_variables or keras_internal.tracked_variables(self))
     if self.inner_optimizer.gradient_accumulation_steps:
       self._accumulating_apply(list(grads), variables)
       return None
     grads = self._unscale(self._all_reduce_scaled(list(grads)), variables)
     finite = self.check_finite(grads)
-    if tf.__internal__.distribute.strategy_supports_no_merge_call():
+    if tf_internal.strategy_reduces_without_merge_call():
       ops.cond(finite, lambda: self._finite_step(grads, trainable_variables),
-               self._stateful_handle_non_finite_grads)
+               keras_internal.non_finite_step(self))
       return None
     tf.distribute.get_replica_context().merge_call(
         self._cross_replica_apply, args=(grads, finite, trainable_variables))
@@ -146,8 +147,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
     grads, variables = [g for g, _ in pairs], [v for _, v in pairs]
     local = self._unscale(grads, variables)
-    accumulators = [inner._accumulated_gradients[inner._get_variable_index(v)]  # pylint: disable=protected-access
-                    for v in variables]
+    accumulators = keras_internal.accumulators(inner, variables)
 
     def update():
       window = [(g + a) / steps for g, a in zip(local, accumulators)]
@@ -156,22 +156,23 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
           [w * ops.cast(scale, w.dtype) for w in window]), variables)
       ops.cond(self.check_finite(reduced),
                lambda: self._inner_update(reduced, variables),
-               self._stateful_handle_non_finite_grads)
-      inner._backend_reset_gradient_accumulators()  # pylint: disable=protected-access
+               keras_internal.non_finite_step(self))
+      keras_internal.reset_accumulators(inner)
 
     def accumulate():
-      inner._backend_increment_gradient_accumulators(local, accumulators)  # pylint: disable=protected-access
+      keras_internal.add_to_accumulators(inner, local, accumulators)
 
-    ops.cond(ops.equal((inner._iterations + 1) % steps, 0), update, accumulate)  # pylint: disable=protected-access
-    inner._iterations.assign_add(1)  # pylint: disable=protected-access
+    batches = keras_internal.batches_seen(inner)
+    ops.cond(ops.equal((batches + 1) % steps, 0), update, accumulate)
+    batches.assign_add(1)
 
   def _inner_update(self, grads, variables):
     """The inner optimizer's update on reduced, unscaled gradients, as Keras runs it
     at the end of an accumulation window (clip, weight decay, update step)."""
     inner = self.inner_optimizer
-    grads = inner._clip_gradients(grads)  # pylint: disable=protected-access
-    inner._apply_weight_decay(variables)  # pylint: disable=protected-access
-    inner._backend_update_step(grads, variables, inner.learning_rate)  # pylint: disable=protected-access
+    grads = keras_internal.clip_gradients(inner, grads)
+    keras_internal.apply_weight_decay(inner, variables)
+    keras_internal.update_step(inner, grads, variables)
     self._grow_scale()
 
   def _all_reduce_scaled(self, grads):
@@ -187,7 +188,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     """Divides by the loss scale once, in at least FP32, after the reduction."""
     out = []
     for g, v in zip(grads, variables):
-      if g is None or self._overwrite_variable_with_gradient(v):
+      if g is None or keras_internal.overwrites_with_gradient(self, v):
         out.append(g)
         continue
       dtype = g.dtype if g.dtype.size >= 4 else tf.float32
@@ -199,6 +200,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     return out
 
   def check_finite(self, grads):
+    """Whether every gradient (the values of IndexedSlices too) is finite."""
     values = [g.values if isinstance(g, tf.IndexedSlices) else g
               for g in grads if g is not None]
     return super().check_finite(values)
@@ -236,4 +238,4 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
 
     # The cond runs in cross-replica context: a branch that calls merge_call (the inner
     # optimizer does) cannot live in a replica-context cond.
-    ops.cond(finite, apply_fn, self._stateful_handle_non_finite_grads)
+    ops.cond(finite, apply_fn, keras_internal.non_finite_step(self))

@@ -8,7 +8,7 @@ here (`FusionOptions.from_env`), unlike Horovod, which reads them all over its c
 
 import dataclasses
 import os
-from typing import Mapping, Optional
+from typing import Mapping, NamedTuple, Optional
 
 COMPRESSIONS = ("none", "fp16", "bf16")
 AUTOTUNE = ("model", "measure")
@@ -171,6 +171,31 @@ class FusionOptions:
             f"{key}={raw!r} does not parse; expected {expected}.") from None
     kwargs.update(overrides)
     return cls(**kwargs)
+
+
+class CallSettings(NamedTuple):
+  """What one call's CommunicationOptions change, over FusionOptions.
+
+  timeout_seconds bounds this call's collectives; bytes_per_pack > 0 caps the pack size
+  (as TF documents it); implementation picks the collective (NCCL or ring) on GPUs
+  (over FusionOptions.implementation), and on other devices does what TF does: NCCL is
+  not there, so ring.
+  """
+  timeout_seconds: Optional[float]
+  max_pack_bytes: Optional[int]
+  implementation: str   # "auto", "ring" or "nccl"
+
+  @classmethod
+  def of(cls, fusion_options, options=None) -> "CallSettings":
+    """The settings of a call with CommunicationOptions `options` (or None)."""
+    timeout = fusion_options.timeout_seconds
+    max_pack_bytes, implementation = None, fusion_options.implementation
+    if options is not None:
+      timeout = options.timeout_seconds or timeout
+      max_pack_bytes = options.bytes_per_pack or None
+      if options.implementation.value.lower() != "auto":
+        implementation = options.implementation.value.lower()
+    return cls(timeout, max_pack_bytes, implementation)
 
 
 DEVICES_PER_WORKER_ENV = _ENV_PREFIX + "DEVICES_PER_WORKER"

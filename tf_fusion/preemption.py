@@ -28,9 +28,9 @@ from typing import Callable, Optional
 from absl import logging
 import keras
 import tensorflow as tf
-from tensorflow.python.eager import context  # pylint: disable=g-direct-tensorflow-import
 
 from tf_fusion import stall
+from tf_fusion._internal import tf as tf_internal
 
 _KEY = "tf_fusion/preempt/{fit}"
 
@@ -66,7 +66,7 @@ class SaveOnPreemption(keras.callbacks.Callback):
     self._stop_at = None
     self._done = threading.Event()
     self.preempted_at = None
-    self._worker, self._workers = stall._worker_and_count(self.model)  # pylint: disable=protected-access
+    self._worker, self._workers = stall.worker_and_count(self.model)
     if threading.current_thread() is threading.main_thread():
       for s in self.signals:
         self._old[s] = signal.signal(s, self._on_signal)
@@ -86,10 +86,9 @@ class SaveOnPreemption(keras.callbacks.Callback):
 
   def _watch(self):
     """Waits for the agreed batch in the coordination service until fit ends."""
-    ctx = context.context()
     while not self._done.is_set():
       try:
-        value = ctx.get_config_key_value(self._key(), timeout_in_ms=1000)
+        value = tf_internal.get_cluster_value(self._key(), 1000)
       except (tf.errors.OpError, ValueError):
         continue
       self._stop_at = int(value)
@@ -116,11 +115,10 @@ class SaveOnPreemption(keras.callbacks.Callback):
     if self._workers <= 1:
       self._stop_at = stop_at
       return
-    ctx = context.context()
     try:
-      ctx.set_config_key_value(self._key(), str(stop_at))
+      tf_internal.set_cluster_value(self._key(), str(stop_at))
     except tf.errors.OpError:   # another worker was signalled first: take its batch
-      stop_at = int(ctx.get_config_key_value(self._key()))
+      stop_at = int(tf_internal.get_cluster_value(self._key()))
     self._stop_at = stop_at
 
   def on_train_end(self, logs=None):

@@ -33,9 +33,9 @@ from typing import Optional
 from absl import logging
 import keras
 import tensorflow as tf
-from tensorflow.python.eager import context  # pylint: disable=g-direct-tensorflow-import
 
 from tf_fusion import strategy as strategy_lib
+from tf_fusion._internal import tf as tf_internal
 
 _KEY = "tf_fusion/stall/{stall}/{worker}"
 
@@ -97,7 +97,7 @@ class StallWatch(keras.callbacks.Callback):
 
   def _stalled(self, step):
     self._stalls += 1
-    worker, workers = _worker_and_count(self.model)
+    worker, workers = worker_and_count(self.model)
     behind = _ask_the_others(self._stalls, worker, workers, step, self.answer_seconds)
     report = (f"tf_fusion: step {step} has not finished after {self.timeout_seconds:g} s "
               f"on worker {worker}")
@@ -108,25 +108,24 @@ class StallWatch(keras.callbacks.Callback):
     self.reports.append(report)
     logging.error("%s", report)
     if self.abort:
-      context.context().abort_collective_ops(tf.errors.DEADLINE_EXCEEDED, report)
+      tf_internal.abort_collectives(report)
 
 
-def _worker_and_count(model):
+def worker_and_count(model):
   """(this worker's index, number of workers) of the model's strategy."""
   strategy = getattr(model, "distribute_strategy", None)
   resolver = getattr(strategy, "cluster_resolver", None)
   workers = strategy_lib.num_workers(strategy) if strategy is not None else 1
   if resolver is None or workers <= 1:
     return 0, 1
-  return int(getattr(strategy.extended, "_id_in_cluster", resolver.task_id or 0)), workers
+  return tf_internal.worker_index(strategy, resolver.task_id or 0), workers
 
 
 def _ask_the_others(stall, worker, workers, step, answer_seconds):
   """What the other workers say about a stall: one phrase per worker not in `step`."""
   if workers <= 1:
     return []
-  ctx = context.context()
-  ctx.set_config_key_value(_KEY.format(stall=stall, worker=worker), str(step))
+  tf_internal.set_cluster_value(_KEY.format(stall=stall, worker=worker), str(step))
   deadline = time.monotonic() + answer_seconds
   out = []
   for other in range(workers):
@@ -134,8 +133,8 @@ def _ask_the_others(stall, worker, workers, step, answer_seconds):
       continue
     wait_ms = max(1, int(1000 * (deadline - time.monotonic())))
     try:
-      their = int(ctx.get_config_key_value(_KEY.format(stall=stall, worker=other),
-                                           timeout_in_ms=wait_ms))
+      their = int(tf_internal.get_cluster_value(_KEY.format(stall=stall, worker=other),
+                                                wait_ms))
     except (tf.errors.OpError, ValueError):
       out.append(f"worker {other} has not answered (stopped, dead, or stuck outside "
                  "the step)")

@@ -1,4 +1,4 @@
-"""What each batch reduction launched: one PackPlan per collective, and its trace name.
+"""How a plan is shown: its trace names (one name scope per pack) and a text table.
 
 `FusedAllReduce.last_plan` holds the plan of the latest batch reduction (set when the
 train step is traced, since that is when TensorFlow calls the cross-device ops). Each
@@ -6,57 +6,11 @@ pack's ops run under the name scope `pack_scope(entry)`, so a TensorBoard profil
 one span per pack, named after its index, algorithm and size.
 """
 
-import dataclasses
-from typing import Optional, Sequence, Tuple
+from typing import Sequence
 
 import tensorflow as tf
 
-
-@dataclasses.dataclass(frozen=True)
-class PackPlan:
-  """One pack of a batch reduction.
-
-  Attributes:
-    index: launch order (back-propagation order).
-    dtype: the tensors' dtype.
-    tensor_count: how many tensors the pack holds.
-    bytes: their total size in bytes (None if a shape is unknown).
-    algorithm: how the pack is reduced ("ring", "reduce_to_one", "hierarchical").
-    wire_dtype: the dtype on the wire (float16 under fp16 compression).
-    wire_bytes: bytes on the wire per device (None if unknown).
-    tensor_indices: positions of the pack's tensors in the reduced list.
-    predicted_seconds: the cost model's prediction, when one was used.
-    note: why the algorithm differs from the one asked for, if it does.
-  """
-
-  index: int
-  dtype: tf.DType
-  tensor_count: int
-  bytes: Optional[int]
-  algorithm: str
-  wire_dtype: tf.DType
-  wire_bytes: Optional[int]
-  tensor_indices: Tuple[int, ...]
-  predicted_seconds: Optional[float] = None
-  note: str = ""
-
-  @property
-  def num_tensors(self) -> int:
-    return self.tensor_count
-
-  @property
-  def nbytes(self) -> Optional[int]:
-    return self.bytes
-
-  def as_dict(self) -> dict:
-    d = dataclasses.asdict(self)
-    d["dtype"] = self.dtype.name
-    d["wire_dtype"] = self.wire_dtype.name
-    d["tensor_indices"] = list(self.tensor_indices)
-    return d
-
-  def __getitem__(self, key):
-    return self.as_dict()[key]
+from tf_fusion.plans import PackPlan  # the plan's type; re-exported here, where it was
 
 
 def pack_scope(entry: PackPlan) -> str:

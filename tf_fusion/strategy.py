@@ -1,68 +1,27 @@
 """Strategies wired to the fused all-reduce path."""
 
-import threading
 from typing import List, Optional, Sequence
 
 from absl import logging
 import tensorflow as tf
-from tensorflow.python.distribute import collective_all_reduce_strategy as tf_mwms
-from tensorflow.python.distribute import distribute_lib
-from tensorflow.python.distribute import mirrored_run
-from tensorflow.python.distribute import mirrored_strategy as tf_mirrored
-from tensorflow.python.distribute import values as values_lib
 
-from tf_fusion import algorithms
+from tf_fusion import collectives
+from tf_fusion._internal import tf as tf_internal
 from tf_fusion.cross_device_ops import FusedAllReduce
 from tf_fusion.cross_device_ops import MultiWorkerFusedAllReduce
 from tf_fusion.options import FusionOptions
 from tf_fusion.options import devices_per_worker_from_env
 
 
-def _merge_call_impossible():
-  """True while a replica thread builds a graph other than its own: a branch of a
-  `tf.cond` or a `tf.while_loop`, or a nested tf.function. TF's merge_call raises there
-  ("merge_call called while defining a new graph"), so the step must go on without it.
-  """
-  thread = threading.current_thread()
-  return (isinstance(thread, mirrored_run._MirroredReplicaThread)  # pylint: disable=protected-access
-          and not thread.in_eager
-          and tf.compat.v1.get_default_graph() is not thread.graph)
-
-
-class _ReplicaLaunchWhereNeeded:
-  """Mixin for a strategy's extended: no merge_call where merge_call cannot work.
-
-  MirroredStrategy reduces and updates through merge_call, which cannot run inside a
-  cond or a loop of the replica function: Keras's gradient accumulation updates the
-  weights in an `ops.cond` and fails under every strategy (keras-team/keras#20582). TF
-  already has a path without merge_call (each replica all-reduces with collectives and
-  updates its own copy), but takes it only under XLA on GPUs, and then with its own
-  CollectiveAllReduce instead of the strategy's cross-device ops. Here it is also taken
-  wherever merge_call is impossible, and with tf_fusion's packs (FusedAllReduce's
-  `_all_reduce`). Everywhere else nothing changes: the merge_call path keeps the
-  per-pack algorithm choice.
-  """
-
-  def _use_merge_call(self):
-    return super()._use_merge_call() and not _merge_call_impossible()  # pytype: disable=attribute-error
-
-  def _get_cross_device_ops(self, value):
-    if not self._use_merge_call():
-      return self._cross_device_ops  # pytype: disable=attribute-error
-    return super()._get_cross_device_ops(value)  # pytype: disable=attribute-error
-
-
-class _MirroredExtended(_ReplicaLaunchWhereNeeded, tf_mirrored.MirroredExtended):
-  pass
-
-
 class _MirroredStrategy(tf.distribute.MirroredStrategy):
-  """tf.distribute.MirroredStrategy whose extended avoids merge_call where it fails."""
+  """tf.distribute.MirroredStrategy whose extended avoids merge_call where it fails
+  (Keras's gradient accumulation, reductions inside loops): there each replica
+  launches its share of the fused all-reduce itself."""
 
   def __init__(self, devices=None, cross_device_ops=None):
     # MirroredStrategy.__init__ hard-codes TF's extended; build ours instead.
-    distribute_lib.Strategy.__init__(  # pylint: disable=non-parent-init-called
-        self, _MirroredExtended(self, devices=devices, cross_device_ops=cross_device_ops))
+    tf_internal.init_strategy(self, tf_internal.MirroredExtended(
+        self, devices=devices, cross_device_ops=cross_device_ops))
 
 
 def mirrored_strategy(devices: Optional[Sequence[str]] = None,
@@ -83,34 +42,6 @@ def mirrored_strategy(devices: Optional[Sequence[str]] = None,
   return _MirroredStrategy(devices, cross_device_ops=ops)
 
 
-class _Extended(_ReplicaLaunchWhereNeeded, tf_mwms.CollectiveAllReduceExtended):
-  """TF's extended, except that a CPU-only worker may have several (logical) devices,
-  and no merge_call where it cannot work (_ReplicaLaunchWhereNeeded).
-
-  TF gives a worker without GPUs exactly one replica; tests and the launcher use
-  logical CPU devices to stand for a worker's GPUs.
-  """
-
-  def __init__(self, container_strategy, cluster_resolver, communication_options,
-               cpu_devices_per_worker):
-    self._cpu_devices_per_worker = cpu_devices_per_worker
-    super().__init__(container_strategy, cluster_resolver=cluster_resolver,
-                     communication_options=communication_options)
-
-  def _initialize_local_devices(self, cluster_resolver, worker_device):
-    devices, kind = super()._initialize_local_devices(cluster_resolver, worker_device)
-    n = self._cpu_devices_per_worker
-    if kind == "CPU" and n and n > 1:
-      have = len(tf.config.list_logical_devices("CPU"))
-      if have < n:
-        raise ValueError(
-            f"devices_per_worker={n} but this worker has {have} CPU device(s): call "
-            "tf_fusion.multi_worker_strategy before TensorFlow runs anything, or create "
-            "them with tf.config.set_logical_device_configuration.")
-      devices = tuple(f"{worker_device}/device:CPU:{i}" for i in range(n))
-    return devices, kind
-
-
 class _MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
   """MultiWorkerMirroredStrategy plus a shim for keras-team/keras#20585.
 
@@ -125,13 +56,12 @@ class _MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
 
   def __init__(self, cluster_resolver, communication_options, cpu_devices_per_worker):
     # MultiWorkerMirroredStrategy.__init__ hard-codes TF's extended; build ours instead.
-    distribute_lib.Strategy.__init__(  # pylint: disable=non-parent-init-called
-        self, _Extended(self, cluster_resolver, communication_options,
-                        cpu_devices_per_worker))
+    tf_internal.init_strategy(self, tf_internal.MultiWorkerExtended(
+        self, cluster_resolver, communication_options, cpu_devices_per_worker))
 
   def reduce(self, reduce_op, value, axis=None):
     if isinstance(value, (tuple, list, dict)) and not isinstance(
-        value, values_lib.DistributedValues):
+        value, tf.distribute.DistributedValues):
       self._log_shim("a nest of values")
       return tf.nest.map_structure(lambda v: self.reduce(reduce_op, v, axis), value)
     if axis is not None and _rank(value) == 0:
@@ -147,7 +77,7 @@ class _MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
 
 
 def _rank(value):
-  if isinstance(value, values_lib.DistributedValues):
+  if isinstance(value, tf.distribute.DistributedValues):
     value = value.values[0]
   shape = getattr(value, "shape", None)
   return None if shape is None else shape.rank
@@ -185,12 +115,12 @@ def multi_worker_strategy(options: Optional[FusionOptions] = None,
   options = options or FusionOptions()
   strategy = _multi_worker(cluster_resolver, devices_per_worker,
                            timeout_seconds=options.timeout_seconds)
-  extended = strategy.extended
-  for tf_ops in (extended._cross_device_ops, extended._host_cross_device_ops):  # pylint: disable=protected-access
-    algorithms.use_run_time_keys(tf_ops)
-  extended._cross_device_ops = MultiWorkerFusedAllReduce(  # pylint: disable=protected-access
-      options, extended._cross_device_ops, num_workers(strategy), cost_model=cost_model,  # pylint: disable=protected-access
-      worker_index=extended._id_in_cluster)  # pylint: disable=protected-access
+  tf_ops = tf_internal.cross_device_ops_of(strategy)
+  for ops in (tf_ops, tf_internal.host_cross_device_ops_of(strategy)):
+    collectives.use_run_time_keys(ops)
+  tf_internal.set_cross_device_ops(strategy, MultiWorkerFusedAllReduce(
+      options, tf_ops, num_workers(strategy), cost_model=cost_model,
+      worker_index=tf_internal.worker_index(strategy)))
   return strategy
 
 
@@ -252,10 +182,20 @@ def split_cpu(n: int) -> None:
 
 def num_workers(strategy) -> int:
   """How many workers (processes) `strategy` spans: 1 for one-host strategies."""
-  return int(getattr(strategy.extended, "_num_workers", 1))
+  return tf_internal.num_workers(strategy)
 
 
 def fused_ops_of(strategy) -> Optional[FusedAllReduce]:
   """The FusedAllReduce `strategy` reduces with, or None if it has none."""
-  ops = getattr(strategy.extended, "_cross_device_ops", None)
+  ops = tf_internal.cross_device_ops_of(strategy)
   return ops if isinstance(ops, FusedAllReduce) else None
+
+
+def tf_mirrored_strategy(devices=None, cross_device_ops=None
+                         ) -> tf.distribute.MirroredStrategy:
+  """TensorFlow's own MirroredStrategy (with `cross_device_ops`, e.g. one of TF's), as
+  the baseline to compare with: one process may build many, each with collective keys
+  of its own (two stock ones otherwise collide: "Shape mismatch in the collective
+  instance")."""
+  tf_internal.fresh_mirrored_collective_keys()
+  return tf.distribute.MirroredStrategy(devices, cross_device_ops=cross_device_ops)

@@ -58,10 +58,9 @@ def parse_args(argv=None):
 def _builtin(cross_device_ops=None, options=None):
   def make(devices, cost_model):
     del cost_model
-    # TF's collective strategies in one process must not share group keys
-    # (measured); TF's own tests bump this base per strategy.
-    tf.distribute.MirroredStrategy._collective_key_base += 10_000  # pylint: disable=protected-access
-    return tf.distribute.MirroredStrategy(devices, cross_device_ops=cross_device_ops), options
+    import tf_fusion  # pylint: disable=g-import-not-at-top
+    # Each with collective keys of its own: TF's strategies in one process would share.
+    return tf_fusion.strategy.tf_mirrored_strategy(devices, cross_device_ops), options
   return make
 
 
@@ -76,8 +75,7 @@ def _fused(**option_kwargs):
 
 def configs():
   """(name, kind, factory); kind "builtin", "fused", "per_tensor" or "floor"."""
-  from tensorflow.python.distribute import collective_util  # pylint: disable=g-import-not-at-top
-  bpp = lambda n: collective_util.Options(bytes_per_pack=n)
+  bpp = lambda n: tf.distribute.experimental.CommunicationOptions(bytes_per_pack=n)
   out = [
       ("per_tensor (ring; no fusion)", "per_tensor",
        _fused(algorithm="ring", pack_bytes=1, first_pack_bytes=0)),

@@ -64,11 +64,11 @@ def reduction_step(strategy, grads, reduce):
 
 def time_reduction(strategy, grads, reduce, reps, warmup):
   """(first call seconds, [seconds per timed call]) of `reduction_step`; each call is
-  timed until the devices are done (tf_fusion.cost_model.time_calls)."""
-  from tf_fusion import cost_model as cost_lib  # pylint: disable=g-import-not-at-top
+  timed until the devices are done (tf_fusion.calibration.time_calls)."""
+  from tf_fusion import calibration  # pylint: disable=g-import-not-at-top
   step = reduction_step(strategy, grads, reduce)
   with strategy.scope():
-    return cost_lib.time_calls(step, reps, warmup)
+    return calibration.time_calls(step, reps, warmup)
 
 
 def plan_fields(plan):

@@ -81,13 +81,8 @@ def fused_ops(algorithm, devices, num_workers=1, pack_bytes=1 << 20):
                                     algorithm=algorithm)
   if num_workers == 1:
     return tf_fusion.FusedAllReduce(options, cost_model=_fixed_model(algs.LOCAL_ALGORITHMS))
-  from tensorflow.python.distribute import collective_util  # pylint: disable=g-import-not-at-top
-  from tensorflow.python.distribute import cross_device_ops  # pylint: disable=g-import-not-at-top
-  tf_ops = cross_device_ops.CollectiveAllReduce(
-      devices=devices, group_size=num_workers * len(devices), options=collective_util.Options())
-  return tf_fusion.MultiWorkerFusedAllReduce(
-      options, tf_ops, num_workers, cost_model=_fixed_model(algs.MULTI_WORKER_ALGORITHMS),
-      worker_index=0)
+  return tf_fusion.MultiWorkerFusedAllReduce.on_devices(
+      options, devices, num_workers, cost_model=_fixed_model(algs.MULTI_WORKER_ALGORITHMS))
 
 
 def trace_reduction(ops, devices, specs, options=None):
@@ -95,17 +90,14 @@ def trace_reduction(ops, devices, specs, options=None):
   `devices`, traced and never run. The plan is made without the workers' agreement
   checks, which would wait for peers."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tf_fusion  # pylint: disable=g-import-not-at-top
-  call = ops._call_settings(options)  # pylint: disable=protected-access
-  plan = tf_fusion.FusedAllReduce.make_plan(ops, specs, devices)
+  plan = ops.make_plan(specs, devices, agree=False)
 
   def reduce():
     per_device = []
     for d in devices:
       with tf.device(d):
         per_device.append([tf.zeros(s, dt) for dt, s in specs])
-    return ops._reduce_dense(tf.distribute.ReduceOp.SUM, devices, plan, per_device,  # pylint: disable=protected-access
-                             call=call)
+    return ops.reduce_per_device(per_device, devices, plan, options=options)
 
   return plan, tf.function(reduce).get_concrete_function().graph
 

@@ -13,12 +13,12 @@ from absl import logging
 import keras
 import tensorflow as tf
 
+import tf_fusion
+
 
 def step_of(model):
-  """Training steps (batches) run so far. Under gradient accumulation the optimizer's
-  `iterations` counts updates; its `_iterations` counts batches either way."""
-  optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
-  return int(number(optimizer._iterations))  # pylint: disable=protected-access
+  """Training steps (batches) run so far, under gradient accumulation too."""
+  return tf_fusion.callbacks.batches_seen(model)
 
 
 def updates_of(model):

@@ -290,18 +290,14 @@ def _first_epoch(backup, start_step, loop):
   """The epoch fit starts at: the one BackupAndRestore will restore (it overrides
   fit's initial_epoch), else the evaluation interval the restored step falls in. With
   it fit's epoch count, and so Keras's "Epoch i/N", is the run's real one."""
-  path = backup._training_metadata_path  # pylint: disable=protected-access
-  if os.path.exists(path):
-    with open(path) as f:
-      return int(json.load(f)["epoch"])
-  return math.ceil(start_step / loop)
+  epoch = tf_fusion.callbacks.backup_epoch(backup)
+  return epoch if epoch is not None else math.ceil(start_step / loop)
 
 
 def _save_now(model, backup):
   """The checkpoint BackupAndRestore writes at an epoch's end, written now (mid-epoch):
   the batch-norm statistics averaged over the replicas first, as at an epoch's end."""
-  tf_fusion.callbacks.sync_moving_statistics(model)
-  backup._save_model()  # pylint: disable=protected-access
+  tf_fusion.callbacks.backup_now(model, backup)
   logging.info("Saved step %d to %s", recipe_callbacks.step_of(model), backup.backup_dir)
 
 

@@ -1,0 +1,96 @@
+"""Keras's internals that tf_fusion relies on, each behind one named function.
+
+Tested with Keras 3.15 (TESTED_KERAS) on the TensorFlow backend. The optimizer's
+private steps (clip, weight decay, update, accumulators) are the ones Keras's own
+`apply` runs; tf_fusion's loss scaling runs them itself because it all-reduces in
+between. tests/test_internal_seam.py holds one contract test per name below.
+"""
+
+from absl import logging
+import keras
+
+TESTED_KERAS = ("3.15",)
+
+if not keras.__version__.startswith(TESTED_KERAS):
+  logging.warning("tf_fusion is tested with Keras %s, not %s: it relies on some of "
+                  "Keras's internals (tf_fusion/_internal/keras.py), which may have "
+                  "changed.", ", ".join(TESTED_KERAS), keras.__version__)
+
+
+# --- an optimizer's steps -------------------------------------------------------------
+
+def has_all_reduce_step(optimizer) -> bool:
+  """Whether `optimizer` all-reduces its gradients itself (Keras's TF backend)."""
+  return hasattr(optimizer, "_all_reduce_sum_gradients")
+
+
+def skip_all_reduce(optimizer, replacement) -> None:
+  """Makes `optimizer` call `replacement(grads_and_vars)` where Keras's TF optimizer
+  all-reduces its gradients (replica context, before the update)."""
+  optimizer._all_reduce_sum_gradients = replacement  # pylint: disable=protected-access
+
+
+def clip_gradients(optimizer, grads):
+  """`optimizer`'s clipnorm / clipvalue / global_clipnorm applied to `grads`."""
+  return optimizer._clip_gradients(grads)  # pylint: disable=protected-access
+
+
+def apply_weight_decay(optimizer, variables) -> None:
+  """`optimizer`'s decoupled weight decay (its `weight_decay`) on `variables`."""
+  optimizer._apply_weight_decay(variables)  # pylint: disable=protected-access
+
+
+def update_step(optimizer, grads, variables) -> None:
+  """`optimizer`'s update of `variables` by `grads` at its current learning rate."""
+  optimizer._backend_update_step(grads, variables, optimizer.learning_rate)  # pylint: disable=protected-access
+
+
+def overwrites_with_gradient(optimizer, variable) -> bool:
+  """Whether `optimizer` sets `variable` to its "gradient" instead of updating it
+  (Keras's `overwrite_with_gradient` variables, e.g. float8 scales)."""
+  return optimizer._overwrite_variable_with_gradient(variable)  # pylint: disable=protected-access
+
+
+def tracked_variables(optimizer):
+  """The trainable variables `optimizer` was built for."""
+  return optimizer._trainable_variables  # pylint: disable=protected-access
+
+
+def batches_seen(optimizer):
+  """The variable counting `optimizer`'s batches (micro-steps under gradient
+  accumulation, where `iterations` counts updates)."""
+  return optimizer._iterations  # pylint: disable=protected-access
+
+
+def accumulators(optimizer, variables):
+  """`optimizer`'s gradient accumulators of `variables` (gradient_accumulation_steps)."""
+  return [optimizer._accumulated_gradients[optimizer._get_variable_index(v)]  # pylint: disable=protected-access
+          for v in variables]
+
+
+def add_to_accumulators(optimizer, grads, accumulators_) -> None:
+  """Adds `grads` to `accumulators_` as Keras does between updates."""
+  optimizer._backend_increment_gradient_accumulators(grads, accumulators_)  # pylint: disable=protected-access
+
+
+def reset_accumulators(optimizer) -> None:
+  """Sets every gradient accumulator of `optimizer` to zero."""
+  optimizer._backend_reset_gradient_accumulators()  # pylint: disable=protected-access
+
+
+def non_finite_step(loss_scale_optimizer):
+  """The function Keras's LossScaleOptimizer runs on a non-finite step (halve the
+  scale, reset the growth counter)."""
+  return loss_scale_optimizer._stateful_handle_non_finite_grads  # pylint: disable=protected-access
+
+
+# --- BackupAndRestore -----------------------------------------------------------------
+
+def backup_metadata_path(backup) -> str:
+  """The file where BackupAndRestore keeps the epoch and batch it will restore."""
+  return backup._training_metadata_path  # pylint: disable=protected-access
+
+
+def backup_now(backup) -> None:
+  """Writes BackupAndRestore's checkpoint now, as it does at an epoch's end."""
+  backup._save_model()  # pylint: disable=protected-access
