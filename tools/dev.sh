@@ -2,6 +2,7 @@
 # One entry point for the README's two commands, on a fresh machine:
 #   bash tools/dev.sh main   -> the main job
 #   bash tools/dev.sh test   -> the test suite
+#   bash tools/dev.sh docs   -> the API reference, generated from the docstrings (out/api)
 # Creates ./.venv (once) and installs the project with its pinned dependencies; installs
 # again when setup.cfg (the dependency list) changed since the last install.
 set -euo pipefail
@@ -10,7 +11,7 @@ VENV=${TF_FUSION_VENV:-.venv}
 STAMP="$VENV/.tf_fusion-setup.cfg.sha256"
 want=$(sha256sum setup.cfg | cut -d' ' -f1)
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ] \
-    || ! "$VENV/bin/python" -c "import tf_fusion, pytest, ruff, matplotlib, sklearn, tensorboard, tensorflow_datasets" 2>/dev/null; then
+    || ! "$VENV/bin/python" -c "import tf_fusion, pytest, ruff, matplotlib, sklearn, tensorboard, tensorflow_datasets, pdoc" 2>/dev/null; then
   echo "[dev] setting up $VENV: tf_fusion with its pinned dependencies" >&2
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
@@ -42,6 +43,10 @@ case "$cmd" in
     # The linter first (seconds): undefined or unused names fail the run.
     "$VENV/bin/ruff" check --quiet .
     exec "$VENV/bin/python" -m pytest -q "$@" ;;
+  docs)
+    # HTML from the docstrings of the public modules (pdoc, Google style); open
+    # out/api/index.html. tests/test_api_docs.py renders the same modules.
+    exec "$VENV/bin/python" -m tools.api_docs --out_dir out/api "$@" ;;
   *)
-    echo "usage: bash tools/dev.sh main|test [args...]" >&2; exit 2 ;;
+    echo "usage: bash tools/dev.sh main|test|docs [args...]" >&2; exit 2 ;;
 esac

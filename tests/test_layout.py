@@ -1,0 +1,115 @@
+"""The house's rules, checked from the code: small rooms, one-way imports, one seam.
+
+- no module of tf_fusion over 400 lines, no class over 250, no function over 60
+  (docstrings aside);
+- no import circle among tf_fusion's modules (imports inside functions and under
+  TYPE_CHECKING count);
+- TensorFlow's and Keras's internals (`tensorflow.python`, `keras.src`, `__internal__`,
+  a private attribute) only in tf_fusion/_internal/, and never in tools/ or the recipes.
+"""
+
+import ast
+import pathlib
+import re
+import unittest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "tf_fusion"
+SEAM = PACKAGE / "_internal"
+INTERNALS = re.compile(r"tensorflow\.python|keras\.src|__internal__|protected-access")
+
+
+def _module_name(path):
+  parts = path.relative_to(ROOT).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path, modules):
+  """The tf_fusion modules `path` imports (any depth: functions, TYPE_CHECKING)."""
+  out = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    names = []
+    if isinstance(node, ast.ImportFrom) and node.module:
+      names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+    elif isinstance(node, ast.Import):
+      names = [a.name for a in node.names]
+    for name in names:
+      if name in modules:
+        out.add(name)
+        break
+  return out
+
+
+def find_cycle(graph):
+  """One import circle of `graph` ({module: modules it imports}) as a list, or None."""
+  state, stack = {}, []
+
+  def visit(u):
+    state[u] = 1
+    stack.append(u)
+    for v in sorted(graph.get(u, ())):
+      if state.get(v) == 1:
+        return stack[stack.index(v):] + [v]
+      if v not in state:
+        found = visit(v)
+        if found:
+          return found
+    stack.pop()
+    state[u] = 2
+    return None
+
+  for u in sorted(graph):
+    if u not in state:
+      found = visit(u)
+      if found:
+        return found
+  return None
+
+
+def oversized(path):
+  """(what, lines, limit) for each definition of `path` over the house's limits."""
+  src = path.read_text()
+  out = []
+  if len(src.splitlines()) > 400:
+    out.append((str(path), len(src.splitlines()), 400))
+  for node in ast.walk(ast.parse(src)):
+    if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+      limit = 250 if isinstance(node, ast.ClassDef) else 60
+      first = node.body[0]
+      doc = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+      size = node.end_lineno - (first.end_lineno if doc else node.lineno)
+      if size > limit:
+        out.append((f"{path}:{node.lineno} {node.name}", size, limit))
+  return out
+
+
+class LayoutTest(unittest.TestCase):
+
+  def test_rooms_are_small(self):
+    found = [o for p in sorted(PACKAGE.rglob("*.py")) for o in oversized(p)]
+    self.assertEqual(found, [])
+
+  def test_no_import_circle(self):
+    paths = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    modules = set(paths)
+    graph = {m: _imports(p, modules) - {m, "tf_fusion"} for m, p in paths.items()
+             if m != "tf_fusion"}   # the package's __init__ only re-exports
+    self.assertIsNone(find_cycle(graph))
+
+  def test_find_cycle_finds_one(self):
+    self.assertEqual(find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}), ["a", "b", "c", "a"])
+    self.assertIsNone(find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}))
+
+  def test_internals_only_behind_the_seam(self):
+    outside = [p for p in sorted(PACKAGE.rglob("*.py")) if SEAM not in p.parents]
+    outside += sorted((ROOT / "tools").rglob("*.py"))
+    outside += sorted((ROOT / "official_recipes").rglob("*.py"))
+    found = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}"
+             for p in outside for i, line in enumerate(p.read_text().splitlines(), 1)
+             if INTERNALS.search(line)]
+    self.assertEqual(found, [])
+    self.assertTrue(any(INTERNALS.search(p.read_text()) for p in SEAM.glob("*.py")))
+
+
+if __name__ == "__main__":
+  unittest.main()
