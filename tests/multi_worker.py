@@ -1,5 +1,22 @@
-"""Runs tests/multi_worker_job.py as real worker processes on 127.0.0.1 (TF_CONFIG)."""
+"""Multi-worker tests as real worker processes on 127.0.0.1 (TF_CONFIG).
 
+A test module defines what each worker runs as a function of the strategy, marked with
+`@multi_worker.worker(...)`, next to the test that asserts on it:
+
+    @multi_worker.worker(algorithm="auto")
+    def fit_in_worker(strategy):
+      ...
+      return {"weights": ...}          # JSON, handed back to the test
+
+    def test_fit(self):
+      first, second = multi_worker.run_workers(fit_in_worker)
+
+Each worker process runs `python -m tests.multi_worker MODULE:FUNCTION OUT`: it builds
+`tf_fusion.multi_worker_strategy` with the function's options (TF_FUSION_* variables
+apply), calls the function and writes its result, with the worker's "task", to OUT.
+"""
+
+import importlib
 import json
 import os
 import re
@@ -14,9 +31,47 @@ from tf_fusion import launch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_workers(mode, num_workers=2, local_devices=2, timeout=240, extra_env=None,
+def worker(algorithm="ring", timeout_seconds=60):
+  """Marks `fn(strategy) -> dict` as a worker body; the strategy reduces with
+  FusionOptions.from_env(algorithm=..., timeout_seconds=...)."""
+  def mark(fn):
+    fn.strategy_options = {"algorithm": algorithm, "timeout_seconds": timeout_seconds}
+    return fn
+  return mark
+
+
+def _spec(fn):
+  if not hasattr(fn, "strategy_options"):
+    raise TypeError(f"{fn.__name__} is not marked with @multi_worker.worker(...).")
+  return f"{fn.__module__}:{fn.__qualname__}"
+
+
+def _resolve(spec):
+  """The worker function of "module:name" (a test module imported by pytest as
+  "test_x" is "tests.test_x" here)."""
+  module, name = spec.split(":")
+  if not module.startswith("tests."):
+    module = "tests." + module
+  return getattr(importlib.import_module(module), name)
+
+
+def main(argv):
+  """One worker: `python -m tests.multi_worker MODULE:FUNCTION OUT`."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  import tf_fusion  # pylint: disable=g-import-not-at-top
+  fn = _resolve(argv[1])
+  strategy = tf_fusion.multi_worker_strategy(
+      tf_fusion.FusionOptions.from_env(**fn.strategy_options))
+  result = fn(strategy)
+  result["task"] = strategy.cluster_resolver.task_id
+  with open(argv[2].replace("{task}", str(result["task"])), "w") as f:
+    json.dump(result, f)
+
+
+def run_workers(fn, num_workers=2, local_devices=2, timeout=240, extra_env=None,
                 may_die=(), may_hang=()):
-  """Starts the workers, waits (bounded), returns each worker's JSON result.
+  """Runs worker function `fn` in `num_workers` processes with `local_devices` logical
+  CPUs each; waits (bounded) and returns each worker's JSON result.
 
   Workers in `may_die` may end by a signal; their result is None. Workers in `may_hang`
   are not waited for: killed once the others are done, their result is None.
@@ -24,6 +79,7 @@ def run_workers(mode, num_workers=2, local_devices=2, timeout=240, extra_env=Non
   Raises:
     RuntimeError: naming the worker that failed or timed out, with its stderr tail.
   """
+  spec = _spec(fn)
   ports = [portpicker.pick_unused_port() for _ in range(num_workers)]
   tmp = tempfile.mkdtemp(prefix="tf_fusion_mw_")
   procs = []
@@ -33,7 +89,7 @@ def run_workers(mode, num_workers=2, local_devices=2, timeout=240, extra_env=Non
                **(extra_env or {}))
     log = open(os.path.join(tmp, f"worker{i}.log"), "w")
     procs.append((subprocess.Popen(
-        [sys.executable, "-m", "tests.multi_worker_job", mode,
+        [sys.executable, "-m", "tests.multi_worker", spec,
          os.path.join(tmp, f"worker{i}.json")],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
   try:
@@ -71,14 +127,14 @@ def _tail(tmp, i, lines=40):
     return "".join(f.readlines()[-lines:])
 
 
-def launch_job(mode, out_dir, workers=2, devices_per_worker=2, timeout=240,
+def launch_job(fn, out_dir, workers=2, devices_per_worker=2, timeout=240,
                extra_env=None, launcher_args=()):
-  """`python -m tf_fusion.launch ... -- -m tests.multi_worker_job MODE OUT`.
+  """Worker function `fn` under `python -m tf_fusion.launch` (its restarts, its ports).
 
   Returns:
     (exit code, launcher output).
   """
-  return launch_script(["-m", "tests.multi_worker_job", mode,
+  return launch_script(["-m", "tests.multi_worker", _spec(fn),
                         os.path.join(out_dir, "worker{task}.json")],
                        workers, devices_per_worker, timeout, extra_env, launcher_args)
 
@@ -155,3 +211,7 @@ def finish_recipe(started, timeout=300, codes=(0,)):
 def run_recipe(envs, model_dir, flags=(), timeout=300):
   """start_recipe, then finish_recipe."""
   return finish_recipe(start_recipe(envs, model_dir, flags), timeout)
+
+
+if __name__ == "__main__":
+  main(sys.argv)

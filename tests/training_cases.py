@@ -1,6 +1,6 @@
 """The ways Keras drives training, as small deterministic runs (one device or a strategy).
 
-Shared by tests/test_training_equivalence.py (one host) and tests/multi_worker_job.py
+Shared by tests/test_training_equivalence.py (one host) and tests/test_multi_worker.py
 (2 workers x 2 devices): the same case under a strategy and on one device, at the same
 global batch, must end with the same weights.
 """
