@@ -16,6 +16,7 @@ References:
 """
 
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -39,7 +40,8 @@ from official_recipes.imagenet import models
 from official_recipes.imagenet import recipe_flags
 from official_recipes.imagenet.schedules import WarmupPolyDecay
 
-NO_DECAY = ("bias", "beta", "gamma", "batch_norm")
+# No weight decay (and, for LARS, no trust ratio) on biases and batch norm: Jia et al.
+NO_DECAY = tf_fusion.optimizers.lars.DEFAULT_EXCLUSIONS
 
 
 def make_strategy(cfg):
@@ -148,7 +150,7 @@ def plan_steps(cfg, n_train, n_eval, global_batch):
   total = cfg.train_steps or max(1, round(epochs * steps_per_epoch))
   warmup = round(cfg.warmup_epochs * steps_per_epoch)
   if warmup >= total:
-    if getattr(cfg, "warmup_given", True):
+    if cfg.warmup_given:
       raise ValueError(f"--warmup_epochs={cfg.warmup_epochs} is {warmup} steps, not fewer "
                        f"than the run's {total} steps ({steps_per_epoch} steps per epoch).")
     logging.warning("The default warm-up (%g epochs, %d steps) is not shorter than this "
@@ -187,10 +189,36 @@ def run(flags_obj):
     keras.mixed_precision.set_dtype_policy(previous_policy)
 
 
+@dataclasses.dataclass
+class _Job:
+  """What `_build` makes of a config, for `_fit` and `_report`."""
+  strategy: tf.distribute.Strategy
+  model: keras.Model
+  backup: keras.callbacks.BackupAndRestore
+  logger: recipe_callbacks.StepLogger
+  preemption: tf_fusion.SaveOnPreemption
+  callbacks: list
+  train: object
+  evaluation: object
+  steps_per_epoch: int
+  total: int
+  eval_steps: int
+  loop: int          # steps between evaluations: one Keras "epoch"
+  start_step: int
+  out_dir: str
+
+
 def _run(cfg):
   start_time = time.perf_counter()
   if cfg.seed is not None:
     keras.utils.set_random_seed(cfg.seed)
+  job = _build(cfg)
+  history, fit_epochs = _fit(cfg, job)
+  return _report(cfg, job, history, fit_epochs, start_time)
+
+
+def _build(cfg) -> _Job:
+  """The strategy, data, model (compiled, restored from model_dir) and callbacks."""
   strategy = make_strategy(cfg)
   replicas = strategy.num_replicas_in_sync
   if cfg.batch_size % replicas:
@@ -222,10 +250,25 @@ def _run(cfg):
                "epoch; steps %d..%d, peak lr %.4g after %d warm-up steps", cfg.model,
                replicas, cfg.batch_size, per_update, steps_per_epoch, start_step, total,
                base_lr, warmup)
+  loop = steps_per_epoch * cfg.epochs_between_evals
+  if loop % cfg.steps_per_execution or (total - start_step) % cfg.steps_per_execution:
+    # The data repeats, so each call runs all its steps: it would overshoot the
+    # evaluation points and the end of the run.
+    raise ValueError(
+        f"--steps_per_execution={cfg.steps_per_execution} must divide the steps between "
+        f"evaluations ({loop}) and the steps left to run ({total - start_step}).")
+  logger, preemption, callbacks = _callbacks(cfg, model, backup, total, out_dir)
+  return _Job(strategy, model, backup, logger, preemption, callbacks, train, evaluation,
+              steps_per_epoch, total, eval_steps, loop, start_step, out_dir)
+
+
+def _callbacks(cfg, model, backup, total, out_dir):
+  """(step logger, preemption handler, every callback of fit in order)."""
   logger = recipe_callbacks.StepLogger(cfg.batch_size, cfg.log_steps, total,
                                        os.path.join(out_dir, "steps"))
   # First: the checkpoint written at an epoch's end then holds the replicas' average.
-  callbacks = [tf_fusion.callbacks.SyncMovingStatistics(), backup, logger, recipe_callbacks.StopAtStep(total),
+  callbacks = [tf_fusion.callbacks.SyncMovingStatistics(), backup, logger,
+               recipe_callbacks.StopAtStep(total),
                keras.callbacks.TensorBoard(out_dir, write_graph=False, profile_batch=0)]
   if cfg.stall_seconds:
     callbacks.append(tf_fusion.StallWatch(cfg.stall_seconds))
@@ -236,51 +279,57 @@ def _run(cfg):
   profile = recipe_flags.profile_range(cfg.profile_steps)
   if profile:
     callbacks.append(recipe_callbacks.Profiler(*profile, out_dir))
-  loop = steps_per_epoch * cfg.epochs_between_evals
-  if loop % cfg.steps_per_execution or (total - start_step) % cfg.steps_per_execution:
-    # The data repeats, so each call runs all its steps: it would overshoot the
-    # evaluation points and the end of the run.
-    raise ValueError(
-        f"--steps_per_execution={cfg.steps_per_execution} must divide the steps between "
-        f"evaluations ({loop}) and the steps left to run ({total - start_step}).")
-  history, fit_epochs = {}, None
-  if start_step < total:
-    first_epoch = _first_epoch(backup, start_step, loop)
-    fit_epochs = [first_epoch, first_epoch + math.ceil((total - start_step) / loop)]
-    try:
-      history = model.fit(
-          train, epochs=fit_epochs[1],
-          initial_epoch=first_epoch, steps_per_epoch=loop, validation_data=evaluation,
-          validation_steps=eval_steps or None, callbacks=callbacks, verbose=1).history
-    except tf.errors.DataLossError as e:
-      raise ValueError(f"A TFRecord under --data_dir={cfg.data_dir!r} is corrupt "
-                       f"({e.message.splitlines()[0]}); training stopped at step "
-                       f"{recipe_callbacks.step_of(model)}, checkpoint kept in "
-                       f"{out_dir}.") from None
+  return logger, preemption, callbacks
+
+
+def _fit(cfg, job: _Job):
+  """Trains from the restored step to the end; (Keras history, [first, last] epoch)."""
+  if job.start_step >= job.total:
+    return {}, None
+  first_epoch = _first_epoch(job.backup, job.start_step, job.loop)
+  fit_epochs = [first_epoch, first_epoch + math.ceil((job.total - job.start_step) / job.loop)]
+  try:
+    history = job.model.fit(
+        job.train, epochs=fit_epochs[1], initial_epoch=first_epoch,
+        steps_per_epoch=job.loop, validation_data=job.evaluation,
+        validation_steps=job.eval_steps or None, callbacks=job.callbacks,
+        verbose=1).history
+  except tf.errors.DataLossError as e:
+    raise ValueError(f"A TFRecord under --data_dir={cfg.data_dir!r} is corrupt "
+                     f"({e.message.splitlines()[0]}); training stopped at step "
+                     f"{recipe_callbacks.step_of(job.model)}, checkpoint kept in "
+                     f"{job.out_dir}.") from None
+  return history, fit_epochs
+
+
+def _report(cfg, job: _Job, history, fit_epochs, start_time):
+  """The run's stats (written to model_dir/stats.json and plan.txt too)."""
+  model = job.model
   metrics = {k: v[-1] for k, v in history.items()}
-  if evaluation is not None and "val_top_1" not in metrics:
+  if job.evaluation is not None and "val_top_1" not in metrics:
     metrics.update({f"val_{k}": v for k, v in model.evaluate(
-        evaluation, steps=eval_steps, verbose=0, return_dict=True).items()})
-  ops = tf_fusion.fused_ops_of(strategy)
+        job.evaluation, steps=job.eval_steps, verbose=0, return_dict=True).items()})
+  ops = tf_fusion.fused_ops_of(job.strategy)
   plan = ops.last_plan if ops is not None else ()
   stats = {
       "model": cfg.model, "cross_device_ops": cfg.cross_device_ops,
-      "num_replicas": replicas, "global_batch_size": cfg.batch_size,
-      "dtype": cfg.dtype, "start_step": start_step,
-      "final_step": recipe_callbacks.step_of(model), "total_steps": total,
-      "accumulation_steps": per_update, "updates": recipe_callbacks.updates_of(model),
+      "num_replicas": job.strategy.num_replicas_in_sync,
+      "global_batch_size": cfg.batch_size, "dtype": cfg.dtype,
+      "start_step": job.start_step, "final_step": recipe_callbacks.step_of(model),
+      "total_steps": job.total, "accumulation_steps": cfg.accumulation_steps,
+      "updates": recipe_callbacks.updates_of(model),
       "steps_per_execution": cfg.steps_per_execution,
-      "steps_per_epoch": steps_per_epoch,
+      "steps_per_epoch": job.steps_per_epoch,
       "train_loss": metrics.get("loss"), "train_top_1": metrics.get("top_1"),
       "eval_loss": metrics.get("val_loss"), "eval_top_1": metrics.get("val_top_1"),
       "eval_top_5": metrics.get("val_top_5"),
-      "images_per_sec": logger.steady_images_per_sec,
+      "images_per_sec": job.logger.steady_images_per_sec,
       "loss_scale": (recipe_callbacks.number(model.optimizer.dynamic_scale)
                      if hasattr(model.optimizer, "dynamic_scale") else None),
       "packs": [p.as_dict() for p in plan or ()],
       "fit_epochs": fit_epochs,
-      "preempted": preemption.preempted_at is not None,
-      "model_dir": out_dir, "wall_seconds": time.perf_counter() - start_time,
+      "preempted": job.preemption.preempted_at is not None,
+      "model_dir": job.out_dir, "wall_seconds": time.perf_counter() - start_time,
   }
   _write_report(stats)
   return stats

@@ -5,7 +5,8 @@ so tests build their own and never touch global state. Flags are never mutated: 
 --preset supplies values for the flags the user did not give, in `resolve`.
 """
 
-import types
+import dataclasses
+from typing import Optional
 
 from absl import flags
 
@@ -243,15 +244,85 @@ def define_all(fv=flags.FLAGS):
       message="--preset is for another --model.", flag_values=fv)
 
 
-def resolve(fv):
+@dataclasses.dataclass(frozen=True)
+class RecipeConfig:
+  """The settings of one run: every recipe flag, typed, after the preset and checks.
+
+  Built by `resolve` from the parsed flags (whose validators have run); the library
+  never sees flags, only what `main.run` makes of this.
+  """
+
+  model: str
+  preset: Optional[str]
+  # data
+  data_dir: Optional[str]
+  tfds_data_dir: Optional[str]
+  tfds_manual_dir: Optional[str]
+  synthetic: bool
+  image_size: int
+  num_classes: int
+  num_train_examples: Optional[int]
+  num_eval_examples: Optional[int]
+  # schedule
+  batch_size: int
+  epochs: Optional[float]
+  train_steps: Optional[int]
+  base_lr: Optional[float]
+  warmup_epochs: float
+  warmup_given: bool          # the user (or the preset) chose warmup_epochs
+  poly_power: float
+  label_smoothing: float
+  epochs_between_evals: int
+  skip_eval: bool
+  accumulation_steps: int
+  steps_per_execution: int
+  # optimizer and precision
+  optimizer: str
+  weight_decay: float
+  lars_eta: float
+  momentum: float
+  dtype: str
+  loss_scale: str             # "dynamic" or a number
+  # communication
+  pack_bytes: Optional[int]   # None: auto
+  first_pack_bytes: int
+  cost_model_file: Optional[str]
+  autotune: str
+  backward_seconds: Optional[float]
+  compression: str
+  all_reduce_alg: str
+  cross_device_ops: str
+  tf_bytes_per_pack: int
+  # distribution and output
+  strategy: str
+  cluster_resolver: str
+  port_base: int
+  num_devices: Optional[int]
+  model_dir: str
+  profile_steps: str
+  stall_seconds: float
+  log_steps: int
+  seed: Optional[int]
+
+  def __post_init__(self):
+    if self.dtype not in DTYPES:
+      raise ValueError(f"dtype={self.dtype!r}; valid: {', '.join(DTYPES)}.")
+    if self.pack_bytes is not None and self.pack_bytes < 0:
+      raise ValueError(f"pack_bytes={self.pack_bytes} must be >= 0 or None (auto).")
+    if self.loss_scale != "dynamic" and not _float(self.loss_scale) > 0:
+      raise ValueError(f"loss_scale={self.loss_scale!r} must be 'dynamic' or a number > 0.")
+
+
+def resolve(fv) -> RecipeConfig:
   """The settings of a run: flag values, with the preset's where a flag was not given."""
   preset = PRESETS.get(fv.preset, {}) if fv.preset else {}
-  values = {name: fv[name].value for name in fv}
+  names = [f.name for f in dataclasses.fields(RecipeConfig)]
+  values = {name: fv[name].value for name in names if name != "warmup_given"}
   values.update({k: v for k, v in preset.items() if not fv[k].present})
   values["pack_bytes"] = pack_bytes_value(values["pack_bytes"])
   # A warm-up the user asked for must fit the run; the default may be shortened.
   values["warmup_given"] = fv["warmup_epochs"].present or "warmup_epochs" in preset
-  return types.SimpleNamespace(**values)
+  return RecipeConfig(**values)
 
 
 def _float(text):
