@@ -61,9 +61,9 @@ class LimitingCasesTest(tf.test.TestCase):
     self.assertAlmostEqual(sm.allreduce_seconds("ring", 100e6, hw, 32),
                            2 * 31 / 32 * 100e6 / 12.5e9)
 
-  def test_hybrid_takes_the_cheaper_per_pack(self):
+  def test_auto_takes_the_cheaper_per_pack(self):
     for nbytes in (1 << 10, 1 << 28):
-      self.assertEqual(sm.allreduce_seconds("hybrid", nbytes, P40, 256),
+      self.assertEqual(sm.allreduce_seconds("auto", nbytes, P40, 256),
                        min(sm.allreduce_seconds(s, nbytes, P40, 256)
                            for s in ("ring", "hierarchical")))
 
@@ -71,13 +71,13 @@ class LimitingCasesTest(tf.test.TestCase):
     layers = sm.resnet50_layers()
     done = list(range(len(layers)))
     params = sum(sum(l.tensors) for l in layers)
-    self.assertLen(sm.packs(layers, None, 4, done), 161)
+    self.assertLen(sm.packs(layers, sm.PER_TENSOR, 4, done), 161)
     self.assertEqual(sm.packs(layers, 0, 2, done), [(2.0 * params, 0)])
     fused = sm.packs(layers, 8 << 20, 2, done)
     self.assertEqual(sum(b for b, _ in fused), 2 * params)
     self.assertTrue(all(b <= 8 << 20 for b, _ in fused[:-1]))
     for gpus in (64, 2048):
-      config = sm.Config("hybrid", 8 << 20, True, True)
+      config = sm.Config("auto", 8 << 20, True, True)
       hidden = sm.step_seconds("resnet50", P40, gpus, 32, config)
       serial = sm.step_seconds("resnet50", P40, gpus, 32,
                                dataclasses.replace(config, overlap=False))

@@ -10,7 +10,8 @@ What one step costs (`step_seconds`):
 - compute: forward FLOPs x batch / (peak x efficiency); backward = 2 x forward, spread
   over the layers by their FLOPs and run last layer first;
 - gradients: one tensor per weight, in back-propagation order; fused into packs of up
-  to `pack_bytes` (a larger tensor goes alone; None = one collective per tensor), FP16
+  to `pack_bytes` (a larger tensor goes alone; PER_TENSOR = 1: one collective per
+  tensor; 0: one pack), FP16
   or FP32 on the wire;
 - each pack, in order, on one communication channel, starting when its last tensor
   exists and the previous pack is done (overlap) or after the backward pass (no overlap):
@@ -18,7 +19,8 @@ What one step costs (`step_seconds`):
                   its slowest hop is the network once there are several nodes)
     hierarchical  2 [(k-1) alpha_intra + (k-1)/k S / B_intra] + ring over the N/k node
                   masters (reduce in the node, all-reduce across nodes, broadcast back)
-    hybrid        the cheaper of the two, per pack (Jia et al. 2018)
+    auto          the cheaper of the two, per pack: the hybrid all-reduce of Jia et
+                  al. 2018 (FusionOptions(algorithm="auto"))
   with k GPUs per node. On one node the ring uses the intra-node constants.
 - time to train = steps x step time, steps = epochs x 1,281,167 / global batch.
 
@@ -38,7 +40,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 IMAGENET_TRAIN = 1_281_167
 GIB = 1 << 30
@@ -178,7 +180,10 @@ HARDWARE = {
             "intra_alpha, inter_alpha": "assumption: 3 us / 5 us per step"}),
 }
 
-SCHEMES = ("ring", "hierarchical", "hybrid")
+SCHEMES = ("ring", "hierarchical", "auto")
+# pack_bytes of one collective per tensor (FusionOptions' meaning: every tensor is
+# larger than 1 byte, so each goes alone).
+PER_TENSOR = 1
 
 
 def _ring(n, alpha, bw, nbytes):
@@ -193,7 +198,7 @@ def allreduce_seconds(scheme: str, nbytes: float, hw: Hardware, gpus: int) -> fl
     return 0.0
   k = min(hw.gpus_per_node, gpus)
   nodes = math.ceil(gpus / k)
-  if scheme == "hybrid":
+  if scheme == "auto":
     return min(allreduce_seconds(s, nbytes, hw, gpus) for s in ("ring", "hierarchical"))
   if nodes == 1:
     return _ring(gpus, hw.intra_alpha, hw.intra_bw, nbytes)
@@ -205,18 +210,18 @@ def allreduce_seconds(scheme: str, nbytes: float, hw: Hardware, gpus: int) -> fl
   raise ValueError(f"scheme={scheme!r}; valid: {', '.join(SCHEMES)}")
 
 
-def packs(layers: Sequence[Layer], pack_bytes: Optional[int], wire_bytes: int,
+def packs(layers: Sequence[Layer], pack_bytes: int, wire_bytes: int,
           backward_at: Sequence[float]) -> List[Tuple[float, float]]:
   """(bytes, ready seconds) per pack, in back-propagation order.
 
-  `backward_at[i]`: when layer i's backward pass is done. pack_bytes None: one per
-  tensor; 0: one pack.
+  `backward_at[i]`: when layer i's backward pass is done. pack_bytes PER_TENSOR: one
+  per tensor; 0: one pack.
   """
   out, size, ready = [], 0.0, 0.0
   for i in reversed(range(len(layers))):
     for n in reversed(layers[i].tensors):
       b = n * wire_bytes
-      if pack_bytes is None or (pack_bytes and size and size + b > pack_bytes):
+      if pack_bytes and size and size + b > pack_bytes:
         if size:
           out.append((size, ready))
         size = 0.0
@@ -229,8 +234,8 @@ def packs(layers: Sequence[Layer], pack_bytes: Optional[int], wire_bytes: int,
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  scheme: str = "hybrid"
-  pack_bytes: Optional[int] = 32 << 20
+  scheme: str = "auto"
+  pack_bytes: int = 32 << 20
   fp16_wire: bool = True
   overlap: bool = True
   dtype: str = "fp16"
@@ -276,15 +281,16 @@ def best_pack_bytes(model, hw, gpus, batch, config) -> int:
 
 
 def ours(model, hw, gpus, batch) -> Config:
-  """tf_fusion as the paper ran it: hybrid, fused (threshold tuned), FP16 wire, overlap."""
-  config = Config("hybrid", None, True, True, "fp16")
+  """tf_fusion as the paper ran it: auto (hybrid), fused (threshold tuned), FP16 wire,
+  overlap."""
+  config = Config("auto", PER_TENSOR, True, True, "fp16")
   return dataclasses.replace(config, pack_bytes=best_pack_bytes(model, hw, gpus, batch,
                                                                 config))
 
 
 # The paper's baseline: NCCL's ring over every GPU, one collective per tensor, FP32
 # gradients on the wire, FP16 compute.
-NCCL_BASELINE = Config("ring", None, False, True, "fp16")
+NCCL_BASELINE = Config("ring", PER_TENSOR, False, True, "fp16")
 
 
 def time_to_train(model, hw, gpus, global_batch, epochs, config=None) -> Dict[str, float]:
@@ -363,8 +369,8 @@ def schemes(model, hw, gpus, batch) -> Dict[str, Config]:
   out = {}
   for scheme, name in (("ring", "ring (fused, fp16)"),
                        ("hierarchical", "hierarchical (fused, fp16)"),
-                       ("hybrid", "hybrid = tf_fusion")):
-    config = Config(scheme, None, True, True, "fp16")
+                       ("auto", "auto (hybrid) = tf_fusion")):
+    config = Config(scheme, PER_TENSOR, True, True, "fp16")
     out[name] = dataclasses.replace(
         config, pack_bytes=best_pack_bytes(model, hw, gpus, batch, config))
   out["NCCL ring, per tensor, fp32"] = NCCL_BASELINE
