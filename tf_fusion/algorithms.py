@@ -34,15 +34,17 @@ def _ordered(devices, buffers, order, launch):
   return [order.after(d, r) for d, r in zip(devices, launch(buffers))]
 
 
-def _launch(group, buffers, watched, order):
+def _launch(group, buffers, carries_timeout, order):
   """group.all_reduce(buffers), in `order`."""
-  return _ordered(group.devices, buffers, order, lambda b: group.all_reduce(b, watched))
+  return _ordered(group.devices, buffers, order,
+                  lambda b: group.all_reduce(b, carries_timeout))
 
 
-def ring(buffers, collectives, finish=None, root=0, watched=False, order=None):
+def ring(buffers, collectives, finish=None, root=0, carries_timeout=False,
+         order=None):
   """All-reduce with TF's collective ops; `finish` runs on every device's result."""
   del root
-  reduced = _launch(collectives, buffers, watched, order)
+  reduced = _launch(collectives, buffers, carries_timeout, order)
   if finish is None:
     return reduced
   out = []
@@ -52,10 +54,11 @@ def ring(buffers, collectives, finish=None, root=0, watched=False, order=None):
   return out
 
 
-def nothing_to_reduce(buffers, collectives, finish=None, root=0, watched=False, order=None):
+def nothing_to_reduce(buffers, collectives, finish=None, root=0, carries_timeout=False,
+                      order=None):
   """For empty packs: nothing to add, so no collective (TF's CPU collective crashes
   on zero elements); each device keeps its own, equally empty, buffer."""
-  del root, watched, order
+  del root, carries_timeout, order
   out = []
   for device, b in zip(collectives.devices, buffers):
     with tf.device(device):
@@ -63,7 +66,8 @@ def nothing_to_reduce(buffers, collectives, finish=None, root=0, watched=False, 
   return out
 
 
-def reduce_to_one(buffers, collectives, finish=None, root=0, watched=False, order=None):
+def reduce_to_one(buffers, collectives, finish=None, root=0, carries_timeout=False,
+                  order=None):
   """Sums in device order onto one device, runs `finish` there once, copies back.
 
   The sum is a chain of binary adds, step k placed on device k: (((b0 + b1) + b2) + b3).
@@ -72,14 +76,14 @@ def reduce_to_one(buffers, collectives, finish=None, root=0, watched=False, orde
   reproducible); and a chain on one device is collapsed into an AddN by Grappler's
   arithmetic optimizer. A binary add is commutative, so its own buffer reuse cannot
   change a bit, and adds on different devices are never collapsed. On shared memory
-  the chain is also the fastest form measured (ResNet-50 gradients, 4 logical CPUs:
-  39.8 ms against 43.9 ms for AddN).
+  the chain was also faster than AddN when measured.
   """
-  del root, watched, order  # The order, hence the last device, is fixed; no collective.
+  del root, carries_timeout, order  # The order, so the last device, is fixed; no collective.
   return _sum_then_copy(buffers, collectives.devices, finish)
 
 
-def hierarchical(buffers, collectives, finish=None, root=0, watched=False, order=None):
+def hierarchical(buffers, collectives, finish=None, root=0, carries_timeout=False,
+                 order=None):
   """Jia et al. 2018, section 6: reduce inside the worker, all-reduce across workers,
   back to every device of the worker.
 
@@ -103,7 +107,7 @@ def hierarchical(buffers, collectives, finish=None, root=0, watched=False, order
     return _sum_then_copy(buffers, devices, finish)
   size = buffers[0].shape.num_elements()
   if len(devices) == 1 or size is None:
-    across = lambda total: _launch(collectives.across_workers(), [total], watched,
+    across = lambda total: _launch(collectives.across_workers(), [total], carries_timeout,
                                    order)[0]
     return _sum_then_copy(buffers, devices, finish, across)
   sums = _local_sums(buffers, collectives, order)
@@ -113,7 +117,7 @@ def hierarchical(buffers, collectives, finish=None, root=0, watched=False, order
     with tf.device(devices[i]):
       shard = tf.slice(sums[i], [start], [n])
       shard = _launch(collectives.shard_group(i), [shard],
-                      watched and i == len(sizes) - 1, order)[0]
+                      carries_timeout and i == len(sizes) - 1, order)[0]
       shards.append(finish(shard) if finish is not None else shard)
     start += n
   if len(shards) == 1:
@@ -167,9 +171,9 @@ _IMPLEMENTATIONS = {"ring": ring, "reduce_to_one": reduce_to_one,
                     "hierarchical": hierarchical, "none": nothing_to_reduce}
 
 
-def run(algorithm, buffers, collectives, finish=None, root=0, watched=False,
+def run(algorithm, buffers, collectives, finish=None, root=0, carries_timeout=False,
         order=None, sharded=False):
-  """Reduces one pack with `algorithm` (a key of _IMPLEMENTATIONS); `watched`: its
+  """Reduces one pack with `algorithm` (a key of _IMPLEMENTATIONS); `carries_timeout`: its
   collective carries the timeout (Collectives.all_reduce); `order`: a DeviceOrder for
   NCCL launches (or None).
 
@@ -185,7 +189,8 @@ def run(algorithm, buffers, collectives, finish=None, root=0, watched=False,
   if algorithm == "reduce_to_one" and collectives.num_workers > 1:
     raise ValueError("reduce_to_one stays on one worker; across workers use "
                      "hierarchical (its multi-worker form).")
-  out = fn(buffers, collectives, finish=finish, root=root, watched=watched, order=order)
+  out = fn(buffers, collectives, finish=finish, root=root, carries_timeout=carries_timeout,
+           order=order)
   if sharded:
     return [list(o) if isinstance(o, list) else [o] for o in out]
   whole = []

@@ -136,12 +136,12 @@ class Collectives:
     # No timeout by default: TF 2.21 gives every collective run with a timeout a thread
     # that sleeps for the whole timeout (tensorflow#62466), so timing every pack of
     # every step piles up (packs x devices x timeout / step time) threads until the
-    # process cannot start one more. Only "watched" calls carry the timeout (below).
+    # process cannot start one more. Only calls with carries_timeout carry it (below).
     self.implementation = _hint(self.devices, implementation)
     self._implementation = implementation
     self._options = tf.distribute.experimental.CommunicationOptions(
         implementation=self.implementation)
-    self._watched = tf.distribute.experimental.CommunicationOptions(
+    self._with_timeout = tf.distribute.experimental.CommunicationOptions(
         timeout_seconds=timeout_seconds)
     self._launchers = [_launcher(group_key, group_size, d, self._options)
                        for d in self.devices]
@@ -156,24 +156,24 @@ class Collectives:
         _COLLECTIVES_CACHE[key] = cls(devices, group_size, timeout_seconds, implementation)
       return _COLLECTIVES_CACHE[key]
 
-  def all_reduce(self, buffers: Sequence[tf.Tensor], watched: bool = False
+  def all_reduce(self, buffers: Sequence[tf.Tensor], carries_timeout: bool = False
                  ) -> List[tf.Tensor]:
     """Sums `buffers` (one per local device) across the whole group.
 
-    `watched`: this call carries the group's timeout. One watched collective per step,
+    `carries_timeout`: this call carries the group's timeout. One such collective per step,
     launched last, is enough: it cannot finish while a peer is dead or stuck, and its
     timeout aborts every pending collective of the step (TF's StartAbort).
     """
-    options = self._watched if watched and self._timeout_seconds else None
+    options = self._with_timeout if carries_timeout and self._timeout_seconds else None
     return [l.all_reduce(b, options=options) for l, b in zip(self._launchers, buffers)]
 
   def launcher(self, index):
     """The launcher of local device `index` (for per-replica, no-merge-call reductions)."""
     return self._launchers[index]
 
-  def launch(self, index, buffer, watched=False):
+  def launch(self, index, buffer, carries_timeout=False):
     """Local device `index`'s part of an all-reduce (the no-merge-call path)."""
-    options = self._watched if watched and self._timeout_seconds else None
+    options = self._with_timeout if carries_timeout and self._timeout_seconds else None
     return self._launchers[index].all_reduce(buffer, options=options)
 
   @property
@@ -197,7 +197,7 @@ class Collectives:
     """
     across = self.across_workers()
     with tf.init_scope(), tf.device(across.devices[0]):
-      return tf.function(lambda v: across.all_reduce([v], watched=True)[0])(
+      return tf.function(lambda v: across.all_reduce([v], carries_timeout=True)[0])(
           tf.constant(vector, tf.float64)).numpy()
 
 

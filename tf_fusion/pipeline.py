@@ -40,11 +40,11 @@ class AllDevicesLaunch:
     return algorithms.run(entry.algorithm, bounds, self.collectives, None,
                           order=self._order)
 
-  def pack(self, entry, buffers, finish, watched):
+  def pack(self, entry, buffers, finish, carries_timeout):
     """Pack `entry` reduced: per device, the list of its reduced shards."""
     return algorithms.run(entry.algorithm, buffers, self.collectives, finish=finish,
-                          root=entry.index, watched=watched, order=self._order,
-                          sharded=True)
+                          root=entry.index, carries_timeout=carries_timeout,
+                          order=self._order, sharded=True)
 
 
 class ReplicaLaunch:
@@ -59,10 +59,11 @@ class ReplicaLaunch:
     del entry
     return [self.collectives.launch(self._replica_id, bounds[0])]
 
-  def pack(self, entry, buffers, finish, watched):
+  def pack(self, entry, buffers, finish, carries_timeout):
     buffer = buffers[0]
     if entry.algorithm != "none":
-      buffer = self.collectives.launch(self._replica_id, buffer, watched=watched)
+      buffer = self.collectives.launch(self._replica_id, buffer,
+                                       carries_timeout=carries_timeout)
     return [[finish(buffer)]]
 
 
@@ -75,7 +76,7 @@ def reduce_packs(plan, per_device: List[List[tf.Tensor]], codec: compression.Pac
   Collectives.all_reduce): launched last, it cannot finish while a peer is gone.
   """
   outputs = [[None] * len(per_device[0]) for _ in per_device]
-  watched = max((e.index for e in plan if e.algorithm in _COLLECTIVE_ALGORITHMS),
+  last_collective = max((e.index for e in plan if e.algorithm in _COLLECTIVE_ALGORITHMS),
                 default=None)
   for entry in plan:
     with tf.name_scope(stats.pack_scope(entry)):
@@ -87,7 +88,7 @@ def reduce_packs(plan, per_device: List[List[tf.Tensor]], codec: compression.Pac
           buffer, ctx = codec.encode(p, sc)
           buffers.append(buffer)
       finish = codec.finisher(ctx, parts[0], scaled=scales[0] is not None)
-      reduced = launch.pack(entry, buffers, finish, entry.index == watched)
+      reduced = launch.pack(entry, buffers, finish, entry.index == last_collective)
       for d, device in enumerate(launch.devices):
         with _on(device):
           for i, part in zip(entry.tensor_indices,

@@ -13,7 +13,7 @@ Pure Python over specs and a cost model: no op is built here.
 """
 
 import dataclasses
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
@@ -156,13 +156,21 @@ def renumbered(plan, positions) -> Tuple[PackPlan, ...]:
       e, tensor_indices=tuple(positions[i] for i in e.tensor_indices)) for e in plan)
 
 
+class Assignment(NamedTuple):
+  """One pack with the algorithm `assign` gave it: the step between packing.Pack (which
+  tensors) and PackPlan (everything the plan says about the pack)."""
+  pack: packing.Pack
+  algorithm: str
+  predicted_seconds: Optional[float]
+
+
 def assign(packs: Sequence[packing.Pack],
            specs: Sequence[Tuple[tf.DType, tf.TensorShape]],
            wire_dtype,
            algorithm: str,
            model: Optional[cost_model.CostModel] = None,
            unknown_size_algorithm: str = "reduce_to_one",
-           ) -> List[Tuple[packing.Pack, str, Optional[float]]]:
+           ) -> List["Assignment"]:
   """Gives each pack an algorithm; under "auto", may split a pack into singletons.
 
   Args:
@@ -176,7 +184,7 @@ def assign(packs: Sequence[packing.Pack],
       worker, hierarchical on several).
 
   Returns:
-    (pack, algorithm, predicted seconds or None) in launch order. An empty pack
+    Assignment(pack, algorithm, predicted seconds or None) in launch order. An empty pack
     gets "none" (nothing to send); a pack of unknown size gets
     `unknown_size_algorithm`.
   """
@@ -185,13 +193,13 @@ def assign(packs: Sequence[packing.Pack],
   out = []
   for p in packs:
     if p.nbytes == 0:
-      out.append((p, "none", 0.0))
+      out.append(Assignment(p, "none", 0.0))
       continue
     if p.nbytes is None:
-      out.append((p, unknown_size_algorithm, None))
+      out.append(Assignment(p, unknown_size_algorithm, None))
       continue
     if algorithm != "auto":
-      out.append((p, algorithm, _predict(model, algorithm, p, specs, wire_dtype)))
+      out.append(Assignment(p, algorithm, _predict(model, algorithm, p, specs, wire_dtype)))
       continue
     fused_alg = _best(model, p, specs, wire_dtype)
     fused = _predict(model, fused_alg, p, specs, wire_dtype)
@@ -202,12 +210,12 @@ def assign(packs: Sequence[packing.Pack],
           packing.Pack(p.dtype, tuple(s.indices[0] for s in singles if not s.nbytes), 0)]
     singles = [(s, _best(model, s, specs, wire_dtype) if s.nbytes else "none")
                for s in singles]
-    split = [(s, a, _predict(model, a, s, specs, wire_dtype) if s.nbytes else 0.0)
+    split = [Assignment(s, a, _predict(model, a, s, specs, wire_dtype) if s.nbytes else 0.0)
              for s, a in singles]
     if len(split) > 1 and sum(t for _, _, t in split) < fused:
       out.extend(split)
     else:
-      out.append((p, fused_alg, fused))
+      out.append(Assignment(p, fused_alg, fused))
   return out
 
 
