@@ -151,6 +151,37 @@ class LarsExclusionTest(tf.test.TestCase):
       tf_fusion.LARS(0.1, eta=-1.0)
 
 
+class LarsOptimizerContractTest(tf.test.TestCase):
+  """What Keras's optimizers do and LARS must too (as Keras's own optimizer tests ask)."""
+
+  def test_raw_tf_variables_are_matched_by_name(self):
+    # A raw tf.Variable has no .path; Keras matches it by name. "bias" is excluded, so
+    # its step is plain momentum SGD: w - lr * g.
+    bias = tf.Variable([1.0, 2.0], name="bias")
+    kernel = tf.Variable([[3.0, 4.0]], name="kernel")
+    opt = tf_fusion.LARS(0.1, momentum=0.0, weight_decay=0.0, eta=0.001)
+    _apply(opt, [bias, kernel], [np.array([0.1, 0.2], np.float32),
+                                 np.array([[0.6, 0.8]], np.float32)])
+    self.assertFalse(opt.uses_layer_adaptation(bias))
+    self.assertTrue(opt.uses_layer_adaptation(kernel))
+    self.assertAllClose(bias.numpy(), [0.99, 1.98])
+    # ||w|| = 5, ||g|| = 1: trust 0.005, step 0.1 * 0.005 * g.
+    self.assertAllClose(kernel.numpy(), [[3.0 - 0.0003, 4.0 - 0.0004]], atol=1e-7)
+
+  def test_names_are_numbered_as_keras_does(self):
+    first, second = tf_fusion.LARS(), tf_fusion.LARS()
+    self.assertNotEqual(first.name, second.name)
+    self.assertTrue(first.name.startswith("lars"))
+    self.assertEqual(tf_fusion.LARS(name="mine").name, "mine")
+
+  def test_weight_decay_none_means_none(self):
+    w = keras.Variable(np.array([3.0, 4.0], np.float32), name="kernel")
+    opt = tf_fusion.LARS(0.1, momentum=0.0, weight_decay=None, eta=0.001)
+    _apply(opt, [w], [np.array([0.6, 0.8], np.float32)])
+    self.assertAllClose(w.numpy(), [3.0 - 0.0003, 4.0 - 0.0004], atol=1e-7)
+    self.assertEqual(tf_fusion.LARS.from_config(opt.get_config()).weight_decay, 0.0)
+
+
 class LarsKerasTest(tf.test.TestCase):
 
   def _data(self):

@@ -165,6 +165,20 @@ class SmallGradientTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(-theirs[0], np.full(4, 2e-8), rtol=2.0**-10, atol=0)
 
 
+class MisuseTest(tf.test.TestCase):
+
+  def test_loss_scale_wants_an_optimizer_instance(self):
+    with self.assertRaisesRegex(TypeError, "the class LARS"):
+      tf_fusion.mixed_precision.loss_scale(tf_fusion.LARS)
+    with self.assertRaisesRegex(TypeError, "got 'sgd'"):
+      tf_fusion.mixed_precision.loss_scale("sgd")
+    # The class was not touched: a LARS made afterwards still takes its own steps.
+    w = keras.Variable(np.array([1.0], np.float32), name="bias")
+    opt = tf_fusion.LARS(1.0, momentum=0.0)
+    opt.apply([tf.constant([0.5])], [w])
+    self.assertAllClose(w.numpy(), [0.5])
+
+
 class PolicyTest(tf.test.TestCase):
 
   def tearDown(self):

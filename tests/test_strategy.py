@@ -34,7 +34,12 @@ class StrategyTest(tf.test.TestCase):
     self.assertLen(want, conftest.NUM_DEVICES)
     self.assertEqual(tf_fusion.strategy.logical_cpu_devices(2), want[:2])
     self.assertEqual(tf_fusion.strategy.logical_cpu_devices(conftest.NUM_DEVICES), want)
-    self.assertEqual(tf_fusion.strategy.logical_cpu_devices(conftest.NUM_DEVICES + 4), want)
+    with self.assertRaisesRegex(ValueError, "already started with 4 CPU device"):
+      tf_fusion.strategy.logical_cpu_devices(conftest.NUM_DEVICES + 4)
+
+  def test_options_given_where_the_devices_go_are_refused(self):
+    with self.assertRaisesRegex(TypeError, "options=FusionOptions"):
+      tf_fusion.mirrored_strategy(tf_fusion.FusionOptions())
 
   def test_mirrored_strategy_reduces_with_fused_all_reduce(self):
     options = tf_fusion.FusionOptions(algorithm="ring", pack_bytes=1 << 20)

@@ -19,6 +19,7 @@ from tf_fusion import packing
 from tf_fusion.algorithms import LOCAL_ALGORITHMS
 from tf_fusion.algorithms import run
 from tf_fusion.collectives import Collectives
+from tf_fusion.collectives import run_as_graph
 from tf_fusion.cost_model import CostModel
 
 
@@ -90,7 +91,7 @@ def _per_unit_seconds(unit, inputs, low, repeats):
   """
   def timed(k):
     fn = tf.function(lambda: [unit(x) for x in inputs[:k]])
-    return _median_seconds(fn, repeats)
+    return _median_seconds(lambda: run_as_graph(fn), repeats)
   return max(timed(3 * low) - timed(low), 0.0) / (2 * low)
 
 

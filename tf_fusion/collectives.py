@@ -197,8 +197,8 @@ class Collectives:
     """
     across = self.across_workers()
     with tf.init_scope(), tf.device(across.devices[0]):
-      return tf.function(lambda v: across.all_reduce([v], carries_timeout=True)[0])(
-          tf.constant(vector, tf.float64)).numpy()
+      fn = tf.function(lambda v: across.all_reduce([v], carries_timeout=True)[0])
+      return run_as_graph(fn, tf.constant(vector, tf.float64)).numpy()
 
 
 class DeviceOrder:
@@ -230,6 +230,29 @@ class DeviceOrder:
     return tensor
 
 
+
+
+_EAGER_SWITCH = threading.Lock()
+
+
+def run_as_graph(fn, *args):
+  """Calls the tf.function `fn` as a graph, also under
+  `tf.config.run_functions_eagerly(True)`.
+
+  A collective waits until every device of its group has launched it. Run eagerly, a
+  function launches the first device's and waits for ever for the others, which the
+  same Python thread would launch next: a hang with no error. Users switch eager
+  functions on to debug their own code; tf_fusion's collectives still run as the one
+  graph they need (the switch is off for the call, on again after it).
+  """
+  if not tf.config.functions_run_eagerly():
+    return fn(*args)
+  with _EAGER_SWITCH:
+    tf.config.run_functions_eagerly(False)
+    try:
+      return fn(*args)
+    finally:
+      tf.config.run_functions_eagerly(True)
 
 
 @contextlib.contextmanager

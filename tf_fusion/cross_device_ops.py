@@ -27,6 +27,7 @@ from tf_fusion.agreement import Agreement
 from tf_fusion.collectives import Collectives
 from tf_fusion.collectives import canonical_devices
 from tf_fusion.collectives import explain_errors
+from tf_fusion.collectives import run_as_graph
 from tf_fusion.cost_model import CostModel
 from tf_fusion.options import CallSettings
 from tf_fusion.options import FusionOptions
@@ -199,7 +200,7 @@ class FusedAllReduce(tf_internal.CrossDeviceOpsHooks, tf.distribute.CrossDeviceO
         self._eager_fns[key] = tf.function(functools.partial(
             self._reduce_dense, reduce_op, devices, plan, call))
       with explain_errors(self.num_workers, call.timeout_seconds):
-        outputs = self._eager_fns[key](per_device)
+        outputs = run_as_graph(self._eager_fns[key], per_device)
       # A tf.function called eagerly names its call's device as every output's
       # `.device`, though each buffer stays where it was computed (`backing_device`);
       # an identity on the replica's own device re-homes it without a copy.

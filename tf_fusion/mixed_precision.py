@@ -58,7 +58,16 @@ def needs_loss_scaling(policy=None):
 
 
 def loss_scale(optimizer, initial_scale=2.0**15, dynamic_growth_steps=2000):
-  """Wraps `optimizer` in the all-reduce-aware dynamic loss scaling below."""
+  """Wraps `optimizer` in the all-reduce-aware dynamic loss scaling below.
+
+  Raises:
+    TypeError: `optimizer` is not a Keras optimizer instance (a class, a name).
+  """
+  if not isinstance(optimizer, keras.optimizers.Optimizer):
+    what = (f"the class {optimizer.__name__}" if isinstance(optimizer, type)
+            else repr(optimizer))
+    raise TypeError(f"loss_scale takes a Keras optimizer instance, e.g. "
+                    f"loss_scale(tf_fusion.LARS(0.1)), got {what}.")
   if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
     raise ValueError(f"{optimizer.name} is already loss-scaled; wrap the inner optimizer.")
   return LossScaleOptimizer(optimizer, initial_scale=initial_scale,

@@ -26,6 +26,7 @@ from tf_fusion import stats
 from tf_fusion.collectives import Collectives
 from tf_fusion.collectives import canonical_devices
 from tf_fusion.collectives import explain_errors
+from tf_fusion.collectives import run_as_graph
 from tf_fusion.compression import Compression
 from tf_fusion.cost_model import CostModel
 from tf_fusion.options import FusionOptions
@@ -186,7 +187,7 @@ class Planner:
         fn = tf.function(functools.partial(reduce_fn, plan, collectives.devices))
         with explain_errors(collectives.num_workers, opts.timeout_seconds):
           return float(np.median(calibration.time_calls(
-              lambda: fn(buffers), repeats=3, warmup=2)[1]))
+              lambda: run_as_graph(fn, buffers), repeats=3, warmup=2)[1]))
 
       across = None
       if collectives.num_workers > 1:   # the same choice everywhere

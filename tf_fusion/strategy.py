@@ -38,6 +38,9 @@ def mirrored_strategy(devices: Optional[Sequence[str]] = None,
     >>> with strategy.scope():
     ...   model = make_model()
   """
+  if isinstance(devices, FusionOptions):
+    raise TypeError("mirrored_strategy's first argument is the device list; pass the "
+                    "options by name: mirrored_strategy(options=FusionOptions(...)).")
   ops = FusedAllReduce(options, cost_model=cost_model)
   return _MirroredStrategy(devices, cross_device_ops=ops)
 
@@ -160,11 +163,19 @@ def logical_cpu_devices(n: int) -> List[str]:
   names, "/job:localhost/replica:0/task:0/device:CPU:i" style as TF lists them.
 
   Must run before TensorFlow starts its runtime (the first op); afterwards the split
-  cannot change, and this returns the CPU devices there are, which may be fewer (the
-  strategies then say what is missing).
+  cannot change.
+
+  Raises:
+    ValueError: TensorFlow has already started with fewer than `n` CPU devices.
   """
   split_cpu(n)
-  return [d.name for d in tf.config.list_logical_devices("CPU")][:n]
+  found = [d.name for d in tf.config.list_logical_devices("CPU")][:n]
+  if len(found) < n:
+    raise ValueError(
+        f"logical_cpu_devices({n}): TensorFlow has already started with {len(found)} CPU "
+        "device(s), and the split cannot change once it runs: call it first, before "
+        "any TensorFlow op (or tf.config.set_logical_device_configuration).")
+  return found
 
 
 def split_cpu(n: int) -> None:

@@ -84,6 +84,31 @@ def non_finite_step(loss_scale_optimizer):
   return loss_scale_optimizer._stateful_handle_non_finite_grads  # pylint: disable=protected-access
 
 
+def variable_key(optimizer, variable):
+  """The key `optimizer` tracks `variable` by (its slots, exclusion sets)."""
+  return optimizer._var_key(variable)  # pylint: disable=protected-access
+
+
+def variable_index(optimizer, variable) -> int:
+  """`variable`'s position among the variables `optimizer` was built for."""
+  return optimizer._get_variable_index(variable)  # pylint: disable=protected-access
+
+
+def variable_path(variable) -> str:
+  """What Keras matches exclusion patterns against: a Keras variable's path, a raw
+  tf.Variable's name (it has no path)."""
+  return getattr(variable, "path", None) or variable.name
+
+
+class WithoutDecoupledWeightDecay:
+  """Optimizer mixin: Keras's decoupled weight decay (`weight_decay` applied apart from
+  the update) is not applied; the optimizer couples its weight decay into its own
+  update instead (LARS, LAMB after their papers)."""
+
+  def _apply_weight_decay(self, variables):
+    del variables
+
+
 # --- BackupAndRestore -----------------------------------------------------------------
 
 def backup_metadata_path(backup) -> str:

@@ -16,6 +16,8 @@ import re
 import keras
 from keras import ops
 
+from tf_fusion._internal import keras as keras_internal
+
 DEFAULT_EXCLUSIONS = ("bias", "beta", "gamma", "batch_norm")
 
 
@@ -40,7 +42,7 @@ def _patterns(name, value):
 
 
 @keras.saving.register_keras_serializable(package="tf_fusion")
-class LARS(keras.optimizers.Optimizer):
+class LARS(keras_internal.WithoutDecoupledWeightDecay, keras.optimizers.Optimizer):
   """Momentum SGD with a per-variable trust ratio (LARS), computed in FP32.
 
   For each variable w with gradient g (after the all-reduce, after unscaling):
@@ -66,7 +68,7 @@ class LARS(keras.optimizers.Optimizer):
   Args:
     learning_rate: float or a keras LearningRateSchedule.
     momentum: float in [0, 1).
-    weight_decay: float >= 0, the L2 coefficient used by LARS.
+    weight_decay: float >= 0, the L2 coefficient used by LARS; None: 0 (no decay).
     eta: trust coefficient (0.001 in the paper).
     epsilon: added to the trust-ratio denominator.
     nesterov: Nesterov momentum.
@@ -85,8 +87,11 @@ class LARS(keras.optimizers.Optimizer):
                nesterov=False,
                exclude_from_weight_decay=DEFAULT_EXCLUSIONS,
                exclude_from_layer_adaptation=None,
-               name="lars",
+               name=None,
                **kwargs):
+    if weight_decay is None:   # as Keras's SGD, Lion and Lamb take it: no decay
+      weight_decay = 0.0
+    # name None: Keras numbers it, "lars", "lars_1", ...
     super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, name=name,
                      **kwargs)
     for arg, value in (("momentum", momentum), ("weight_decay", weight_decay),
@@ -109,14 +114,14 @@ class LARS(keras.optimizers.Optimizer):
   def exclude_from_weight_decay(self, var_list=None, var_names=None):
     """Adds variables (objects or name regexes) to the weight-decay exclusions."""
     self._check_not_built("exclude_from_weight_decay")
-    self._decay_excluded_ids.update(self._var_key(v) for v in var_list or ())
+    self._decay_excluded_ids.update(keras_internal.variable_key(self, v) for v in var_list or ())
     self._decay_patterns = (self._decay_patterns or ()) + (
         _patterns("exclude_from_weight_decay", var_names) or ())
 
   def exclude_from_layer_adaptation(self, var_list=None, var_names=None):
     """Adds variables (objects or name regexes) to the trust-ratio exclusions."""
     self._check_not_built("exclude_from_layer_adaptation")
-    self._adapt_excluded_ids.update(self._var_key(v) for v in var_list or ())
+    self._adapt_excluded_ids.update(keras_internal.variable_key(self, v) for v in var_list or ())
     self._adapt_patterns = (self._adapt_patterns or ()) + (
         _patterns("exclude_from_layer_adaptation", var_names) or ())
 
@@ -129,7 +134,7 @@ class LARS(keras.optimizers.Optimizer):
   def _matches(patterns, ids, variable, key):
     if key in ids:
       return True
-    return any(re.search(p, variable.path) for p in patterns or ())
+    return any(re.search(p, keras_internal.variable_path(variable)) for p in patterns or ())
 
   def build(self, variables):
     """Adds a momentum slot per variable and fixes each variable's exclusions."""
@@ -140,7 +145,7 @@ class LARS(keras.optimizers.Optimizer):
                       if self.momentum else [])
     self._use_decay, self._use_adaptation = [], []
     for v in variables:
-      key = self._var_key(v)
+      key = keras_internal.variable_key(self, v)
       no_decay = self._matches(self._decay_patterns, self._decay_excluded_ids, v, key)
       if self._adapt_patterns is None and not self._adapt_excluded_ids:
         no_adapt = no_decay
@@ -151,20 +156,15 @@ class LARS(keras.optimizers.Optimizer):
 
   def uses_weight_decay(self, variable):
     """Whether LARS applies weight decay to `variable` (after build)."""
-    return self._use_decay[self._get_variable_index(variable)]
+    return self._use_decay[keras_internal.variable_index(self, variable)]
 
   def uses_layer_adaptation(self, variable):
     """Whether LARS scales `variable`'s step by its trust ratio (after build)."""
-    return self._use_adaptation[self._get_variable_index(variable)]
-
-  def _apply_weight_decay(self, variables):
-    # Keras's decoupled decay would apply weight_decay a second time; LARS couples it
-    # into the update below.
-    del variables
+    return self._use_adaptation[keras_internal.variable_index(self, variable)]
 
   def update_step(self, gradient, variable, learning_rate):
     """One LARS step for one variable; all arithmetic in FP32."""
-    index = self._get_variable_index(variable)
+    index = keras_internal.variable_index(self, variable)
     w = ops.cast(variable, "float32")
     g = ops.cast(ops.convert_to_tensor(gradient), "float32")
     lr = ops.cast(learning_rate, "float32")
