@@ -87,13 +87,19 @@ class RecipeTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "--steps_per_execution=3 must divide"):
       main.run(parse(self._argv(steps_per_execution=3, **argv)))
 
-  def test_quick_run_with_the_default_warm_up(self):
+  def test_quick_run_with_the_default_warm_up_and_a_short_evaluation(self):
     # 5 warm-up epochs by default: longer than 3 steps, so shortened (and logged).
-    argv = [a for a in self._argv(synthetic=True, num_train_examples=64,
-                                  num_eval_examples=16, train_steps=3)
+    # Synthetic data and no --num_eval_examples: 3 eval steps (as many as training's),
+    # not 50,000 images, and the evaluation says how long it is and how far it got.
+    argv = [a for a in self._argv(synthetic=True, num_train_examples=64, train_steps=3)
             if not a.startswith("--warmup_epochs")]
-    stats = main.run(parse(argv))
+    with self.assertLogs("absl", "INFO") as logs:
+      stats = main.run(parse(argv))
     self._check(stats, steps=3)
+    self.assertEqual(stats["eval_steps"], 3)
+    said = "\n".join(logs.output)
+    self.assertIn("evaluating: 3 steps, 24 images", said)
+    self.assertRegex(said, r"eval step 3/3: [\d.]+ images/s, 0 s left")
     self.assertEqual(stats["fit_epochs"], [0, 1])   # Keras shows "Epoch 1/1"
     # The plan is a table in a file, not a log line; the full stats sit beside it.
     with open(os.path.join(stats["model_dir"], "plan.txt")) as f:

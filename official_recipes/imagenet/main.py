@@ -161,6 +161,10 @@ def plan_steps(cfg, n_train, n_eval, global_batch):
   if not cfg.skip_eval and eval_steps < 1:
     raise ValueError(f"The validation set has {n_eval} examples, fewer than one global "
                      f"batch (--batch_size={global_batch}); use --skip_eval.")
+  if cfg.synthetic and cfg.num_eval_examples is None:
+    # Random images measure speed, not accuracy: a smoke run of a few steps should not
+    # evaluate 50,000 of them. --num_eval_examples asks for more.
+    eval_steps = min(eval_steps, total)
   return steps_per_epoch, total, warmup, eval_steps
 
 
@@ -257,17 +261,19 @@ def _build(cfg) -> _Job:
     raise ValueError(
         f"--steps_per_execution={cfg.steps_per_execution} must divide the steps between "
         f"evaluations ({loop}) and the steps left to run ({total - start_step}).")
-  logger, preemption, callbacks = _callbacks(cfg, model, backup, total, out_dir)
+  logger, preemption, callbacks = _callbacks(cfg, model, backup, total, eval_steps,
+                                             out_dir)
   return _Job(strategy, model, backup, logger, preemption, callbacks, train, evaluation,
               steps_per_epoch, total, eval_steps, loop, start_step, out_dir)
 
 
-def _callbacks(cfg, model, backup, total, out_dir):
+def _callbacks(cfg, model, backup, total, eval_steps, out_dir):
   """(step logger, preemption handler, every callback of fit in order)."""
   logger = recipe_callbacks.StepLogger(cfg.batch_size, cfg.log_steps, total,
                                        os.path.join(out_dir, "steps"))
+  progress = recipe_callbacks.EvalProgress(cfg.batch_size, cfg.log_steps, eval_steps)
   # First: the checkpoint written at an epoch's end then holds the replicas' average.
-  callbacks = [tf_fusion.callbacks.SyncMovingStatistics(), backup, logger,
+  callbacks = [tf_fusion.callbacks.SyncMovingStatistics(), backup, logger, progress,
                recipe_callbacks.StopAtStep(total),
                keras.callbacks.TensorBoard(out_dir, write_graph=False, profile_batch=0)]
   if cfg.stall_seconds:
@@ -308,7 +314,9 @@ def _report(cfg, job: _Job, history, fit_epochs, start_time):
   metrics = {k: v[-1] for k, v in history.items()}
   if job.evaluation is not None and "val_top_1" not in metrics:
     metrics.update({f"val_{k}": v for k, v in model.evaluate(
-        job.evaluation, steps=job.eval_steps, verbose=0, return_dict=True).items()})
+        job.evaluation, steps=job.eval_steps, verbose=0, return_dict=True,
+        callbacks=[c for c in job.callbacks
+                   if isinstance(c, recipe_callbacks.EvalProgress)]).items()})
   ops = tf_fusion.fused_ops_of(job.strategy)
   plan = ops.last_plan if ops is not None else ()
   stats = {
@@ -316,7 +324,8 @@ def _report(cfg, job: _Job, history, fit_epochs, start_time):
       "num_replicas": job.strategy.num_replicas_in_sync,
       "global_batch_size": cfg.batch_size, "dtype": cfg.dtype,
       "start_step": job.start_step, "final_step": recipe_callbacks.step_of(model),
-      "total_steps": job.total, "accumulation_steps": cfg.accumulation_steps,
+      "total_steps": job.total, "eval_steps": job.eval_steps,
+      "accumulation_steps": cfg.accumulation_steps,
       "updates": recipe_callbacks.updates_of(model),
       "steps_per_execution": cfg.steps_per_execution,
       "steps_per_epoch": job.steps_per_epoch,
