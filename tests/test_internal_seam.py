@@ -149,6 +149,22 @@ class TensorFlowSeamTest(tf.test.TestCase):
     tf.function(lambda: strategy.run(step))()
     self.assertEqual(seen, [False, True, False, True])
 
+  def test_in_replica_step_in_replica_threads_and_their_merge_calls(self):
+    self.assertFalse(tf_internal.in_replica_step())
+    strategy = tf_fusion.mirrored_strategy(helpers.devices(2))
+    seen = []
+
+    def merge(distribution):
+      del distribution
+      seen.append(("merge", tf_internal.in_replica_step()))
+
+    def step():
+      seen.append(("replica", tf_internal.in_replica_step()))
+      tf.distribute.get_replica_context().merge_call(merge)
+    tf.function(lambda: strategy.run(step))()
+    self.assertEqual(seen, [("replica", True), ("replica", True), ("merge", True)])
+    self.assertFalse(tf_internal.in_replica_step())
+
   def test_strategy_accessors(self):
     ops = tf.distribute.ReductionToOneDevice()
     strategy = tf.distribute.MirroredStrategy(helpers.devices(2), cross_device_ops=ops)
@@ -195,6 +211,44 @@ class KerasSeamTest(tf.test.TestCase):
     self.assertTrue(keras_internal.has_all_reduce_step(opt))
     keras_internal.skip_all_reduce(opt, lambda pairs: "skipped")
     self.assertEqual(opt._all_reduce_sum_gradients([]), "skipped")  # pylint: disable=protected-access
+
+  def test_all_reduce_skipped(self):
+    opt, _ = self._sgd()
+    self.assertFalse(keras_internal.all_reduce_skipped(opt))
+    keras_internal.skip_all_reduce(opt, list)
+    self.assertTrue(keras_internal.all_reduce_skipped(opt))
+
+  def test_wrapped_steps_are_the_ones_apply_runs(self):
+    """tf_fusion's wrappers (installed at import) sit on the methods Keras's `apply`
+    calls: clipping, the optimizer's all-reduce, LossScaleOptimizer.apply."""
+    calls = []
+    for name in ("_clip_gradients", "_all_reduce_sum_gradients"):
+      method = getattr(keras.optimizers.Optimizer, name)
+      self.assertIsNotNone(getattr(method, "_tf_fusion_wrapper", None), name)
+    self.assertIsNotNone(getattr(keras.optimizers.LossScaleOptimizer.apply,
+                                 "_tf_fusion_wrapper", None))
+
+    def spy(name):
+      def wrapper(original, optimizer, *args):
+        calls.append(name)
+        return original(optimizer, *args)
+      return wrapper
+
+    saved = {n: getattr(keras.optimizers.Optimizer, n)
+             for n in ("_clip_gradients", "_all_reduce_sum_gradients")}
+    saved_apply = keras.optimizers.LossScaleOptimizer.apply
+    try:
+      keras_internal.wrap_clip_gradients(spy("clip"))
+      keras_internal.wrap_all_reduce_gradients(spy("all_reduce"))
+      keras_internal.wrap_loss_scale_apply(spy("loss_scale_apply"))
+      v = keras.Variable([1.0, 2.0], name="w")
+      opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.5))
+      opt.apply([tf.constant([0.5, 0.5])], [v])
+    finally:
+      for name, method in saved.items():
+        setattr(keras.optimizers.Optimizer, name, method)
+      keras.optimizers.LossScaleOptimizer.apply = saved_apply
+    self.assertEqual(calls, ["loss_scale_apply", "clip", "all_reduce"])
 
   def test_clip_decay_update_match_apply(self):
     g = tf.constant([3.0, 4.0])

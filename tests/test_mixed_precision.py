@@ -9,19 +9,26 @@ import tf_fusion
 from tests import helpers
 
 
-def _step(n, per_replica_grads, compression="none", keras_lso=False, scale=2.0**15):
+def _step(n, per_replica_grads, compression="none", keras_lso=False, scale=2.0**15,
+          stock=False):
   """One apply_gradients of SGD(lr=1) on w = 0 with loss sum(w * c_r) on replica r.
 
   The gradient on replica r is c_r (times the loss scale), so the reduced, unscaled
   gradient is sum_r c_r and the new weight is -sum_r c_r (exact in float32 even for
   tiny gradients, which 1 - g would round away).
 
+  `stock`: TensorFlow's MirroredStrategy and reduction (no tf_fusion anywhere).
+
   Returns:
     (weights on every replica, loss scale after, inner-optimizer iterations after).
   """
-  ops = tf_fusion.FusedAllReduce(tf_fusion.FusionOptions(compression=compression,
-                                                         algorithm="ring"))
-  strategy = tf.distribute.MirroredStrategy(helpers.devices(n), cross_device_ops=ops)
+  if stock:
+    strategy = tf_fusion.strategy.tf_mirrored_strategy(
+        helpers.devices(n), tf.distribute.ReductionToOneDevice())
+  else:
+    ops = tf_fusion.FusedAllReduce(tf_fusion.FusionOptions(compression=compression,
+                                                           algorithm="ring"))
+    strategy = tf.distribute.MirroredStrategy(helpers.devices(n), cross_device_ops=ops)
   size = per_replica_grads[0].size
   with strategy.scope():
     w = keras.Variable(np.zeros(size, np.float32), name="w")
@@ -61,16 +68,26 @@ class GlobalFinitenessTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(scale, 2.0**14)            # the scale dropped once
     self.assertEqual(iterations, 0)
 
-  def test_keras_loss_scale_optimizer_applies_it(self):
+  def test_keras_loss_scale_optimizer_applies_it_under_tensorflows_strategy(self):
     """The control: Keras 3.15 decides from replica 0 and writes -inf into the weights.
 
     If this starts failing, Keras fixed its LossScaleOptimizer: keep ours (it also keeps
-    the wire scaled) but update README's note.
+    the wire scaled) but update docs/keras.md.
     """
     grads = [np.full(3, 0.25, np.float32) for _ in range(2)]
     grads[1][1] = np.inf
-    weights, _, _ = _step(2, grads, keras_lso=True)
+    weights, _, _ = _step(2, grads, keras_lso=True, stock=True)
     self.assertFalse(np.all(np.isfinite(weights[0])))
+
+  def test_keras_loss_scale_optimizer_skips_it_under_tf_fusion(self):
+    """Keras's own LossScaleOptimizer (as compile adds it) over tf_fusion's reduction
+    decides on the reduced gradients too."""
+    grads = [np.full(3, 0.25, np.float32) for _ in range(2)]
+    grads[1][1] = np.inf
+    weights, scale, _ = _step(2, grads, keras_lso=True)
+    for w in weights:
+      self.assertAllEqual(w, np.zeros(3))
+    self.assertEqual(scale, 2.0**14)
 
   def test_finite_step_applies_the_reduced_unscaled_mean(self):
     rng = np.random.RandomState(0)

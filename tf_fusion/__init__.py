@@ -21,6 +21,10 @@ from tf_fusion.strategy import fused_ops_of
 from tf_fusion.strategy import mirrored_strategy
 from tf_fusion.strategy import multi_worker_strategy
 
+from tf_fusion import keras_paths as _keras_paths
+
+_keras_paths.install()
+
 __version__ = "0.1.0"
 
 __all__ = [

@@ -13,13 +13,22 @@ bytes (Jia et al. 2018, technique 8):
   reduction divides it back out, exactly. Under loss scaling this keeps the loss-scaled
   values in range whatever the scale, and an inf or NaN passes unchanged, so the
   loss-scale optimizer still sees it and skips the step.
+
+What rides the wire: gradients. Inside a replica step of tf_fusion's strategies, a
+reduction is compressed only when an optimizer reduces its gradients
+(`gradient_reduction`); every other one there (SyncBatchNorm's moment sums, where
+E[x^2] - E[x]^2 cancels, a user's own `all_reduce` of statistics) is exact. A direct
+call of the cross-device ops from cross-replica context is taken at its word.
 """
 
+import contextlib
 import math
+import threading
 
 import tensorflow as tf
 
 from tf_fusion import packing
+from tf_fusion._internal import tf as tf_internal
 
 # The largest magnitude a range-scaled fp16 sum may reach: half of float16's maximum
 # (65504), so floor(log2(.)) computed in float32 can never land one power too high.
@@ -217,6 +226,38 @@ class PackCodec:
     if scales is None:
       return parts
     return scale_from_wire(parts, 1.0 / (scales * float(self.divisor)), like)
+
+
+_gradient_reductions = [0]
+_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def gradient_reduction():
+  """Reductions made inside are an optimizer's gradients: they ride the configured
+  wire. Counted process-wide, not per thread: under merge_call the reduction runs in
+  another thread than the replica that asked for it, while every replica waits at
+  the same call."""
+  with _lock:
+    _gradient_reductions[0] += 1
+  try:
+    yield
+  finally:
+    with _lock:
+      _gradient_reductions[0] -= 1
+
+
+def reducing_gradients() -> bool:
+  """Whether a `gradient_reduction` is open."""
+  return _gradient_reductions[0] > 0
+
+
+def may_compress(compressor) -> bool:
+  """Whether a reduction made now may ride `compressor`'s wire: not inside a replica
+  step unless it reduces gradients. The others go exact, through TensorFlow's own
+  reduction, unfused (they are few and small: SyncBN's moments, statistics)."""
+  return (compressor is Compression.none or not tf_internal.in_replica_step()
+          or reducing_gradients())
 
 
 class Compression:

@@ -135,9 +135,10 @@ class FusedAllReduce(tf_internal.CrossDeviceOpsHooks, tf.distribute.CrossDeviceO
     reduce_op = tf.distribute.ReduceOp(reduce_op)
     results = [None] * len(value_destination_pairs)
     fused = []
+    exact = not compression.may_compress(self._compressor)
     with self._lock:
       for i, (value, dest) in enumerate(value_destination_pairs):
-        if self._fusible(value, dest):
+        if not exact and self._fusible(value, dest):
           fused.append(i)
         else:
           results[i] = self._fallback.reduce_implementation(reduce_op, value, dest,
@@ -278,8 +279,9 @@ class FusedAllReduce(tf_internal.CrossDeviceOpsHooks, tf.distribute.CrossDeviceO
     collectives = self._collectives(devices, call)
     outputs = list(flat)
     fused = []
+    exact = not compression.may_compress(self._compressor)
     for i, t in enumerate(flat):
-      if isinstance(t, tf.IndexedSlices) or t.dtype not in _FUSIBLE_DTYPES:
+      if exact or isinstance(t, tf.IndexedSlices) or t.dtype not in _FUSIBLE_DTYPES:
         outputs[i] = _reduce_unfused(collectives.launcher(replica_id), t, reduce_op,
                                      collectives.group_size)
       else:

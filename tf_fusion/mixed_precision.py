@@ -28,6 +28,7 @@ import keras
 from keras import ops
 import tensorflow as tf
 
+from tf_fusion import compression
 from tf_fusion._internal import keras as keras_internal
 from tf_fusion._internal import tf as tf_internal
 
@@ -106,7 +107,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
 
   Same state, schedule and config as keras.optimizers.LossScaleOptimizer (it is one, so
   `compile` does not wrap it again); under a tf.distribute strategy, `apply` reduces
-  first, then unscales and checks finiteness on the reduced values.
+  first, then unscales and checks finiteness on the reduced values (`_ReducedFirst`).
   """
 
   def __init__(self, inner_optimizer, *args, **kwargs):
@@ -116,21 +117,61 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
   def apply(self, grads, trainable_variables=None):
     if not tf.distribute.has_strategy():
       return super().apply(grads, trainable_variables)
+    return _ReducedFirst(self).apply(grads, trainable_variables)
+
+  def check_finite(self, grads):
+    """Whether every gradient (the values of IndexedSlices too) is finite."""
+    return _all_finite(grads)
+
+
+def reduce_first(loss_scale_optimizer, grads, trainable_variables=None):
+  """Keras's own LossScaleOptimizer stepped as tf_fusion's (under tf_fusion's
+  strategies, the one `compile` adds under mixed_float16): reduce the scaled gradients,
+  unscale, decide finiteness on the reduced values."""
+  inner = loss_scale_optimizer.inner_optimizer
+  if not keras_internal.all_reduce_skipped(inner):
+    _never_reduce_again(inner)
+  return _ReducedFirst(loss_scale_optimizer).apply(grads, trainable_variables)
+
+
+def _all_finite(grads):
+  values = [g.values if isinstance(g, tf.IndexedSlices) else g
+            for g in grads if g is not None]
+  return ops.all(ops.convert_to_tensor([ops.all(ops.isfinite(v)) for v in values]))
+
+
+class _ReducedFirst:
+  """One step of a LossScaleOptimizer `lso` under a strategy, reduced first.
+
+  The scaled gradients are all-reduced (on the 16-bit wire, if any, while still scaled),
+  unscaled once in FP32, and tested for inf/NaN after the reduction, which every replica
+  holds identically: an overflow on any replica skips the step on all and halves the
+  scale. The scale grows by one per batch whose step was finite, as on one device
+  (under gradient accumulation, by the window's batches at its update).
+  """
+
+  def __init__(self, lso):
+    self.lso = lso
+    self.inner = lso.inner_optimizer
+
+  def apply(self, grads, trainable_variables=None):
+    """The step (replica context); None, as Keras's apply."""
+    lso = self.lso
     if tf.distribute.in_cross_replica_context():
       raise ValueError("apply() must be called in a replica context.")
-    if not self.built:
-      with keras.name_scope(self.name, caller=self):
-        self.build(trainable_variables)
-      self.built = True
-    variables = list(trainable_variables or keras_internal.tracked_variables(self))
-    if self.inner_optimizer.gradient_accumulation_steps:
+    if not lso.built:
+      with keras.name_scope(lso.name, caller=lso):
+        lso.build(trainable_variables)
+      lso.built = True
+    variables = list(trainable_variables or keras_internal.tracked_variables(lso))
+    if self.inner.gradient_accumulation_steps:
       self._accumulating_apply(list(grads), variables)
       return None
     grads = self._unscale(self._all_reduce_scaled(list(grads)), variables)
-    finite = self.check_finite(grads)
+    finite = _all_finite(grads)
     if tf_internal.strategy_reduces_without_merge_call():
       ops.cond(finite, lambda: self._finite_step(grads, trainable_variables),
-               keras_internal.non_finite_step(self))
+               keras_internal.non_finite_step(lso))
       return None
     tf.distribute.get_replica_context().merge_call(
         self._cross_replica_apply, args=(grads, finite, trainable_variables))
@@ -144,14 +185,17 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     the window, loss-scaled on the wire as every step here is, and decides finiteness
     on the reduced values: an inf or NaN in any micro-batch of any replica reached the
     accumulators, hence the reduced sum, so every replica skips the update and lowers
-    the scale. Either way the accumulators restart at zero and the window goes on
-    counting (the inner optimizer's `_iterations`, micro-steps; its `iterations`
-    counts updates, and so do learning-rate schedules).
+    the scale once (one device would lower it at that batch and still apply the
+    window's finite batches: the one difference, since deciding per micro-batch would
+    cost a collective per batch). Either way the accumulators restart at zero and the
+    window goes on counting (the inner optimizer's `_iterations`, micro-steps; its
+    `iterations` counts updates, and so do learning-rate schedules). A finite update
+    grows the scale by the window's batches, as one device counts them.
 
     The all-reduce runs inside a cond of the replica function, where MirroredStrategy
     cannot merge_call; tf_fusion's strategies launch it per replica there.
     """
-    inner = self.inner_optimizer
+    inner = self.inner
     steps = inner.gradient_accumulation_steps
     pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
     grads, variables = [g for g, _ in pairs], [v for _, v in pairs]
@@ -160,12 +204,12 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
 
     def update():
       window = [(g + a) / steps for g, a in zip(local, accumulators)]
-      scale = self.dynamic_scale
+      scale = self.lso.dynamic_scale
       reduced = self._unscale(self._all_reduce_scaled(
           [w * ops.cast(scale, w.dtype) for w in window]), variables)
-      ops.cond(self.check_finite(reduced),
-               lambda: self._inner_update(reduced, variables),
-               keras_internal.non_finite_step(self))
+      ops.cond(_all_finite(reduced),
+               lambda: self._inner_update(reduced, variables, steps),
+               keras_internal.non_finite_step(self.lso))
       keras_internal.reset_accumulators(inner)
 
     def accumulate():
@@ -175,64 +219,58 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     ops.cond(ops.equal((batches + 1) % steps, 0), update, accumulate)
     batches.assign_add(1)
 
-  def _inner_update(self, grads, variables):
+  def _inner_update(self, grads, variables, batches):
     """The inner optimizer's update on reduced, unscaled gradients, as Keras runs it
     at the end of an accumulation window (clip, weight decay, update step)."""
-    inner = self.inner_optimizer
+    inner = self.inner
     grads = keras_internal.clip_gradients(inner, grads)
     keras_internal.apply_weight_decay(inner, variables)
     keras_internal.update_step(inner, grads, variables)
-    self._grow_scale()
+    self._grow_scale(batches)
 
   def _all_reduce_scaled(self, grads):
     """SUM all-reduce of the loss-scaled gradients (None entries kept)."""
     present = [g for g in grads if g is not None]
     if not present:
       return grads
-    reduced = iter(tf.distribute.get_replica_context().all_reduce(
-        tf.distribute.ReduceOp.SUM, present))
+    with compression.gradient_reduction():
+      reduced = iter(tf.distribute.get_replica_context().all_reduce(
+          tf.distribute.ReduceOp.SUM, present))
     return [None if g is None else next(reduced) for g in grads]
 
   def _unscale(self, grads, variables):
     """Divides by the loss scale once, in at least FP32, after the reduction."""
     out = []
+    scale = self.lso.dynamic_scale
     for g, v in zip(grads, variables):
-      if g is None or keras_internal.overwrites_with_gradient(self, v):
+      if g is None or keras_internal.overwrites_with_gradient(self.lso, v):
         out.append(g)
         continue
       dtype = g.dtype if g.dtype.size >= 4 else tf.float32
       if isinstance(g, tf.IndexedSlices):
-        out.append(tf.IndexedSlices(tf.cast(g.values, dtype) / tf.cast(self.dynamic_scale, dtype),
+        out.append(tf.IndexedSlices(tf.cast(g.values, dtype) / tf.cast(scale, dtype),
                                     g.indices, g.dense_shape))
       else:
-        out.append(tf.cast(g, dtype) / tf.cast(self.dynamic_scale, dtype))
+        out.append(tf.cast(g, dtype) / tf.cast(scale, dtype))
     return out
-
-  def check_finite(self, grads):
-    """Whether every gradient (the values of IndexedSlices too) is finite."""
-    values = [g.values if isinstance(g, tf.IndexedSlices) else g
-              for g in grads if g is not None]
-    return super().check_finite(values)
 
   def _apply_reduced(self, grads, trainable_variables):
     """Replica context: the inner step on already-reduced, unscaled gradients."""
-    self.inner_optimizer.apply(grads, trainable_variables=trainable_variables)
+    self.inner.apply(grads, trainable_variables=trainable_variables)
 
   def _finite_step(self, grads, trainable_variables):
     self._apply_reduced(grads, trainable_variables)
-    self._grow_scale()
+    self._grow_scale(1)
 
-  def _grow_scale(self):
-    """After a finite step: double the scale every dynamic_growth_steps steps."""
-    def upscale():
-      self.step_counter.assign(0)
-      self.dynamic_scale.assign(self.dynamic_scale * 2.0)
-
-    def increment():
-      self.step_counter.assign_add(1)
-
-    ops.cond(ops.equal(self.step_counter, self.dynamic_growth_steps - 1), upscale,
-             increment)
+  def _grow_scale(self, batches):
+    """After `batches` finite batches: the scale doubles each time the count of finite
+    batches reaches dynamic_growth_steps (Keras's rule, one batch at a time)."""
+    lso = self.lso
+    total = lso.step_counter + batches
+    growth = lso.dynamic_growth_steps
+    lso.step_counter.assign(total % growth)
+    lso.dynamic_scale.assign(lso.dynamic_scale * ops.power(
+        2.0, ops.cast(total // growth, "float32")))
 
   def _cross_replica_apply(self, distribution, grads, finite, trainable_variables):
     # The reduced gradients are the same on every replica, hence so is `finite`; the
@@ -243,8 +281,8 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     def apply_fn():
       distribution.extended.call_for_each_replica(
           self._apply_reduced, args=(grads, trainable_variables))
-      self._grow_scale()
+      self._grow_scale(1)
 
     # The cond runs in cross-replica context: a branch that calls merge_call (the inner
     # optimizer does) cannot live in a replica-context cond.
-    ops.cond(finite, apply_fn, keras_internal.non_finite_step(self))
+    ops.cond(finite, apply_fn, keras_internal.non_finite_step(self.lso))

@@ -30,6 +30,11 @@ def skip_all_reduce(optimizer, replacement) -> None:
   optimizer._all_reduce_sum_gradients = replacement  # pylint: disable=protected-access
 
 
+def all_reduce_skipped(optimizer) -> bool:
+  """Whether `skip_all_reduce` was applied to `optimizer` (a wrapper reduces for it)."""
+  return "_all_reduce_sum_gradients" in vars(optimizer)
+
+
 def clip_gradients(optimizer, grads):
   """`optimizer`'s clipnorm / clipvalue / global_clipnorm applied to `grads`."""
   return optimizer._clip_gradients(grads)  # pylint: disable=protected-access
@@ -107,6 +112,41 @@ class WithoutDecoupledWeightDecay:
 
   def _apply_weight_decay(self, variables):
     del variables
+
+
+# --- Keras's steps, wrapped ----------------------------------------------------------
+
+def _wrap(owner, name, wrapper):
+  """Makes `owner.name(self, *args)` call `wrapper(original, self, *args)`; once."""
+  original = getattr(owner, name)
+  if getattr(original, "_tf_fusion_wrapper", None) is wrapper:
+    return
+
+  def method(self, *args, **kwargs):
+    return wrapper(original, self, *args, **kwargs)
+
+  method._tf_fusion_wrapper = wrapper  # pylint: disable=protected-access
+  method.__doc__ = original.__doc__
+  method.__name__ = name
+  setattr(owner, name, method)
+
+
+def wrap_clip_gradients(wrapper) -> None:
+  """Every Keras optimizer's clipping (clipnorm, clipvalue, global_clipnorm) goes
+  through `wrapper(original, optimizer, grads)`."""
+  _wrap(keras.optimizers.Optimizer, "_clip_gradients", wrapper)
+
+
+def wrap_all_reduce_gradients(wrapper) -> None:
+  """Every Keras optimizer's own all-reduce of its gradients (replica context, before
+  the update) goes through `wrapper(original, optimizer, grads_and_vars)`."""
+  _wrap(keras.optimizers.Optimizer, "_all_reduce_sum_gradients", wrapper)
+
+
+def wrap_loss_scale_apply(wrapper) -> None:
+  """keras.optimizers.LossScaleOptimizer.apply (the one `compile` adds under
+  mixed_float16) goes through `wrapper(original, lso, grads, trainable_variables)`."""
+  _wrap(keras.optimizers.LossScaleOptimizer, "apply", wrapper)
 
 
 # --- BackupAndRestore -----------------------------------------------------------------

@@ -184,6 +184,17 @@ def merge_call_impossible() -> bool:
           and tf.compat.v1.get_default_graph() is not thread.graph)
 
 
+_replica_steps = [0]   # replica steps running (strategy.run) in this process
+
+
+def in_replica_step() -> bool:
+  """Whether a replica function of tf_fusion's strategies is running: in one of its
+  replica threads, or in a merge_call made from one (which runs in the caller's
+  thread while the replicas wait)."""
+  return (_replica_steps[0] > 0 or isinstance(threading.current_thread(),
+                                              _mirrored_run._MirroredReplicaThread))  # pylint: disable=protected-access
+
+
 def strategy_reduces_without_merge_call() -> bool:
   """Whether the strategy in scope all-reduces in replica context without merge_call."""
   return tf.__internal__.distribute.strategy_supports_no_merge_call()
@@ -204,6 +215,13 @@ class _ReplicaLaunchWhereNeeded:
 
   def _use_merge_call(self):
     return super()._use_merge_call() and not merge_call_impossible()  # pytype: disable=attribute-error
+
+  def _call_for_each_replica(self, fn, args, kwargs):
+    _replica_steps[0] += 1
+    try:
+      return super()._call_for_each_replica(fn, args, kwargs)  # pytype: disable=attribute-error
+    finally:
+      _replica_steps[0] -= 1
 
   def _get_cross_device_ops(self, value):
     if not self._use_merge_call():

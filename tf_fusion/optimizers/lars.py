@@ -113,22 +113,30 @@ class LARS(keras_internal.WithoutDecoupledWeightDecay, keras.optimizers.Optimize
 
   def exclude_from_weight_decay(self, var_list=None, var_names=None):
     """Adds variables (objects or name regexes) to the weight-decay exclusions."""
-    self._check_not_built("exclude_from_weight_decay")
-    self._decay_excluded_ids.update(keras_internal.variable_key(self, v) for v in var_list or ())
-    self._decay_patterns = (self._decay_patterns or ()) + (
-        _patterns("exclude_from_weight_decay", var_names) or ())
+    self._decay_patterns = self._exclude("exclude_from_weight_decay",
+                                         self._decay_excluded_ids, self._decay_patterns,
+                                         var_list, var_names)
 
   def exclude_from_layer_adaptation(self, var_list=None, var_names=None):
     """Adds variables (objects or name regexes) to the trust-ratio exclusions."""
-    self._check_not_built("exclude_from_layer_adaptation")
-    self._adapt_excluded_ids.update(keras_internal.variable_key(self, v) for v in var_list or ())
-    self._adapt_patterns = (self._adapt_patterns or ()) + (
-        _patterns("exclude_from_layer_adaptation", var_names) or ())
+    self._adapt_patterns = self._exclude("exclude_from_layer_adaptation",
+                                         self._adapt_excluded_ids, self._adapt_patterns,
+                                         var_list, var_names)
 
-  def _check_not_built(self, what):
+  def _exclude(self, what, ids, patterns, var_list, var_names):
+    """`patterns` with `var_names` added, `ids` updated in place. After the build only
+    a repeat of what is already excluded is taken (every replica of a strategy makes
+    the same call, as Keras's own exclusions allow); anything new is refused, since
+    each variable's exclusions are fixed when the optimizer is built."""
+    new_ids = {keras_internal.variable_key(self, v) for v in var_list or ()}
+    new_patterns = _patterns(what, var_names) or ()
     if self.built:
+      if new_ids <= ids and set(new_patterns) <= set(patterns or ()):
+        return patterns
       raise ValueError(f"LARS.{what}() must be called before the optimizer is built "
                        "(before the first step).")
+    ids.update(new_ids)
+    return (patterns or ()) + new_patterns if new_patterns else patterns
 
   @staticmethod
   def _matches(patterns, ids, variable, key):

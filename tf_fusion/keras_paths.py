@@ -1,0 +1,78 @@
+"""What tf_fusion's strategies change in Keras's own training step, so that the code
+Keras users write trains as on one device.
+
+Keras (3.15) on the TensorFlow backend does three things per replica, before the
+all-reduce, that one device does on the whole batch:
+- it clips each replica's gradient (`clipnorm`, `clipvalue`, `global_clipnorm`) and
+  then sums the clipped parts (tensorflow#33929 calls that "usually wrong");
+- under `mixed_float16`, `compile` wraps the optimizer in Keras's LossScaleOptimizer,
+  which unscales before the reduction (small gradients then underflow a 16-bit wire)
+  and decides on overflow from replica 0's gradients alone (an inf on replica 1 is
+  applied, and poisons the weights);
+- nothing tells the cross-device ops which reductions are gradients, so the 16-bit
+  wire would carry SyncBatchNorm's moment sums too.
+
+Under a strategy that reduces with tf_fusion (`fused_ops_of(strategy)` is not None),
+`install()` makes Keras's optimizers reduce first and clip the reduced gradient,
+steps Keras's LossScaleOptimizer as `tf_fusion.mixed_precision` does (reduce scaled,
+unscale, one decision for all), and marks gradient reductions for the wire. Under any
+other strategy, and with no strategy, Keras's steps run unchanged.
+"""
+
+import tensorflow as tf
+
+from tf_fusion import compression
+from tf_fusion import mixed_precision
+from tf_fusion import strategy as strategy_lib
+from tf_fusion._internal import keras as keras_internal
+
+
+def install() -> None:
+  """Routes Keras's clip, all-reduce and loss-scaled apply through this module (once
+  per process; `import tf_fusion` does it)."""
+  keras_internal.wrap_clip_gradients(_clip)
+  keras_internal.wrap_all_reduce_gradients(_all_reduce)
+  keras_internal.wrap_loss_scale_apply(_loss_scaled_apply)
+
+
+def under_fused_strategy() -> bool:
+  """Whether this is a replica context of a strategy that reduces with tf_fusion."""
+  if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
+    return False
+  return strategy_lib.fused_ops_of(tf.distribute.get_strategy()) is not None
+
+
+def _clips(optimizer) -> bool:
+  return bool(optimizer.clipnorm or optimizer.clipvalue or optimizer.global_clipnorm)
+
+
+def _reduces_before_clipping(optimizer) -> bool:
+  """Whether `optimizer` should sum its gradients in `_clip`: it clips, under a fused
+  strategy, and no wrapper (tf_fusion's loss scaling) has reduced them already."""
+  return (_clips(optimizer) and not keras_internal.all_reduce_skipped(optimizer)
+          and under_fused_strategy())
+
+
+def _clip(original, optimizer, grads):
+  if not _reduces_before_clipping(optimizer):
+    return original(optimizer, grads)
+  present = [g for g in grads if g is not None]
+  if present:
+    with compression.gradient_reduction():
+      reduced = iter(tf.distribute.get_replica_context().all_reduce(
+          tf.distribute.ReduceOp.SUM, present))
+    grads = [None if g is None else next(reduced) for g in grads]
+  return original(optimizer, grads)
+
+
+def _all_reduce(original, optimizer, grads_and_vars):
+  if _reduces_before_clipping(optimizer):
+    return list(grads_and_vars)   # summed in _clip, before clipping
+  with compression.gradient_reduction():
+    return original(optimizer, grads_and_vars)
+
+
+def _loss_scaled_apply(original, lso, grads, trainable_variables=None):
+  if not under_fused_strategy():
+    return original(lso, grads, trainable_variables)
+  return mixed_precision.reduce_first(lso, grads, trainable_variables)
