@@ -6,6 +6,7 @@ from absl import logging
 import tensorflow as tf
 
 from tf_fusion import collectives
+from tf_fusion import no_communication
 from tf_fusion._internal import tf as tf_internal
 from tf_fusion.cross_device_ops import FusedAllReduce
 from tf_fusion.cross_device_ops import MultiWorkerFusedAllReduce
@@ -144,6 +145,25 @@ def tf_multi_worker_strategy(bytes_per_pack: int = 0,
   """
   return _multi_worker(cluster_resolver, devices_per_worker, bytes_per_pack=bytes_per_pack,
                        timeout_seconds=timeout_seconds)
+
+
+def no_communication_strategy(devices: Optional[Sequence[str]] = None,
+                              multi_worker: bool = False, cluster_resolver=None,
+                              devices_per_worker: Optional[int] = None
+                              ) -> tf.distribute.Strategy:
+  """MEASUREMENT ONLY: the strategy of `mirrored_strategy(devices)` (or, with
+  `multi_worker`, of `multi_worker_strategy`) with no cross-replica communication: each
+  replica applies its own gradients (`tf_fusion.no_communication`). Its step time is the
+  floor that scaling efficiency is measured against; it does not train a correct model.
+  """
+  logging.warning("tf_fusion.strategy.no_communication_strategy: %s",
+                  no_communication.WARNING)
+  if not multi_worker:
+    return _MirroredStrategy(devices, cross_device_ops=no_communication.NoCommunication())
+  strategy = _multi_worker(cluster_resolver, devices_per_worker)
+  tf_internal.set_cross_device_ops(
+      strategy, no_communication.NoCommunication(num_workers(strategy)))
+  return strategy
 
 
 def _multi_worker(cluster_resolver, devices_per_worker, **communication):

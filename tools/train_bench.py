@@ -1,12 +1,17 @@
 """Training benchmark: the ImageNet recipe end to end, tf_fusion against TensorFlow's own
-reduction (the recipe's --cross_device_ops=tf), side by side.
+reduction (the recipe's --cross_device_ops=tf) and the no-communication floor
+(--cross_device_ops=none), side by side.
 
 Each run is the recipe in fresh processes on synthetic images (one host with --devices
 logical CPU replicas, or --workers processes on 127.0.0.1 through tf_fusion.launch),
-everything equal but who reduces the gradients. Runs alternate between the two (A B,
-then B A, ...), so that drift on a noisy machine hits both alike; every configuration
+everything equal but who reduces the gradients. Runs alternate between the sides (A B C,
+then C B A, ...), so that drift on a noisy machine hits all alike; every configuration
 runs --reps times and the table gives the median of the steady images/s (the recipe's
-step logs after the first window, which holds tracing) and the ratio tf_fusion / TF.
+step logs after the first window, which holds tracing), the ratio tf_fusion / TF, and
+each side's scaling efficiency: its images/s over the floor's. The floor runs the same
+step with no cross-replica communication (each replica applies its own gradients: a
+measurement, not a training run), so efficiency is what communication costs on top of
+the step's compute, as Horovod and Goyal et al. report it.
 With --profile, one more run of each configuration traces a few steps and reports the
 communication time per step and how much of it overlapped compute (tools.profile_step:
 tf_fusion's packs by their name scopes, TF's by its collective ops; asynchronous
@@ -29,7 +34,8 @@ import time
 
 from tools import bench_lib
 
-SIDES = ("tf_fusion", "tf")
+SIDES = ("tf_fusion", "tf", "none")   # "none": the no-communication floor
+COMMUNICATING = ("tf_fusion", "tf")
 # Per model: image size, global batch, steps. Small images keep the CPU's compute near
 # what the reduction costs, as on GPUs at full size.
 MODELS = {"resnet50": dict(image_size=32, batch_size=64, steps=24),
@@ -43,6 +49,8 @@ def parse_args(argv=None):
   p.add_argument("--models", default="resnet50,alexnet_bn",
                  help=f"comma-separated: {', '.join(MODELS)}")
   p.add_argument("--reps", type=int, default=3, help="runs per configuration")
+  p.add_argument("--sides", default=",".join(SIDES),
+                 help=f"comma-separated, of {', '.join(SIDES)} (none: the floor)")
   p.add_argument("--steps", type=int, default=0, help="steps per run (default: per model)")
   p.add_argument("--log_steps", type=int, default=4, help="steps per images/s window")
   p.add_argument("--profile", action="store_true",
@@ -58,6 +66,9 @@ def parse_args(argv=None):
   if any(len(l) != 2 or min(l) < 1 or l[0] * l[1] < 2 for l in args.layouts):
     p.error("each layout needs >= 1 worker, >= 1 device and >= 2 replicas in all")
   args.models = args.models.split(",")
+  args.sides = tuple(args.sides.split(","))
+  if set(args.sides) - set(SIDES) or not args.sides:
+    p.error(f"--sides takes {', '.join(SIDES)}, got {args.sides}")
   unknown = set(args.models) - set(MODELS)
   if unknown:
     p.error(f"unknown --models {sorted(unknown)}; valid: {', '.join(MODELS)}")
@@ -141,20 +152,26 @@ def summarize(runs):
       row[side] = dict(median=statistics.median(rates) if rates else None, runs=rates)
     a, b = row["tf_fusion"]["median"], row["tf"]["median"]
     row["ratio"] = a / b if a and b else None
+    floor = row["none"]["median"]
+    row["efficiency"] = {side: row[side]["median"] / floor
+                         for side in COMMUNICATING if floor and row[side]["median"]}
     rows.append(row)
   return rows
 
 
 def print_table(rows, profiles):
   print(f"\n{'layout':>7s} {'model':>11s} {'tf_fusion img/s':>16s} {'TF img/s':>9s} "
-        f"{'ratio':>6s}  runs (tf_fusion | TF)")
+        f"{'floor img/s':>11s} {'ratio':>6s} {'eff tf_fusion':>13s} {'eff TF':>7s}  "
+        "runs (tf_fusion | TF | floor)")
   for r in rows:
     fmt = lambda v: f"{v:.1f}" if v else "-"
-    ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
+    two = lambda v: f"{v:.2f}" if v else "-"
+    eff = r.get("efficiency", {})
     print(f"{r['layout']:>7s} {r['model']:>11s} {fmt(r['tf_fusion']['median']):>16s} "
-          f"{fmt(r['tf']['median']):>9s} {ratio:>6s}  "
-          f"{', '.join(fmt(x) for x in r['tf_fusion']['runs'])} | "
-          f"{', '.join(fmt(x) for x in r['tf']['runs'])}")
+          f"{fmt(r['tf']['median']):>9s} {fmt(r['none']['median']):>11s} "
+          f"{two(r['ratio']):>6s} {two(eff.get('tf_fusion')):>13s} "
+          f"{two(eff.get('tf')):>7s}  "
+          + " | ".join(", ".join(fmt(x) for x in r[side]["runs"]) for side in SIDES))
   if profiles:
     print(f"\n{'layout':>7s} {'model':>11s} {'side':>9s} {'step ms':>8s} {'comm ms':>8s} "
           f"{'overlap ms':>10s} {'hidden':>7s} {'in flight':>9s} {'exposed':>8s} "
@@ -176,11 +193,12 @@ def plot(rows, path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(1.8 * len(rows) + 3, 4))
-  width = 0.38
+  width = 0.27
+  labels = {"tf_fusion": "tf_fusion", "tf": "TensorFlow's own reduction",
+            "none": "no communication (floor)"}
   for k, side in enumerate(SIDES):
-    xs = [i + (k - 0.5) * width for i in range(len(rows))]
-    ax.bar(xs, [r[side]["median"] or 0 for r in rows], width,
-           label="tf_fusion" if side == "tf_fusion" else "TensorFlow's own reduction")
+    xs = [i + (k - 1) * width for i in range(len(rows))]
+    ax.bar(xs, [r[side]["median"] or 0 for r in rows], width, label=labels[side])
     for x, r in zip(xs, rows):
       ax.plot([x] * len(r[side]["runs"]), r[side]["runs"], "k.", ms=4)
   ax.set_xticks(range(len(rows)),
@@ -215,7 +233,7 @@ def main(argv=None):
   for rep in range(args.reps):
     for workers, devices in args.layouts:
       for model in args.models:
-        sides = SIDES if order % 2 == 0 else SIDES[::-1]
+        sides = args.sides if order % 2 == 0 else args.sides[::-1]
         order += 1
         for side in sides:
           steps = args.steps or MODELS[model]["steps"]
@@ -234,7 +252,7 @@ def main(argv=None):
   if args.profile:
     for workers, devices in args.layouts:
       for model in args.models:
-        for side in SIDES:
+        for side in [s for s in args.sides if s in COMMUNICATING]:
           steps = args.steps or MODELS[model]["steps"]
           what = dict(layout=f"{workers}x{devices}", model=model, side=side)
           stats = attempt(dict(what, profile=True), lambda: run_once(

@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import time
+from typing import Optional
 
 # TensorFlow's C++ start-up INFO lines (oneDNN, CUDA stubs, CPU features) say nothing
 # a user of the recipe can act on; warnings and errors still show. Set before import.
@@ -56,6 +57,9 @@ def make_strategy(cfg):
   if cfg.strategy == "multi_worker":
     # Before anything touches the GPUs: under Slurm this sets each task's share.
     resolver = tf_fusion.cluster.resolver(cfg.cluster_resolver, cfg.port_base)
+    if cfg.cross_device_ops == "none":
+      return tf_fusion.strategy.no_communication_strategy(
+          multi_worker=True, cluster_resolver=resolver, devices_per_worker=cfg.num_devices)
     if cfg.cross_device_ops == "tf":
       return tf_fusion.strategy.tf_multi_worker_strategy(
           cfg.tf_bytes_per_pack, options.timeout_seconds, cluster_resolver=resolver,
@@ -80,6 +84,8 @@ def make_strategy(cfg):
                        "MirroredStrategy (keras-team/keras#20582); it needs "
                        "--cross_device_ops=tf_fusion.")
     return tf.distribute.MirroredStrategy([d.name for d in devices[:n]])
+  if cfg.cross_device_ops == "none":
+    return tf_fusion.strategy.no_communication_strategy([d.name for d in devices[:n]])
   return tf_fusion.mirrored_strategy([d.name for d in devices[:n]], options)
 
 
@@ -198,9 +204,9 @@ class _Job:
   """What `_build` makes of a config, for `_fit` and `_report`."""
   strategy: tf.distribute.Strategy
   model: keras.Model
-  backup: keras.callbacks.BackupAndRestore
+  backup: Optional[keras.callbacks.BackupAndRestore]   # None: --cross_device_ops=none
   logger: recipe_callbacks.StepLogger
-  preemption: tf_fusion.SaveOnPreemption
+  preemption: Optional[tf_fusion.SaveOnPreemption]
   callbacks: list
   train: object
   evaluation: object
@@ -247,9 +253,14 @@ def _build(cfg) -> _Job:
                   metrics=[keras.metrics.CategoricalAccuracy(name="top_1"),
                            keras.metrics.TopKCategoricalAccuracy(5, name="top_5")],
                   jit_compile=False, steps_per_execution=cfg.steps_per_execution)
-  backup = keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup"),
-                                            delete_checkpoint=False)
-  start_step = _restore(model, strategy, backup)
+  if cfg.cross_device_ops == "none":
+    # The floor: replicas drift apart, so there is nothing worth saving or resuming.
+    logging.warning("--cross_device_ops=none: %s", tf_fusion.no_communication.WARNING)
+    backup, start_step = None, 0
+  else:
+    backup = keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup"),
+                                              delete_checkpoint=False)
+    start_step = _restore(model, strategy, backup)
   logging.info("%s on %d replicas, global batch %d (x%d per update), %d steps per "
                "epoch; steps %d..%d, peak lr %.4g after %d warm-up steps", cfg.model,
                replicas, cfg.batch_size, per_update, steps_per_epoch, start_step, total,
@@ -268,20 +279,25 @@ def _build(cfg) -> _Job:
 
 
 def _callbacks(cfg, model, backup, total, eval_steps, out_dir):
-  """(step logger, preemption handler, every callback of fit in order)."""
+  """(step logger, preemption handler, every callback of fit in order). When `backup` is
+  None (the floor), no backup, no preemption handler, no averaging of statistics:
+  nothing is saved and nothing communicated."""
   logger = recipe_callbacks.StepLogger(cfg.batch_size, cfg.log_steps, total,
                                        os.path.join(out_dir, "steps"))
   progress = recipe_callbacks.EvalProgress(cfg.batch_size, cfg.log_steps, eval_steps)
   # First: the checkpoint written at an epoch's end then holds the replicas' average.
-  callbacks = [tf_fusion.callbacks.SyncMovingStatistics(), backup, logger, progress,
-               recipe_callbacks.StopAtStep(total),
-               keras.callbacks.TensorBoard(out_dir, write_graph=False, profile_batch=0)]
+  callbacks = ([tf_fusion.callbacks.SyncMovingStatistics(), backup]
+               if backup is not None else [])
+  callbacks += [logger, progress, recipe_callbacks.StopAtStep(total),
+                keras.callbacks.TensorBoard(out_dir, write_graph=False, profile_batch=0)]
   if cfg.stall_seconds:
     callbacks.append(tf_fusion.StallWatch(cfg.stall_seconds))
-  # SIGTERM (Slurm before its time limit, Kubernetes before an eviction): every worker
-  # saves at one agreed step, and the rerun resumes from that step.
-  preemption = tf_fusion.SaveOnPreemption(save=lambda: _save_now(model, backup))
-  callbacks.append(preemption)
+  preemption = None
+  if backup is not None:
+    # SIGTERM (Slurm before its time limit, Kubernetes before an eviction): every
+    # worker saves at one agreed step, and the rerun resumes from that step.
+    preemption = tf_fusion.SaveOnPreemption(save=lambda: _save_now(model, backup))
+    callbacks.append(preemption)
   profile = recipe_flags.profile_range(cfg.profile_steps)
   if profile:
     callbacks.append(recipe_callbacks.Profiler(*profile, out_dir))
@@ -337,7 +353,7 @@ def _report(cfg, job: _Job, history, fit_epochs, start_time):
                      if hasattr(model.optimizer, "dynamic_scale") else None),
       "packs": [p.as_dict() for p in plan or ()],
       "fit_epochs": fit_epochs,
-      "preempted": job.preemption.preempted_at is not None,
+      "preempted": job.preemption is not None and job.preemption.preempted_at is not None,
       "model_dir": job.out_dir, "wall_seconds": time.perf_counter() - start_time,
   }
   _write_report(stats)
@@ -348,7 +364,7 @@ def _first_epoch(backup, start_step, loop):
   """The epoch fit starts at: the one BackupAndRestore will restore (it overrides
   fit's initial_epoch), else the evaluation interval the restored step falls in. With
   it fit's epoch count, and so Keras's "Epoch i/N", is the run's real one."""
-  epoch = tf_fusion.callbacks.backup_epoch(backup)
+  epoch = tf_fusion.callbacks.backup_epoch(backup) if backup is not None else None
   return epoch if epoch is not None else math.ceil(start_step / loop)
 
 

@@ -153,11 +153,14 @@ def define_communication_flags(fv=flags.FLAGS):
                     ["auto", "ring", "hierarchical", "reduce_to_one"],
                     "All-reduce per pack; auto picks per pack from a calibrated cost "
                     "model.", flag_values=fv)
-  flags.DEFINE_enum("cross_device_ops", "tf_fusion", ["tf_fusion", "tf"],
+  flags.DEFINE_enum("cross_device_ops", "tf_fusion", ["tf_fusion", "tf", "none"],
                     "Who reduces the gradients: tf_fusion, or TensorFlow's own reduction "
                     "for the strategy (MirroredStrategy's default; MultiWorkerMirrored"
                     "Strategy's CollectiveAllReduce with --tf_bytes_per_pack), on the same "
-                    "devices with everything else equal: the baseline to compare with.",
+                    "devices with everything else equal: the baseline to compare with. "
+                    "none: MEASUREMENT ONLY, no communication (each replica applies its "
+                    "own gradients; the model is not trained correctly and no "
+                    "checkpoint is written): the floor for scaling efficiency.",
                     flag_values=fv)
   flags.DEFINE_integer("tf_bytes_per_pack", 0, "With --cross_device_ops=tf and several "
                        "workers: TF's bytes_per_pack (0: TF's default, one pack).",
