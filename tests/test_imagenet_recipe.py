@@ -97,6 +97,8 @@ class RecipeTest(tf.test.TestCase, parameterized.TestCase):
       stats = main.run(parse(argv))
     self._check(stats, steps=3)
     self.assertEqual(stats["eval_steps"], 3)
+    # 3 windows of one step: the two after the first give a CPU time per step.
+    self.assertGreater(stats["cpu_seconds_per_step"], 0.0)
     said = "\n".join(logs.output)
     self.assertIn("evaluating: 3 steps, 24 images", said)
     self.assertRegex(said, r"eval step 3/3: [\d.]+ images/s, 0 s left")

@@ -244,11 +244,13 @@ def main(argv=None):
           if stats is None:
             continue
           run = dict(what, images_per_sec=stats["images_per_sec"],
+                     cpu_seconds_per_step=stats.get("cpu_seconds_per_step"),
                      final_step=stats["final_step"], seconds=time.perf_counter() - start)
           report["runs"].append(run)
           print(f"[{rep + 1}/{args.reps}] {run['layout']} {model:10s} {side:9s} "
-                f"{run['images_per_sec'] or 0:7.1f} images/s ({run['seconds']:.0f} s)",
-                flush=True)
+                f"{run['images_per_sec'] or 0:7.1f} images/s, "
+                f"{run['cpu_seconds_per_step'] or 0:.2f} CPU s/step on worker 0 "
+                f"({run['seconds']:.0f} s)", flush=True)
   if args.profile:
     for workers, devices in args.layouts:
       for model in args.models:

@@ -36,7 +36,9 @@ class StepLogger(keras.callbacks.Callback):
   absl logging and as TensorBoard scalars (`writer_dir`).
 
   `images_per_sec` holds one figure per logged window; the first window includes
-  tracing and start-up, `steady_images_per_sec` leaves it out.
+  tracing and start-up, `steady_images_per_sec` leaves it out. `cpu_seconds_per_step`
+  likewise: this process's CPU time (all its threads) per step, which shows how much of
+  the machine a step keeps busy (a collective hidden behind compute still costs its CPU).
   """
 
   def __init__(self, global_batch, log_steps, total_steps, writer_dir):
@@ -46,22 +48,24 @@ class StepLogger(keras.callbacks.Callback):
     self.total_steps = total_steps
     self.writer = tf.summary.create_file_writer(writer_dir)
     self.images_per_sec = []
+    self.cpu_seconds_per_step = []
     self._last = None
 
   def on_train_begin(self, logs=None):
-    self._last = (step_of(self.model), time.perf_counter())
+    self._last = (step_of(self.model), time.perf_counter(), time.process_time())
 
   def on_train_batch_end(self, batch, logs=None):
     step = step_of(self.model)
     if step % self.log_steps and step != self.total_steps:
       return
-    first_step, first_time = self._last
-    now = time.perf_counter()
-    self._last = (step, now)
+    first_step, first_time, first_cpu = self._last
+    now, cpu = time.perf_counter(), time.process_time()
+    self._last = (step, now, cpu)
     if step <= first_step:
       return
     rate = (step - first_step) * self.global_batch / (now - first_time)
     self.images_per_sec.append(rate)
+    self.cpu_seconds_per_step.append((cpu - first_cpu) / (step - first_step))
     opt = self.model.optimizer
     scalars = {"images_per_sec": rate, "lr": number(opt.learning_rate)}
     if hasattr(opt, "dynamic_scale"):
@@ -81,6 +85,12 @@ class StepLogger(keras.callbacks.Callback):
     """Median images/s over the logged windows after the first (None if too few)."""
     rates = self.images_per_sec[1:]
     return statistics.median(rates) if rates else None
+
+  @property
+  def steady_cpu_seconds_per_step(self):
+    """Median CPU seconds per step over the logged windows after the first."""
+    cpu = self.cpu_seconds_per_step[1:]
+    return statistics.median(cpu) if cpu else None
 
 
 class EvalProgress(keras.callbacks.Callback):

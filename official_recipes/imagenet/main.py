@@ -349,6 +349,7 @@ def _report(cfg, job: _Job, history, fit_epochs, start_time):
       "eval_loss": metrics.get("val_loss"), "eval_top_1": metrics.get("val_top_1"),
       "eval_top_5": metrics.get("val_top_5"),
       "images_per_sec": job.logger.steady_images_per_sec,
+      "cpu_seconds_per_step": job.logger.steady_cpu_seconds_per_step,
       "loss_scale": (recipe_callbacks.number(model.optimizer.dynamic_scale)
                      if hasattr(model.optimizer, "dynamic_scale") else None),
       "packs": [p.as_dict() for p in plan or ()],
