@@ -247,6 +247,18 @@ def gradient_reduction():
       _gradient_reductions[0] -= 1
 
 
+def sum_gradients(grads):
+  """Replica context: the SUM all-reduce of an optimizer's `grads` (None entries kept,
+  not reduced), as gradients on the wire (`gradient_reduction`)."""
+  present = [g for g in grads if g is not None]
+  if not present:
+    return list(grads)
+  with gradient_reduction():
+    reduced = iter(tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, present))
+  return [None if g is None else next(reduced) for g in grads]
+
+
 def reducing_gradients() -> bool:
   """Whether a `gradient_reduction` is open."""
   return _gradient_reductions[0] > 0

@@ -56,13 +56,7 @@ def _reduces_before_clipping(optimizer) -> bool:
 def _clip(original, optimizer, grads):
   if not _reduces_before_clipping(optimizer):
     return original(optimizer, grads)
-  present = [g for g in grads if g is not None]
-  if present:
-    with compression.gradient_reduction():
-      reduced = iter(tf.distribute.get_replica_context().all_reduce(
-          tf.distribute.ReduceOp.SUM, present))
-    grads = [None if g is None else next(reduced) for g in grads]
-  return original(optimizer, grads)
+  return original(optimizer, compression.sum_gradients(grads))
 
 
 def _all_reduce(original, optimizer, grads_and_vars):

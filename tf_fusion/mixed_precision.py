@@ -230,13 +230,7 @@ class _ReducedFirst:
 
   def _all_reduce_scaled(self, grads):
     """SUM all-reduce of the loss-scaled gradients (None entries kept)."""
-    present = [g for g in grads if g is not None]
-    if not present:
-      return grads
-    with compression.gradient_reduction():
-      reduced = iter(tf.distribute.get_replica_context().all_reduce(
-          tf.distribute.ReduceOp.SUM, present))
-    return [None if g is None else next(reduced) for g in grads]
+    return compression.sum_gradients(grads)
 
   def _unscale(self, grads, variables):
     """Divides by the loss scale once, in at least FP32, after the reduction."""
