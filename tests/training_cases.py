@@ -31,13 +31,15 @@ def make_optimizer(name, accumulation=None):
   kwargs = {"gradient_accumulation_steps": accumulation} if accumulation else {}
   if name == "sgd":
     return keras.optimizers.SGD(0.05, momentum=0.9, **kwargs)
+  if name == "lamb":
+    return tf_fusion.LAMB(0.01, weight_decay=0.01, **kwargs)
   # eta = 0.05 instead of the paper's 0.001: the weights must move visibly in 6 steps.
   lars = tf_fusion.LARS(1.0, momentum=0.9, weight_decay=1e-3, eta=0.05, **kwargs)
   if name == "lars":
     return lars
   if name == "loss_scaled_lars":
     return tf_fusion.mixed_precision.loss_scale(lars, initial_scale=2.0**10)
-  raise ValueError(f"unknown optimizer {name!r}; valid: {OPTIMIZERS}")
+  raise ValueError(f"unknown optimizer {name!r}; valid: {OPTIMIZERS + ('lamb',)}")
 
 
 class WithUnusedLayer(keras.Model):

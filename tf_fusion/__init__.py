@@ -12,6 +12,7 @@ from tf_fusion.calibration import calibrate
 from tf_fusion.compression import Compression
 from tf_fusion.cross_device_ops import FusedAllReduce
 from tf_fusion.cross_device_ops import MultiWorkerFusedAllReduce
+from tf_fusion.optimizers import LAMB
 from tf_fusion.optimizers import LARS
 from tf_fusion.options import FusionOptions
 from tf_fusion.preemption import SaveOnPreemption
@@ -32,6 +33,7 @@ __all__ = [
     "CostModel",
     "FusedAllReduce",
     "FusionOptions",
+    "LAMB",
     "LARS",
     "MultiWorkerFusedAllReduce",
     "PackPlan",

@@ -11,38 +11,18 @@ References:
   Mixed-Precision: Training ImageNet in Four Minutes", arXiv:1807.11205, §3.
 """
 
-import re
-
 import keras
 from keras import ops
 
 from tf_fusion._internal import keras as keras_internal
+from tf_fusion.optimizers import layerwise
 
 DEFAULT_EXCLUSIONS = ("bias", "beta", "gamma", "batch_norm")
 
 
-def _patterns(name, value):
-  """Validates an exclusion argument: a sequence of regex strings (or None)."""
-  if value is None:
-    return None
-  if isinstance(value, str):
-    value = (value,)
-  value = tuple(value)
-  for item in value:
-    if not isinstance(item, str):
-      raise ValueError(
-          f"LARS {name} takes regexes matched against variable paths, got {item!r}; "
-          f"to exclude variable objects call optimizer.{name}(var_list=[...]) "
-          "before the optimizer is built.")
-    try:
-      re.compile(item)
-    except re.error as e:
-      raise ValueError(f"LARS {name}: {item!r} is not a valid regex ({e}).") from None
-  return value
-
-
 @keras.saving.register_keras_serializable(package="tf_fusion")
-class LARS(keras_internal.WithoutDecoupledWeightDecay, keras.optimizers.Optimizer):
+class LARS(layerwise.LayerExclusions, keras_internal.WithoutDecoupledWeightDecay,
+           keras.optimizers.Optimizer):
   """Momentum SGD with a per-variable trust ratio (LARS), computed in FP32.
 
   For each variable w with gradient g (after the all-reduce, after unscaling):
@@ -94,81 +74,18 @@ class LARS(keras_internal.WithoutDecoupledWeightDecay, keras.optimizers.Optimize
     # name None: Keras numbers it, "lars", "lars_1", ...
     super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, name=name,
                      **kwargs)
-    for arg, value in (("momentum", momentum), ("weight_decay", weight_decay),
-                       ("eta", eta), ("epsilon", epsilon)):
-      if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"LARS {arg} must be a number >= 0, got {value!r}.")
-    if momentum >= 1:
-      raise ValueError(f"LARS momentum must be in [0, 1), got {momentum!r}.")
+    layerwise.check_numbers("LARS", dict(momentum=momentum, weight_decay=weight_decay,
+                                         eta=eta, epsilon=epsilon), below_one=("momentum",))
     self.momentum = float(momentum)
     self.eta = float(eta)
     self.epsilon = float(epsilon)
     self.nesterov = bool(nesterov)
-    self._decay_patterns = _patterns("exclude_from_weight_decay",
-                                     exclude_from_weight_decay)
-    self._adapt_patterns = _patterns("exclude_from_layer_adaptation",
-                                     exclude_from_layer_adaptation)
-    self._decay_excluded_ids = set()
-    self._adapt_excluded_ids = set()
+    self._init_exclusions(exclude_from_weight_decay, exclude_from_layer_adaptation)
 
-  def exclude_from_weight_decay(self, var_list=None, var_names=None):
-    """Adds variables (objects or name regexes) to the weight-decay exclusions."""
-    self._decay_patterns = self._exclude("exclude_from_weight_decay",
-                                         self._decay_excluded_ids, self._decay_patterns,
-                                         var_list, var_names)
-
-  def exclude_from_layer_adaptation(self, var_list=None, var_names=None):
-    """Adds variables (objects or name regexes) to the trust-ratio exclusions."""
-    self._adapt_patterns = self._exclude("exclude_from_layer_adaptation",
-                                         self._adapt_excluded_ids, self._adapt_patterns,
-                                         var_list, var_names)
-
-  def _exclude(self, what, ids, patterns, var_list, var_names):
-    """`patterns` with `var_names` added, `ids` updated in place. After the build only
-    a repeat of what is already excluded is taken (every replica of a strategy makes
-    the same call, as Keras's own exclusions allow); anything new is refused, since
-    each variable's exclusions are fixed when the optimizer is built."""
-    new_ids = {keras_internal.variable_key(self, v) for v in var_list or ()}
-    new_patterns = _patterns(what, var_names) or ()
-    if self.built:
-      if new_ids <= ids and set(new_patterns) <= set(patterns or ()):
-        return patterns
-      raise ValueError(f"LARS.{what}() must be called before the optimizer is built "
-                       "(before the first step).")
-    ids.update(new_ids)
-    return (patterns or ()) + new_patterns if new_patterns else patterns
-
-  @staticmethod
-  def _matches(patterns, ids, variable, key):
-    if key in ids:
-      return True
-    return any(re.search(p, keras_internal.variable_path(variable)) for p in patterns or ())
-
-  def build(self, variables):
-    """Adds a momentum slot per variable and fixes each variable's exclusions."""
-    if self.built:
-      return
-    super().build(variables)
+  def _build_slots(self, variables):
+    """A momentum slot per variable (none without momentum)."""
     self.momentums = (self.add_optimizer_variables(variables, "momentum")
                       if self.momentum else [])
-    self._use_decay, self._use_adaptation = [], []
-    for v in variables:
-      key = keras_internal.variable_key(self, v)
-      no_decay = self._matches(self._decay_patterns, self._decay_excluded_ids, v, key)
-      if self._adapt_patterns is None and not self._adapt_excluded_ids:
-        no_adapt = no_decay
-      else:
-        no_adapt = self._matches(self._adapt_patterns, self._adapt_excluded_ids, v, key)
-      self._use_decay.append(not no_decay)
-      self._use_adaptation.append(not no_adapt)
-
-  def uses_weight_decay(self, variable):
-    """Whether LARS applies weight decay to `variable` (after build)."""
-    return self._use_decay[keras_internal.variable_index(self, variable)]
-
-  def uses_layer_adaptation(self, variable):
-    """Whether LARS scales `variable`'s step by its trust ratio (after build)."""
-    return self._use_adaptation[keras_internal.variable_index(self, variable)]
 
   def update_step(self, gradient, variable, learning_rate):
     """One LARS step for one variable; all arithmetic in FP32."""
@@ -202,8 +119,6 @@ class LARS(keras_internal.WithoutDecoupledWeightDecay, keras.optimizers.Optimize
         "eta": self.eta,
         "epsilon": self.epsilon,
         "nesterov": self.nesterov,
-        "exclude_from_weight_decay": list(self._decay_patterns or ()),
-        "exclude_from_layer_adaptation": (None if self._adapt_patterns is None
-                                          else list(self._adapt_patterns)),
+        **self._exclusions_config(),
     })
     return config
