@@ -31,11 +31,12 @@ from tf_fusion import launch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def worker(algorithm="ring", timeout_seconds=60):
+def worker(algorithm="ring", timeout_seconds=60, **options):
   """Marks `fn(strategy) -> dict` as a worker body; the strategy reduces with
-  FusionOptions.from_env(algorithm=..., timeout_seconds=...)."""
+  FusionOptions.from_env(algorithm=..., timeout_seconds=..., **options)."""
   def mark(fn):
-    fn.strategy_options = {"algorithm": algorithm, "timeout_seconds": timeout_seconds}
+    fn.strategy_options = {"algorithm": algorithm, "timeout_seconds": timeout_seconds,
+                           **options}
     return fn
   return mark
 

@@ -191,7 +191,7 @@ class FusedAllReduceTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual([e.bytes for e in ops.last_plan], [8, None])
 
   @parameterized.parameters("graph", "eager")
-  def test_sparse_values_go_the_unfused_way(self, mode):
+  def test_sparse_values_beside_dense_ones(self, mode):
     ops = self._ops(algorithm="ring")
     strategy = tf.distribute.MirroredStrategy(self.devices, cross_device_ops=ops)
     dense = np.zeros([5, 2], np.float32)

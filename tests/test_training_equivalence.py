@@ -64,12 +64,14 @@ class TrainingEquivalenceTest(tf.test.TestCase, parameterized.TestCase):
     self.assertTrue(moved_any, "training moved nothing: the comparison proves nothing")
 
   @parameterized.named_parameters(
-      (f"_{case}_{opt}_{policy}", case, opt, policy)
-      for case, opt, policy in itertools.product(
-          training_cases.CASES, training_cases.OPTIMIZERS, training_cases.POLICIES)
-      # run_eagerly under mixed_float16 is ~6x slower on this CPU and tests nothing
-      # that float32 and bfloat16 do not: the eager path is policy-independent.
-      if not (case == "run_eagerly" and policy == "mixed_float16"))
+      *[(f"_{case}_{opt}_{policy}", case, opt, policy)
+        for case, opt, policy in itertools.product(
+            training_cases.CASES, training_cases.OPTIMIZERS, training_cases.POLICIES)
+        # run_eagerly under mixed_float16 is ~6x slower on this CPU and tests nothing
+        # that float32 and bfloat16 do not: the eager path is policy-independent.
+        if not (case == "run_eagerly" and policy == "mixed_float16")],
+      *[(f"_transformer_{opt}_{policy}", training_cases.TRANSFORMER, opt, policy)
+        for opt in ("sgd", "lamb") for policy in ("float32", "mixed_bfloat16")])
   def test_same_weights_as_one_device(self, case, optimizer_name, policy):
     got = training_cases.train(_strategy(), case, optimizer_name, policy)
     initial = _initial(case, optimizer_name, policy)

@@ -18,6 +18,10 @@ CASES = ("plain", "retrace", "run_eagerly", "partial_batch", "frozen_layer", "no
 OPTIMIZERS = ("sgd", "lars", "loss_scaled_lars")
 POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 ACCUMULATION_STEPS = 3
+# A transformer's gradient mix, beside CASES: IndexedSlices (position and segment
+# embeddings), a tied token embedding (its sparse and dense gradients summed), attention.
+TRANSFORMER = "transformer"
+VOCAB, LENGTH = 30, 6
 
 
 def data(n=96):
@@ -25,6 +29,13 @@ def data(n=96):
   x = rng.randn(n, 8).astype(np.float32)
   y = (x[:, :3] * [1.0, -2.0, 0.5] + 0.1 * rng.randn(n, 3)).astype(np.float32)
   return x, y
+
+
+def token_data(n=96):
+  """Token ids and next-token labels of a fixed random sequence set."""
+  rng = np.random.RandomState(0)
+  ids = rng.randint(0, VOCAB, size=(n, LENGTH)).astype(np.int32)
+  return ids, np.roll(ids, 1, axis=1)
 
 
 def make_optimizer(name, accumulation=None):
@@ -86,9 +97,40 @@ class TwoOptimizers(keras.Model):
     return {"loss": loss}
 
 
+class TinyTransformer(keras.Model):
+  """One encoder block with tied input/output token embeddings: the token table gets a
+  sparse gradient (the lookup) and a dense one (the output projection); the position and
+  segment embeddings get IndexedSlices only. No attention biases: the key bias's true
+  gradient is zero (softmax ignores a constant per query), so it moves by rounding only
+  and no comparison of its trajectory means anything."""
+
+  def __init__(self):
+    super().__init__()
+    self.tokens = keras.layers.Embedding(VOCAB, 8)
+    self.positions = keras.layers.Embedding(LENGTH, 8)
+    self.segments = keras.layers.Embedding(2, 8)
+    self.attention = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4, use_bias=False)
+    self.norm = keras.layers.LayerNormalization()
+    self.hidden = keras.layers.Dense(8, activation="gelu")
+
+  def call(self, ids):
+    x = (self.tokens(ids) + self.positions(tf.range(tf.shape(ids)[1]))[None]
+         + self.segments(tf.cast(ids >= VOCAB // 2, tf.int32)))
+    x = self.norm(x + self.attention(x, x))
+    x = self.hidden(x)
+    table = keras.ops.cast(self.tokens.embeddings, x.dtype)
+    return keras.ops.matmul(x, keras.ops.transpose(table))
+
+
 def build(case, optimizer_name):
   """The compiled model of `case` (call inside the strategy's scope)."""
   keras.utils.set_random_seed(1)
+  if case == TRANSFORMER:
+    model = TinyTransformer()
+    model(token_data(1)[0])
+    model.compile(make_optimizer(optimizer_name),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
   if case == "no_gradient":
     model = WithUnusedLayer()
     model.build((None, 8))
@@ -115,7 +157,7 @@ def build(case, optimizer_name):
 
 def train(strategy, case, optimizer_name, policy="float32"):
   """Trains `case` under `strategy` (None: one device); returns the final weights."""
-  x, y = data()
+  x, y = token_data() if case == TRANSFORMER else data()
   with _policy(policy):
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:

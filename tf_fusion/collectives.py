@@ -167,6 +167,19 @@ class Collectives:
     options = self._with_timeout if carries_timeout and self._timeout_seconds else None
     return [l.all_reduce(b, options=options) for l, b in zip(self._launchers, buffers)]
 
+  def all_gather(self, buffers: Sequence[tf.Tensor], carries_timeout: bool = False
+                 ) -> List[tf.Tensor]:
+    """Concatenates `buffers` (one per local device, the same shape everywhere) of the
+    whole group along their first axis, in group order, on every device."""
+    options = self._with_timeout if carries_timeout and self._timeout_seconds else None
+    return [l.all_gather_rows(b, options=options)
+            for l, b in zip(self._launchers, buffers)]
+
+  def launch_gather(self, index, buffer, carries_timeout=False):
+    """Local device `index`'s part of an all-gather (the no-merge-call path)."""
+    options = self._with_timeout if carries_timeout and self._timeout_seconds else None
+    return self._launchers[index].all_gather_rows(buffer, options=options)
+
   def launcher(self, index):
     """The launcher of local device `index` (for per-replica, no-merge-call reductions)."""
     return self._launchers[index]

@@ -1,8 +1,8 @@
 """FusedAllReduce: a tf.distribute.CrossDeviceOps that reduces gradients in a few packs.
 
-This module is TensorFlow's contract only: which values are fused (dense floating
-per-replica values reduced back where they live) and which go TF's own way (sparse,
-integer, other destinations), the devices of the replicas, the eager path, threads,
+This module is TensorFlow's contract only: which values are fused (floating
+per-replica values reduced back where they live, dense or IndexedSlices) and which go
+TF's own way (integer, other destinations), the devices of the replicas, the eager path, threads,
 copies. The work is done by the layers below it: planner.Planner decides the plan,
 pipeline.reduce_packs builds each pack's ops, algorithms and collectives launch them,
 agreement checks that every worker does the same.
@@ -22,6 +22,7 @@ import tensorflow as tf
 from tf_fusion import compression
 from tf_fusion import pipeline
 from tf_fusion import plans
+from tf_fusion import sparse
 from tf_fusion._internal import tf as tf_internal
 from tf_fusion.agreement import Agreement
 from tf_fusion.collectives import Collectives
@@ -102,19 +103,20 @@ class FusedAllReduce(tf_internal.CrossDeviceOpsHooks, tf.distribute.CrossDeviceO
     return self._planner.cost_model(devices)
 
   def make_plan(self, specs, devices, replica_launch=False, max_pack_bytes=None,
-                timeout_seconds=None, agree=True) -> tuple:
+                timeout_seconds=None, agree=True, gathered=()) -> tuple:
     """Packs, algorithms and sizes for tensors of `specs` on `devices` (no ops built).
 
     `replica_launch`: for the no-merge-call path, where each replica launches its own
     collectives: every pack runs the ring. `max_pack_bytes`: a cap on the pack size
     (a call's bytes_per_pack). `timeout_seconds`: for the collectives planning runs
     across workers (a call's timeout). `agree`: across workers, check that every worker
-    has the same tensors and plan (False only to trace a plan alone).
+    has the same tensors and plan (False only to trace a plan alone). `gathered`:
+    (sparse.SparseSpec, reason) of the IndexedSlices to gather, after `specs`.
     """
     del timeout_seconds, agree   # one worker: nothing to agree on
     return self._planner.make_plan(specs, devices, reduce_fn=self._reduce_sum,
                                    replica_launch=replica_launch,
-                                   max_pack_bytes=max_pack_bytes)
+                                   max_pack_bytes=max_pack_bytes, gathered=gathered)
 
   def _reduce_sum(self, plan, devices, per_device):
     return self.reduce_per_device(per_device, devices, plan)
@@ -157,8 +159,7 @@ class FusedAllReduce(tf_internal.CrossDeviceOpsHooks, tf.distribute.CrossDeviceO
   def _fusible(self, value, destinations):
     if not tf_internal.is_per_replica(value):
       return False
-    if any(isinstance(v, tf.IndexedSlices) or v.dtype not in _FUSIBLE_DTYPES
-           for v in value.values):
+    if not (sparse.fusible(value.values) or all(_dense_fusible(v) for v in value.values)):
       return False
     # An all-reduce: results go back where the values are (Keras passes dest=value).
     return destinations is value or tf_internal.devices_match(value, destinations)
@@ -188,18 +189,16 @@ class FusedAllReduce(tf_internal.CrossDeviceOpsHooks, tf.distribute.CrossDeviceO
   def _reduce_fused(self, reduce_op, values, positions, call):
     devices = self._devices_for(values)
     per_device = [[v.values[d] for v in values] for d in range(len(devices))]
-    specs = [(t.dtype, t.shape) for t in per_device[0]]
-    plan = self.make_plan(specs, devices, max_pack_bytes=call.max_pack_bytes,
-                          timeout_seconds=call.timeout_seconds)
+    arrangement, plan = self._arranged_plan(per_device, devices, call)
     # Users read positions in the list they reduced, not in the fused sub-list.
-    self.last_plan = plans.renumbered(plan, positions)
+    self.last_plan = plans.renumbered(plan, [positions[p] for p in arrangement.positions])
     if tf.executing_eagerly():
       # Collectives block until every device joins: launched one by one in eager
       # mode they would deadlock, so the eager path runs as one function.
-      key = (reduce_op, devices, plan, call)
+      key = (reduce_op, devices, plan, call, arrangement)
       if key not in self._eager_fns:
-        self._eager_fns[key] = tf.function(functools.partial(
-            self._reduce_dense, reduce_op, devices, plan, call))
+        self._eager_fns[key] = tf.function(arrangement.around(functools.partial(
+            self._reduce_dense, reduce_op, devices, plan, call)))
       with explain_errors(self.num_workers, call.timeout_seconds):
         outputs = run_as_graph(self._eager_fns[key], per_device)
       # A tf.function called eagerly names its call's device as every output's
@@ -208,9 +207,19 @@ class FusedAllReduce(tf_internal.CrossDeviceOpsHooks, tf.distribute.CrossDeviceO
       outputs = [[_on_device(device, t) for t in out]
                  for device, out in zip(devices, outputs)]
     else:
-      outputs = self._reduce_dense(reduce_op, devices, plan, call, per_device)
+      outputs = arrangement.around(functools.partial(
+          self._reduce_dense, reduce_op, devices, plan, call))(per_device)
     return [tf_internal.mirrored(outputs[d][i] for d in range(len(devices)))
             for i in range(len(values))]
+
+  def _arranged_plan(self, per_device, devices, call, replica_launch=False):
+    """(sparse.Arrangement, plan) of one batch: IndexedSlices gathered or densified."""
+    arrangement = self._planner.arrangement(per_device, devices)
+    plan = self.make_plan(list(arrangement.specs), devices, replica_launch=replica_launch,
+                          max_pack_bytes=call.max_pack_bytes,
+                          timeout_seconds=call.timeout_seconds,
+                          gathered=arrangement.gathered)
+    return arrangement, arrangement.marked(plan)
 
   def reduce_per_device(self, per_device: Sequence[Sequence[tf.Tensor]], devices,
                         plan=None, reduce_op=tf.distribute.ReduceOp.SUM, options=None
@@ -277,42 +286,29 @@ class FusedAllReduce(tf_internal.CrossDeviceOpsHooks, tf.distribute.CrossDeviceO
     flat = tf.nest.flatten(value)
     devices = self._local_devices()
     collectives = self._collectives(devices, call)
-    outputs = list(flat)
-    fused = []
     exact = not compression.may_compress(self._compressor)
-    for i, t in enumerate(flat):
-      if exact or isinstance(t, tf.IndexedSlices) or t.dtype not in _FUSIBLE_DTYPES:
-        outputs[i] = _reduce_unfused(collectives.launcher(replica_id), t, reduce_op,
-                                     collectives.group_size)
-      else:
-        fused.append(i)
+    fused = [i for i, t in enumerate(flat)
+             if not exact and (sparse.fusible([t]) or _dense_fusible(t))]
+    outputs = [t if i in fused else pipeline.reduce_unpacked(
+        collectives.launcher(replica_id), t, reduce_op, collectives.group_size)
+               for i, t in enumerate(flat)]
     if not fused:
       return tf.nest.pack_sequence_as(value, outputs)
     tensors = [flat[i] for i in fused]
     with self._lock:
-      plan = self.make_plan([(t.dtype, t.shape) for t in tensors], devices,
-                            replica_launch=True, max_pack_bytes=call.max_pack_bytes,
-                            timeout_seconds=call.timeout_seconds)
-    self.last_plan = plans.renumbered(plan, fused)
+      arrangement, plan = self._arranged_plan([tensors], devices, call, replica_launch=True)
+    self.last_plan = plans.renumbered(plan, [fused[p] for p in arrangement.positions])
     codec = compression.PackCodec(self._compressor, reduce_op, collectives.group_size)
-    (reduced,) = pipeline.reduce_packs(plan, [tensors], codec,
-                                       pipeline.ReplicaLaunch(collectives, replica_id))
+    launch = pipeline.ReplicaLaunch(collectives, replica_id)
+    (reduced,) = arrangement.around(
+        lambda arranged: pipeline.reduce_packs(plan, arranged, codec, launch))([tensors])
     for i, part in zip(fused, reduced):
       outputs[i] = part
     return tf.nest.pack_sequence_as(value, outputs)
 
 
-def _reduce_unfused(launcher, value, reduce_op, group_size):
-  """One replica's all-reduce of a value that is not packed (sparse or integer)."""
-  mean = reduce_op == tf.distribute.ReduceOp.MEAN
-  if isinstance(value, tf.IndexedSlices):
-    reduced = launcher.all_reduce_indexed_slices(value)
-    if mean:
-      reduced = tf.IndexedSlices(compression.divide(reduced.values, group_size),
-                                 reduced.indices, reduced.dense_shape)
-    return reduced
-  reduced = launcher.all_reduce(value)
-  return compression.divide(reduced, group_size) if mean else reduced
+def _dense_fusible(t):
+  return not isinstance(t, tf.IndexedSlices) and t.dtype in _FUSIBLE_DTYPES
 
 
 def _on_device(device, tensor):
@@ -377,15 +373,16 @@ class MultiWorkerFusedAllReduce(FusedAllReduce):
     return super()._devices_for(values)
 
   def make_plan(self, specs, devices, replica_launch=False, max_pack_bytes=None,
-                timeout_seconds=None, agree=True) -> tuple:
+                timeout_seconds=None, agree=True, gathered=()) -> tuple:
     timeout_seconds = timeout_seconds or self._options.timeout_seconds
     collectives = Collectives.get(devices, self._planner.topology.group_size(devices),
                                   timeout_seconds)
     if agree:
       with explain_errors(self.num_workers, timeout_seconds):
-        self._agreement.check_gradients(specs, collectives)
+        self._agreement.check_gradients(
+            list(specs) + [(s.dtype, s.values_shape) for s, _ in gathered], collectives)
     plan = super().make_plan(specs, devices, replica_launch=replica_launch,
-                             max_pack_bytes=max_pack_bytes)
+                             max_pack_bytes=max_pack_bytes, gathered=gathered)
     if agree:
       with explain_errors(self.num_workers, timeout_seconds):
         self._agreement.check_plan(plan, collectives)

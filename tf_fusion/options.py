@@ -14,6 +14,7 @@ COMPRESSIONS = ("none", "fp16", "bf16")
 AUTOTUNE = ("model", "measure")
 ALGORITHMS = ("ring", "hierarchical", "reduce_to_one", "auto")
 IMPLEMENTATIONS = ("auto", "nccl", "ring")
+SPARSE = ("auto", "gather", "dense")
 
 _ENV_PREFIX = "TF_FUSION_"
 
@@ -81,6 +82,12 @@ class FusionOptions:
       is a GPU), "nccl", or "ring" (TensorFlow's own ring, also on GPUs). Devices that
       are not all GPUs always run TensorFlow's ring, as TF does. A call's
       CommunicationOptions(implementation=...) other than AUTO wins.
+    sparse: what happens to an IndexedSlices gradient (an embedding's): "gather"
+      (every replica's rows and indices, all sparse gradients of a step in one fused
+      all-gather), "dense" (made a dense tensor that joins the dense packs and the
+      16-bit wire, as Horovod's sparse_as_dense), or "auto": per tensor, whichever the
+      cost model predicts cheaper from its bytes (gather when the rows are not known
+      when the step is traced). The choice and its reason are in `last_plan`.
 
   Example:
     >>> opts = FusionOptions(pack_bytes=4 << 20, compression="fp16")
@@ -101,6 +108,7 @@ class FusionOptions:
   backward_seconds: Optional[float] = None
   autotune: str = "model"
   implementation: str = "auto"
+  sparse: str = "auto"
 
   def __post_init__(self):
     _check_bytes("pack_bytes", self.pack_bytes, allow_none=True)
@@ -113,6 +121,7 @@ class FusionOptions:
                        _check_choice("autotune", self.autotune, AUTOTUNE))
     object.__setattr__(self, "implementation", _check_choice(
         "implementation", self.implementation, IMPLEMENTATIONS))
+    object.__setattr__(self, "sparse", _check_choice("sparse", self.sparse, SPARSE))
     _check_seconds("timeout_seconds", self.timeout_seconds, allow_zero=False)
     _check_seconds("backward_seconds", self.backward_seconds, allow_zero=True)
     if self.cost_model_file is not None and (
@@ -131,7 +140,8 @@ class FusionOptions:
 
     Reads TF_FUSION_PACK_BYTES ("auto" for None), TF_FUSION_FIRST_PACK_BYTES,
     TF_FUSION_COMPRESSION, TF_FUSION_ALGORITHM, TF_FUSION_TIMEOUT_SECONDS,
-    TF_FUSION_COST_MODEL_FILE, TF_FUSION_BACKWARD_SECONDS and TF_FUSION_AUTOTUNE.
+    TF_FUSION_COST_MODEL_FILE, TF_FUSION_BACKWARD_SECONDS, TF_FUSION_AUTOTUNE,
+    TF_FUSION_IMPLEMENTATION and TF_FUSION_SPARSE.
     Sizes are plain integers of bytes; a suffix such as "MB" is refused rather
     than guessed, because byte-versus-megabyte confusion is a known pain with
     Horovod's HOROVOD_FUSION_THRESHOLD.

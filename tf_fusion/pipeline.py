@@ -1,8 +1,8 @@
 """The pack pipeline: every pack of a plan, from the tensors to the reduced tensors.
 
-For each pack, in plan order, under its own name scope (stats.pack_scope):
-range bounds (fp16 only: one tiny all-reduce of each tensor's max |x|, under the scope
-"range") -> encode (cast, scale, concat) -> launch -> finish (off the wire, MEAN) ->
+For each pack, in plan order, under its own name scope (stats.pack_scope): a pack of
+sparse gradients is gathered (sparse.gather); a dense one goes range bounds (fp16
+only: one tiny all-reduce of each tensor's max |x|, under the scope "range") -> encode (cast, scale, concat) -> launch -> finish (off the wire, MEAN) ->
 decode (split, reshape, unscale). The two ways a strategy reduces differ only in the
 launch:
 - `AllDevicesLaunch`: the merge_call path, where this process holds the buffers of all
@@ -19,12 +19,13 @@ import tensorflow as tf
 
 from tf_fusion import algorithms
 from tf_fusion import compression
+from tf_fusion import sparse
 from tf_fusion import stats
 from tf_fusion.collectives import Collectives
 from tf_fusion.collectives import DeviceOrder
 
 # The algorithms whose packs run a collective (reduce_to_one and "none" only copy).
-_COLLECTIVE_ALGORITHMS = ("ring", "hierarchical")
+_COLLECTIVE_ALGORITHMS = ("ring", "hierarchical", sparse.GATHER)
 
 
 class AllDevicesLaunch:
@@ -46,6 +47,15 @@ class AllDevicesLaunch:
                           root=entry.index, carries_timeout=carries_timeout,
                           order=self._order, sharded=True)
 
+  def gather(self, buffers, carries_timeout=False):
+    """Every device's `buffers` concatenated over the group, on every device (kept in
+    each GPU's NCCL order)."""
+    if self._order is None:
+      return self.collectives.all_gather(buffers, carries_timeout)
+    held = [self._order.before(d, b) for d, b in zip(self.devices, buffers)]
+    return [self._order.after(d, g) for d, g in
+            zip(self.devices, self.collectives.all_gather(held, carries_timeout))]
+
 
 class ReplicaLaunch:
   """One replica's share: its own buffer into TF's collective (no merge_call)."""
@@ -66,6 +76,9 @@ class ReplicaLaunch:
                                        carries_timeout=carries_timeout)
     return [[finish(buffer)]]
 
+  def gather(self, buffers, carries_timeout=False):
+    return [self.collectives.launch_gather(self._replica_id, buffers[0], carries_timeout)]
+
 
 def reduce_packs(plan, per_device: List[List[tf.Tensor]], codec: compression.PackCodec,
                  launch) -> List[List[tf.Tensor]]:
@@ -81,6 +94,13 @@ def reduce_packs(plan, per_device: List[List[tf.Tensor]], codec: compression.Pac
   for entry in plan:
     with tf.name_scope(stats.pack_scope(entry)):
       parts = [[tensors[i] for i in entry.tensor_indices] for tensors in per_device]
+      if entry.algorithm == sparse.GATHER:
+        gathered = sparse.gather(parts, launch, codec.divisor,
+                                 carries_timeout=entry.index == last_collective)
+        for d, part in enumerate(gathered):
+          for i, slices in zip(entry.tensor_indices, part):
+            outputs[d][i] = slices
+        continue
       scales = _agreed_scales(entry, parts, codec, launch)
       buffers, ctx = [], None
       for device, p, sc in zip(launch.devices, parts, scales):
@@ -117,3 +137,17 @@ def _agreed_scales(entry, parts, codec, launch):
 
 def _on(device):
   return tf.device(device) if device is not None else contextlib.nullcontext()
+
+
+def reduce_unpacked(launcher, value, reduce_op, group_size):
+  """One replica's all-reduce of a value that is not packed (integer, or sparse where
+  the reduction must be exact), by TF's own launcher."""
+  mean = reduce_op == tf.distribute.ReduceOp.MEAN
+  if isinstance(value, tf.IndexedSlices):
+    reduced = launcher.all_reduce_indexed_slices(value)
+    if mean:
+      reduced = tf.IndexedSlices(compression.divide(reduced.values, group_size),
+                                 reduced.indices, reduced.dense_shape)
+    return reduced
+  reduced = launcher.all_reduce(value)
+  return compression.divide(reduced, group_size) if mean else reduced

@@ -22,6 +22,7 @@ from tf_fusion import autotune
 from tf_fusion import calibration
 from tf_fusion import packing
 from tf_fusion import plans
+from tf_fusion import sparse
 from tf_fusion import stats
 from tf_fusion.collectives import Collectives
 from tf_fusion.collectives import canonical_devices
@@ -96,9 +97,25 @@ class Planner:
     return (devices, self.topology.group_size(devices), self.topology.algorithms,
             self.options.cost_model_file)
 
+  def sparse_model(self, devices) -> Optional[CostModel]:
+    """The cost model FusionOptions.sparse="auto" decides with: the one planning uses
+    anyway (algorithm "auto" or pack_bytes=None: calibrated), else the given one, else
+    None (the bytes decide)."""
+    algorithm, _ = self.topology.resolve(self.options.algorithm)
+    if algorithm == "auto" or self.options.pack_bytes is None:
+      return self.cost_model(devices)
+    return self.given_cost_model
+
+  def arrangement(self, per_device, devices) -> "sparse.Arrangement":
+    """Which IndexedSlices of a batch (`per_device`: one list per local device) are
+    gathered and which densified, under FusionOptions.sparse."""
+    return sparse.Arrangement.of(
+        per_device, self.options.sparse, self.topology.group_size(devices),
+        self.wire_dtype, lambda: self.sparse_model(devices))
+
   def make_plan(self, specs, devices, reduce_fn: Optional[Callable] = None,
-                replica_launch: bool = False, max_pack_bytes: Optional[int] = None
-                ) -> tuple:
+                replica_launch: bool = False, max_pack_bytes: Optional[int] = None,
+                gathered=()) -> tuple:
     """The plan for tensors of `specs` on `devices`.
 
     Args:
@@ -109,6 +126,8 @@ class Planner:
       replica_launch: each replica launches its own collectives (no merge_call):
         every pack runs the ring.
       max_pack_bytes: a cap on the pack size (a call's bytes_per_pack).
+      gathered: (sparse.SparseSpec, reason) of IndexedSlices to gather, at positions
+        len(specs), len(specs) + 1, ...: their packs go after the dense ones.
     """
     opts = self.options
     algorithm, note = self.topology.resolve(opts.algorithm)
@@ -130,6 +149,10 @@ class Planner:
       first_pack_bytes = min(first_pack_bytes, max_pack_bytes)
     plan = self._build(specs, pack_bytes, first_pack_bytes, model, algorithm, note,
                        "ring" if replica_launch else None)
+    if gathered:
+      plan += sparse.gather_plan([s for s, _ in gathered], len(specs), len(plan),
+                                 [r for _, r in gathered], model,
+                                 self.topology.group_size(devices))
     if not tf.executing_eagerly():
       logging.info("tf_fusion plan:\n%s", stats.summarize(plan))
     return plan

@@ -40,7 +40,10 @@ class PackPlan:
     wire_bytes: bytes on the wire per device (None if unknown).
     tensor_indices: positions of the pack's tensors in the reduced list.
     predicted_seconds: the cost model's prediction, when one was used.
-    note: why the algorithm differs from the one asked for, if it does.
+    note: why the algorithm differs from the one asked for, if it does; for sparse
+      gradients, why each was gathered or densified.
+    densified: positions (as tensor_indices) of the pack's tensors that were
+      IndexedSlices made dense (FusionOptions.sparse).
   """
 
   index: int
@@ -53,6 +56,7 @@ class PackPlan:
   tensor_indices: Tuple[int, ...]
   predicted_seconds: Optional[float] = None
   note: str = ""
+  densified: Tuple[int, ...] = ()
 
   @property
   def num_tensors(self) -> int:
@@ -68,6 +72,7 @@ class PackPlan:
     d["dtype"] = self.dtype.name
     d["wire_dtype"] = self.wire_dtype.name
     d["tensor_indices"] = list(self.tensor_indices)
+    d["densified"] = list(self.densified)
     return d
 
   def __getitem__(self, key):
@@ -153,7 +158,8 @@ def renumbered(plan, positions) -> Tuple[PackPlan, ...]:
   """`plan` with tensor indices mapped through `positions` (where each tensor of the
   planned sub-list stands in the list the user reduced)."""
   return tuple(dataclasses.replace(
-      e, tensor_indices=tuple(positions[i] for i in e.tensor_indices)) for e in plan)
+      e, tensor_indices=tuple(positions[i] for i in e.tensor_indices),
+      densified=tuple(positions[i] for i in e.densified)) for e in plan)
 
 
 class Assignment(NamedTuple):

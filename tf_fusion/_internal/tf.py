@@ -89,6 +89,11 @@ class CollectiveLauncher(_cross_device_utils.CollectiveReplicaLauncher):
   def _next_instance_key(self):
     return self._tf_fusion_next_key()
 
+  def all_gather_rows(self, tensor, options=None):
+    """All-gather of `tensor` along its first axis; every replica's `tensor` must have
+    the same shape (TF's `all_gather` pads for that with a collective of its own)."""
+    return self._all_gather(tensor, options)  # pylint: disable=protected-access
+
 
 def replace_launchers(tf_ops, make) -> None:
   """Replaces the launchers of TF's CollectiveAllReduce `tf_ops` by

@@ -90,7 +90,7 @@ class LAMB(layerwise.LayerExclusions, keras_internal.WithoutDecoupledWeightDecay
     """One LAMB step for one variable; all arithmetic in FP32."""
     index = keras_internal.variable_index(self, variable)
     w = ops.cast(variable, "float32")
-    g = ops.cast(ops.convert_to_tensor(gradient), "float32")
+    g = layerwise.dense_gradient(gradient)
     lr = ops.cast(learning_rate, "float32")
     t = ops.cast(self.iterations + 1, "float32")
     m_slot, v_slot = self.momentums[index], self.velocities[index]

@@ -91,7 +91,7 @@ class LARS(layerwise.LayerExclusions, keras_internal.WithoutDecoupledWeightDecay
     """One LARS step for one variable; all arithmetic in FP32."""
     index = keras_internal.variable_index(self, variable)
     w = ops.cast(variable, "float32")
-    g = ops.cast(ops.convert_to_tensor(gradient), "float32")
+    g = layerwise.dense_gradient(gradient)
     lr = ops.cast(learning_rate, "float32")
     wd = self.weight_decay if self._use_decay[index] else 0.0
     if self._use_adaptation[index]:

@@ -9,7 +9,19 @@ every replica of a strategy and every retrace sees the same choice.
 
 import re
 
+import tensorflow as tf
+
 from tf_fusion._internal import keras as keras_internal
+
+
+def dense_gradient(gradient):
+  """The gradient as one dense FP32 tensor. An embedding's gradient arrives as
+  tf.IndexedSlices (rows, possibly repeated); the layer-wise norms need the whole
+  table's gradient, so the rows are summed into it (Keras's ops.convert_to_tensor
+  leaves IndexedSlices as they are)."""
+  if isinstance(gradient, tf.IndexedSlices):
+    gradient = tf.convert_to_tensor(gradient)
+  return tf.cast(gradient, tf.float32)
 
 
 def check_numbers(owner, numbers, below_one=()):
