@@ -15,12 +15,9 @@ References:
   Jia et al. 2018, arXiv:1807.11205; Goyal et al. 2017, arXiv:1706.02677.
 """
 
-import collections
 import dataclasses
-import json
 import math
 import os
-import sys
 import time
 from typing import Optional
 
@@ -29,13 +26,13 @@ from typing import Optional
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import flags
 from absl import logging
 import keras
 import tensorflow as tf
 
 import tf_fusion
-from official_recipes.imagenet import callbacks as recipe_callbacks
+from official_recipes import callbacks as recipe_callbacks
+from official_recipes import training
 from official_recipes.imagenet import input_pipeline
 from official_recipes.imagenet import models
 from official_recipes.imagenet import recipe_flags
@@ -43,50 +40,6 @@ from official_recipes.imagenet.schedules import WarmupPolyDecay
 
 # No weight decay (and, for LARS, no trust ratio) on biases and batch norm: Jia et al.
 NO_DECAY = tf_fusion.optimizers.lars.DEFAULT_EXCLUSIONS
-
-
-def make_strategy(cfg):
-  """The strategy of --strategy / --num_devices, reducing through tf_fusion."""
-  cost_model_file = cfg.cost_model_file or (
-      os.path.join(cfg.model_dir, "cost_model.json") if cfg.model_dir else None)
-  options = tf_fusion.FusionOptions.from_env(
-      pack_bytes=cfg.pack_bytes, first_pack_bytes=cfg.first_pack_bytes,
-      compression=cfg.compression, algorithm=cfg.all_reduce_alg,
-      cost_model_file=cost_model_file, backward_seconds=cfg.backward_seconds,
-      autotune=cfg.autotune)
-  if cfg.strategy == "multi_worker":
-    # Before anything touches the GPUs: under Slurm this sets each task's share.
-    resolver = tf_fusion.cluster.resolver(cfg.cluster_resolver, cfg.port_base)
-    if cfg.cross_device_ops == "none":
-      return tf_fusion.strategy.no_communication_strategy(
-          multi_worker=True, cluster_resolver=resolver, devices_per_worker=cfg.num_devices)
-    if cfg.cross_device_ops == "tf":
-      return tf_fusion.strategy.tf_multi_worker_strategy(
-          cfg.tf_bytes_per_pack, options.timeout_seconds, cluster_resolver=resolver,
-          devices_per_worker=cfg.num_devices)
-    return tf_fusion.multi_worker_strategy(options, cluster_resolver=resolver,
-                                           devices_per_worker=cfg.num_devices)
-  # Physical first: listing logical devices would start TF before CPUs can be split.
-  if (not tf.config.list_physical_devices("GPU") and cfg.num_devices
-      and cfg.num_devices > 1):
-    tf_fusion.strategy.split_cpu(cfg.num_devices)
-  gpus = tf.config.list_logical_devices("GPU")
-  devices = gpus or tf.config.list_logical_devices("CPU")
-  n = cfg.num_devices or (len(gpus) if gpus else 1)
-  if n > len(devices):
-    raise ValueError(
-        f"--num_devices={n} but this host has {len(devices)} "
-        f"{'GPU' if gpus else 'CPU'} device(s); logical CPUs can only be made before "
-        "TensorFlow starts using devices.")
-  if cfg.cross_device_ops == "tf":
-    if cfg.accumulation_steps > 1:
-      raise ValueError("--accumulation_steps > 1 fails under TensorFlow's own "
-                       "MirroredStrategy (keras-team/keras#20582); it needs "
-                       "--cross_device_ops=tf_fusion.")
-    return tf.distribute.MirroredStrategy([d.name for d in devices[:n]])
-  if cfg.cross_device_ops == "none":
-    return tf_fusion.strategy.no_communication_strategy([d.name for d in devices[:n]])
-  return tf_fusion.mirrored_strategy([d.name for d in devices[:n]], options)
 
 
 def make_optimizer(cfg, learning_rate):
@@ -174,16 +127,6 @@ def plan_steps(cfg, n_train, n_eval, global_batch):
   return steps_per_epoch, total, warmup, eval_steps
 
 
-def _worker_dir(model_dir, strategy):
-  """model_dir for the chief (a "chief" task, else worker 0); model_dir/<type><index>
-  for the others."""
-  resolver = getattr(strategy, "cluster_resolver", None)
-  task_type = getattr(resolver, "task_type", None)
-  if task_type is None or strategy.extended.should_checkpoint:
-    return model_dir
-  return os.path.join(model_dir, f"{task_type}{resolver.task_id}")
-
-
 def run(flags_obj):
   """Trains and evaluates as the flags say; returns a dict of stats.
 
@@ -229,7 +172,7 @@ def _run(cfg):
 
 def _build(cfg) -> _Job:
   """The strategy, data, model (compiled, restored from model_dir) and callbacks."""
-  strategy = make_strategy(cfg)
+  strategy = training.make_strategy(cfg)
   replicas = strategy.num_replicas_in_sync
   if cfg.batch_size % replicas:
     raise ValueError(f"--batch_size={cfg.batch_size} does not split over {replicas} "
@@ -241,7 +184,7 @@ def _build(cfg) -> _Job:
   # schedule runs on the optimizer's update count.
   per_update = cfg.accumulation_steps
   base_lr = cfg.base_lr or 0.1 * cfg.batch_size * per_update / 256
-  out_dir = _worker_dir(cfg.model_dir, strategy)
+  out_dir = training.worker_dir(cfg.model_dir, strategy)
   with strategy.scope():
     model = models.build(cfg.model, cfg.num_classes, cfg.image_size)
     schedule = WarmupPolyDecay(base_lr, warmup // per_update,
@@ -260,7 +203,7 @@ def _build(cfg) -> _Job:
   else:
     backup = keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup"),
                                               delete_checkpoint=False)
-    start_step = _restore(model, strategy, backup)
+    start_step = training.restore(model, strategy, backup)
   logging.info("%s on %d replicas, global batch %d (x%d per update), %d steps per "
                "epoch; steps %d..%d, peak lr %.4g after %d warm-up steps", cfg.model,
                replicas, cfg.batch_size, per_update, steps_per_epoch, start_step, total,
@@ -272,36 +215,10 @@ def _build(cfg) -> _Job:
     raise ValueError(
         f"--steps_per_execution={cfg.steps_per_execution} must divide the steps between "
         f"evaluations ({loop}) and the steps left to run ({total - start_step}).")
-  logger, preemption, callbacks = _callbacks(cfg, model, backup, total, eval_steps,
-                                             out_dir)
+  logger, preemption, callbacks = training.callbacks(cfg, model, backup, total,
+                                                      eval_steps, out_dir)
   return _Job(strategy, model, backup, logger, preemption, callbacks, train, evaluation,
               steps_per_epoch, total, eval_steps, loop, start_step, out_dir)
-
-
-def _callbacks(cfg, model, backup, total, eval_steps, out_dir):
-  """(step logger, preemption handler, every callback of fit in order). When `backup` is
-  None (the floor), no backup, no preemption handler, no averaging of statistics:
-  nothing is saved and nothing communicated."""
-  logger = recipe_callbacks.StepLogger(cfg.batch_size, cfg.log_steps, total,
-                                       os.path.join(out_dir, "steps"))
-  progress = recipe_callbacks.EvalProgress(cfg.batch_size, cfg.log_steps, eval_steps)
-  # First: the checkpoint written at an epoch's end then holds the replicas' average.
-  callbacks = ([tf_fusion.callbacks.SyncMovingStatistics(), backup]
-               if backup is not None else [])
-  callbacks += [logger, progress, recipe_callbacks.StopAtStep(total),
-                keras.callbacks.TensorBoard(out_dir, write_graph=False, profile_batch=0)]
-  if cfg.stall_seconds:
-    callbacks.append(tf_fusion.StallWatch(cfg.stall_seconds))
-  preemption = None
-  if backup is not None:
-    # SIGTERM (Slurm before its time limit, Kubernetes before an eviction): every
-    # worker saves at one agreed step, and the rerun resumes from that step.
-    preemption = tf_fusion.SaveOnPreemption(save=lambda: _save_now(model, backup))
-    callbacks.append(preemption)
-  profile = recipe_flags.profile_range(cfg.profile_steps)
-  if profile:
-    callbacks.append(recipe_callbacks.Profiler(*profile, out_dir))
-  return logger, preemption, callbacks
 
 
 def _fit(cfg, job: _Job):
@@ -357,7 +274,7 @@ def _report(cfg, job: _Job, history, fit_epochs, start_time):
       "preempted": job.preemption is not None and job.preemption.preempted_at is not None,
       "model_dir": job.out_dir, "wall_seconds": time.perf_counter() - start_time,
   }
-  _write_report(stats)
+  training.write_report(stats)
   return stats
 
 
@@ -369,62 +286,8 @@ def _first_epoch(backup, start_step, loop):
   return epoch if epoch is not None else math.ceil(start_step / loop)
 
 
-def _save_now(model, backup):
-  """The checkpoint BackupAndRestore writes at an epoch's end, written now (mid-epoch):
-  the batch-norm statistics averaged over the replicas first, as at an epoch's end."""
-  tf_fusion.callbacks.backup_now(model, backup)
-  logging.info("Saved step %d to %s", recipe_callbacks.step_of(model), backup.backup_dir)
-
-
-def _restore(model, strategy, backup):
-  """Loads the latest checkpoint of model_dir, if any; returns its step (else 0)."""
-  path = os.path.join(backup.backup_dir, "latest.weights.h5")
-  if not os.path.exists(path):
-    return 0
-  with strategy.scope():
-    model.optimizer.build(model.trainable_variables)
-  model.load_weights(path)
-  step = recipe_callbacks.step_of(model)
-  logging.info("Restored step %d from %s", step, path)
-  return step
-
-
 def main(_):
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.INFO)   # the per-step lines: loss, lr, images/s
-    # ... but not TensorFlow's own INFO lines ("Reduce to ... then broadcast to ...",
-    # one per reduction), which would bury them.
-    tf.get_logger().setLevel("WARNING")
-  try:
-    stats = run(flags.FLAGS)
-  except ValueError as e:
-    # Bad flags or input: the message names them; a traceback would bury it.
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  short = {k: v for k, v in stats.items() if k != "packs"}
-  logging.info("Stats: %s", json.dumps(short, default=str))
-  print(json.dumps(short, default=str))
-  if stats["preempted"]:
-    # As a process ended by SIGTERM: schedulers (Slurm requeue, a TFJob's restart
-    # policy, tf_fusion.launch --max_restarts) count it as retryable, not done.
-    logging.warning("Preempted at step %d of %d; the same command resumes from it.",
-                    stats["final_step"], stats["total_steps"])
-    sys.exit(143)
-
-
-def _write_report(stats):
-  """The full stats (with every pack) to model_dir/stats.json and the plan as a table to
-  model_dir/plan.txt: a plan of ~100 packs is no log line."""
-  out_dir = stats["model_dir"]
-  with open(os.path.join(out_dir, "stats.json"), "w") as f:
-    json.dump(stats, f, indent=1, default=str)
-  if stats["packs"]:
-    counts = collections.Counter(p["algorithm"] for p in stats["packs"])
-    with open(os.path.join(out_dir, "plan.txt"), "w") as f:
-      f.write(tf_fusion.stats.summarize(stats["packs"]) + "\n")
-    logging.info("All-reduce plan: %d packs (%s); the table is in %s",
-                 len(stats["packs"]), ", ".join(f"{a} {n}" for a, n in counts.items()),
-                 os.path.join(out_dir, "plan.txt"))
+  training.main(run)
 
 
 if __name__ == "__main__":

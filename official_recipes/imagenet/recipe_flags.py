@@ -10,9 +10,18 @@ from typing import Optional
 
 from absl import flags
 
+from official_recipes import shared_flags
 from official_recipes.imagenet import models
+# The flags every recipe shares (precision, communication, distribution, output), kept
+# under their old names here.
+from official_recipes.shared_flags import DTYPES  # noqa: F401
+from official_recipes.shared_flags import define_communication_flags
+from official_recipes.shared_flags import define_distribution_flags
+from official_recipes.shared_flags import define_output_flags
+from official_recipes.shared_flags import define_precision_flags
+from official_recipes.shared_flags import pack_bytes_value
+from official_recipes.shared_flags import profile_range  # noqa: F401
 
-DTYPES = {"fp32": "float32", "fp16": "mixed_float16", "bf16": "mixed_bfloat16"}
 
 # Jia et al. 2018 (arXiv:1807.11205): 64K batch, LARS (eta 0.001, momentum 0.9), poly(2) decay
 # after a linear warm-up, FP16 forward/backward on FP32 master weights, FP16 on the wire,
@@ -36,13 +45,6 @@ PRESETS = {
 }
 
 
-def _positive(name, fv, allow_zero=False, allow_none=True):
-  check = (lambda v: v >= 0) if allow_zero else (lambda v: v > 0)
-  flags.register_validator(
-      name, lambda v: (v is None and allow_none) or (v is not None and check(v)),
-      message=f"--{name} must be {'>= 0' if allow_zero else '> 0'}.", flag_values=fv)
-
-
 def define_data_flags(fv=flags.FLAGS):
   flags.DEFINE_string("data_dir", None, "Directory of ImageNet TFRecord shards "
                       "(train-*, validation-*).", flag_values=fv)
@@ -60,7 +62,7 @@ def define_data_flags(fv=flags.FLAGS):
   flags.DEFINE_integer("num_eval_examples", None, "Validation examples; default: counted "
                        "(small data) or ImageNet's 50,000.", flag_values=fv)
   for name in ("num_classes", "num_train_examples", "num_eval_examples"):
-    _positive(name, fv)
+    shared_flags.positive(name, fv)
 
   def one_source(d):
     return sum([bool(d["data_dir"]), bool(d["tfds_data_dir"]), bool(d["synthetic"])]) == 1
@@ -98,8 +100,8 @@ def define_schedule_flags(fv=flags.FLAGS):
                        flag_values=fv)
   for name in ("batch_size", "epochs", "train_steps", "base_lr", "poly_power",
                "epochs_between_evals", "accumulation_steps", "steps_per_execution"):
-    _positive(name, fv)
-  _positive("warmup_epochs", fv, allow_zero=True)
+    shared_flags.positive(name, fv)
+  shared_flags.positive("warmup_epochs", fv, allow_zero=True)
   flags.register_validator("label_smoothing", lambda v: 0 <= v < 1,
                            message="--label_smoothing must be in [0, 1).", flag_values=fv)
   flags.register_multi_flags_validator(
@@ -114,109 +116,10 @@ def define_optimizer_flags(fv=flags.FLAGS):
                      flag_values=fv)
   flags.DEFINE_float("lars_eta", 0.001, "LARS trust coefficient.", flag_values=fv)
   flags.DEFINE_float("momentum", 0.9, "Momentum.", flag_values=fv)
-  _positive("weight_decay", fv, allow_zero=True, allow_none=False)
-  _positive("lars_eta", fv, allow_none=False)
+  shared_flags.positive("weight_decay", fv, allow_zero=True, allow_none=False)
+  shared_flags.positive("lars_eta", fv, allow_none=False)
   flags.register_validator("momentum", lambda v: 0 <= v < 1,
                            message="--momentum must be in [0, 1).", flag_values=fv)
-
-
-def define_precision_flags(fv=flags.FLAGS):
-  flags.DEFINE_enum("dtype", "fp32", list(DTYPES), "Compute precision: fp16 is the "
-                    "paper's (loss scaling on), bf16 needs none.", flag_values=fv)
-  flags.DEFINE_string("loss_scale", "dynamic", "fp16 only: 'dynamic', or a number: a "
-                      "fixed scale (lowered only if a step overflows).", flag_values=fv)
-  flags.register_validator("loss_scale", lambda v: v == "dynamic" or _float(v) > 0,
-                           message="--loss_scale must be 'dynamic' or a number > 0.",
-                           flag_values=fv)
-
-
-def define_communication_flags(fv=flags.FLAGS):
-  flags.DEFINE_string("pack_bytes", str(32 << 20), "Fusion threshold per pack (bytes); "
-                      "0: one pack per dtype; auto: chosen with first_pack_bytes from the "
-                      "calibrated cost model.", flag_values=fv)
-  flags.DEFINE_integer("first_pack_bytes", 1 << 20, "Threshold of the first pack, sent "
-                       "while back-propagation goes on.", flag_values=fv)
-  flags.DEFINE_string("cost_model_file", None, "Where the calibrated all-reduce cost "
-                      "model is kept (read if it fits, else measured and written); "
-                      "default: <model_dir>/cost_model.json.", flag_values=fv)
-  flags.DEFINE_enum("autotune", "model", ["model", "measure"], "How --pack_bytes=auto "
-                    "decides: the cost model's prediction, or timing a few candidate "
-                    "thresholds on the model's gradients once (kept in --cost_model_file).",
-                    flag_values=fv)
-  flags.DEFINE_float("backward_seconds", None, "One step's back-propagation time, so "
-                     "--pack_bytes=auto counts the communication hidden behind it "
-                     "(tools/profile_step.py measures it).", flag_values=fv)
-  flags.DEFINE_enum("compression", "none", ["none", "fp16", "bf16"], "16 bits on the wire: "
-                    "fp16 (range-scaled) or bf16.",
-                    flag_values=fv)
-  flags.DEFINE_enum("all_reduce_alg", "auto",
-                    ["auto", "ring", "hierarchical", "reduce_to_one"],
-                    "All-reduce per pack; auto picks per pack from a calibrated cost "
-                    "model.", flag_values=fv)
-  flags.DEFINE_enum("cross_device_ops", "tf_fusion", ["tf_fusion", "tf", "none"],
-                    "Who reduces the gradients: tf_fusion, or TensorFlow's own reduction "
-                    "for the strategy (MirroredStrategy's default; MultiWorkerMirrored"
-                    "Strategy's CollectiveAllReduce with --tf_bytes_per_pack), on the same "
-                    "devices with everything else equal: the baseline to compare with. "
-                    "none: MEASUREMENT ONLY, no communication (each replica applies its "
-                    "own gradients; the model is not trained correctly and no "
-                    "checkpoint is written): the floor for scaling efficiency.",
-                    flag_values=fv)
-  flags.DEFINE_integer("tf_bytes_per_pack", 0, "With --cross_device_ops=tf and several "
-                       "workers: TF's bytes_per_pack (0: TF's default, one pack).",
-                       flag_values=fv)
-  _positive("tf_bytes_per_pack", fv, allow_zero=True, allow_none=False)
-  flags.register_validator(
-      "pack_bytes", lambda v: pack_bytes_value(v) != -1,
-      message="--pack_bytes must be a whole number of bytes >= 0, or auto.",
-      flag_values=fv)
-  _positive("first_pack_bytes", fv, allow_zero=True, allow_none=False)
-  _positive("backward_seconds", fv, allow_zero=True)
-
-
-def pack_bytes_value(text):
-  """--pack_bytes as FusionOptions wants it: an int, None for auto; -1 if invalid."""
-  text = str(text).strip().lower()
-  if text == "auto":
-    return None
-  return int(text) if text.isdigit() else -1
-
-
-def define_distribution_flags(fv=flags.FLAGS):
-  flags.DEFINE_enum("strategy", "mirrored", ["mirrored", "multi_worker"],
-                    "One host (MirroredStrategy) or several (TF_CONFIG; see "
-                    "python -m tf_fusion.launch).", flag_values=fv)
-  flags.DEFINE_enum("cluster_resolver", "auto", ["auto", "tf_config", "slurm"],
-                    "With --strategy=multi_worker, where the workers come from: TF_CONFIG "
-                    "(tf_fusion.launch, Kubernetes TFJob), Slurm's srun variables, or auto: "
-                    "TF_CONFIG when set, else Slurm when SLURM_PROCID is set.",
-                    flag_values=fv)
-  flags.DEFINE_integer("port_base", 8888, "Under Slurm, task i of a node listens on "
-                       "port_base + i.", flag_values=fv)
-  flags.DEFINE_integer("num_devices", None, "Devices per host; default: all GPUs, or "
-                       "1 CPU. On a host without GPUs, N > 1 makes N logical CPUs.",
-                       flag_values=fv)
-  _positive("num_devices", fv)
-  _positive("port_base", fv, allow_none=False)
-
-
-def define_output_flags(fv=flags.FLAGS):
-  flags.DEFINE_string("model_dir", None, "Checkpoints and TensorBoard logs; a run in a "
-                      "model_dir with a checkpoint continues from it.", flag_values=fv)
-  flags.DEFINE_string("profile_steps", "", "'first,last' steps to trace with the "
-                      "TensorBoard profiler, e.g. '20,22'; empty: none.", flag_values=fv)
-  flags.DEFINE_float("stall_seconds", 300.0, "A training step still running after this "
-                     "many seconds is reported, naming the workers behind it, and ended "
-                     "with an error (tf_fusion.StallWatch); 0: never.", flag_values=fv)
-  flags.DEFINE_integer("log_steps", 100, "Log loss and images/s every this many steps.",
-                       flag_values=fv)
-  flags.DEFINE_integer("seed", None, "Random seed (weights, data order).", flag_values=fv)
-  flags.mark_flag_as_required("model_dir", flag_values=fv)
-  _positive("log_steps", fv, allow_none=False)
-  _positive("stall_seconds", fv, allow_zero=True, allow_none=False)
-  flags.register_validator("profile_steps", lambda v: not v or _steps_range(v) is not None,
-                           message="--profile_steps must be 'first,last' with "
-                           "1 <= first <= last, or empty.", flag_values=fv)
 
 
 def define_all(fv=flags.FLAGS):
@@ -312,7 +215,7 @@ class RecipeConfig:
       raise ValueError(f"dtype={self.dtype!r}; valid: {', '.join(DTYPES)}.")
     if self.pack_bytes is not None and self.pack_bytes < 0:
       raise ValueError(f"pack_bytes={self.pack_bytes} must be >= 0 or None (auto).")
-    if self.loss_scale != "dynamic" and not _float(self.loss_scale) > 0:
+    if self.loss_scale != "dynamic" and not shared_flags.number(self.loss_scale) > 0:
       raise ValueError(f"loss_scale={self.loss_scale!r} must be 'dynamic' or a number > 0.")
 
 
@@ -326,24 +229,3 @@ def resolve(fv) -> RecipeConfig:
   # A warm-up the user asked for must fit the run; the default may be shortened.
   values["warmup_given"] = fv["warmup_epochs"].present or "warmup_epochs" in preset
   return RecipeConfig(**values)
-
-
-def _float(text):
-  try:
-    return float(text)
-  except (TypeError, ValueError):
-    return -1.0
-
-
-def _steps_range(text):
-  """'a,b' -> (a, b) with 1 <= a <= b, else None."""
-  try:
-    first, last = (int(p) for p in text.split(","))
-  except ValueError:
-    return None
-  return (first, last) if 1 <= first <= last else None
-
-
-def profile_range(text):
-  """The validated (first, last) of --profile_steps, or None."""
-  return _steps_range(text) if text else None

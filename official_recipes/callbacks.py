@@ -1,4 +1,4 @@
-"""Callbacks of the recipe: step logging to the console and TensorBoard, evaluation
+"""Callbacks of the recipes (ImageNet, BERT): step logging to the console and TensorBoard, evaluation
 progress, the profiler over a step range, and a stop at an exact step.
 
 All count steps by the optimizer's `iterations`, which a resumed run restores, so logs,
@@ -32,17 +32,18 @@ def number(value):
 
 
 class StepLogger(keras.callbacks.Callback):
-  """Every `log_steps` steps: loss, top-1, learning rate, loss scale and images/s, to
-  absl logging and as TensorBoard scalars (`writer_dir`).
+  """Every `log_steps` steps: loss, accuracy, learning rate, loss scale and `unit`/s
+  (images, sequences), to absl logging and as TensorBoard scalars (`writer_dir`).
 
-  `images_per_sec` holds one figure per logged window; the first window includes
+  `images_per_sec` holds one figure (of `unit`s) per logged window; the first window includes
   tracing and start-up, `steady_images_per_sec` leaves it out. `cpu_seconds_per_step`
   likewise: this process's CPU time (all its threads) per step, which shows how much of
   the machine a step keeps busy (a collective hidden behind compute still costs its CPU).
   """
 
-  def __init__(self, global_batch, log_steps, total_steps, writer_dir):
+  def __init__(self, global_batch, log_steps, total_steps, writer_dir, unit="images"):
     super().__init__()
+    self.unit = unit   # what a batch holds: images, sequences
     self.global_batch = global_batch
     self.log_steps = log_steps
     self.total_steps = total_steps
@@ -67,10 +68,10 @@ class StepLogger(keras.callbacks.Callback):
     self.images_per_sec.append(rate)
     self.cpu_seconds_per_step.append((cpu - first_cpu) / (step - first_step))
     opt = self.model.optimizer
-    scalars = {"images_per_sec": rate, "lr": number(opt.learning_rate)}
+    scalars = {f"{self.unit}_per_sec": rate, "lr": number(opt.learning_rate)}
     if hasattr(opt, "dynamic_scale"):
       scalars["loss_scale"] = number(opt.dynamic_scale)
-    for name in ("loss", "top_1", "top_5"):
+    for name in ("loss", "top_1", "top_5", "masked_accuracy"):
       if logs and name in logs:
         scalars[name] = float(logs[name])
     with self.writer.as_default(step=step):
