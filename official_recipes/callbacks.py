@@ -50,6 +50,7 @@ class StepLogger(keras.callbacks.Callback):
     self.writer = tf.summary.create_file_writer(writer_dir)
     self.images_per_sec = []
     self.cpu_seconds_per_step = []
+    self.losses = []   # the loss Keras logged at each window's end (its epoch's mean)
     self._last = None
 
   def on_train_begin(self, logs=None):
@@ -74,6 +75,8 @@ class StepLogger(keras.callbacks.Callback):
     for name in ("loss", "top_1", "top_5", "masked_accuracy"):
       if logs and name in logs:
         scalars[name] = float(logs[name])
+    if "loss" in scalars:
+      self.losses.append(scalars["loss"])
     with self.writer.as_default(step=step):
       for name, value in scalars.items():
         tf.summary.scalar(name, value)

@@ -4,6 +4,9 @@ the baselines), distribution (one host or several, cluster resolvers) and output
 FlagValues to define into, so tests build their own.
 """
 
+import dataclasses
+from typing import Optional
+
 from absl import flags
 
 DTYPES = {"fp32": "float32", "fp16": "mixed_float16", "bf16": "mixed_bfloat16"}
@@ -46,6 +49,10 @@ def define_communication_flags(fv=flags.FLAGS):
   flags.DEFINE_enum("compression", "none", ["none", "fp16", "bf16"], "16 bits on the wire: "
                     "fp16 (range-scaled) or bf16.",
                     flag_values=fv)
+  flags.DEFINE_enum("sparse", "auto", ["auto", "gather", "dense"], "IndexedSlices "
+                    "gradients (embeddings): gathered together, made dense to join the "
+                    "dense packs (Horovod's sparse_as_dense), or auto: per tensor by the "
+                    "cost model.", flag_values=fv)
   flags.DEFINE_enum("all_reduce_alg", "auto",
                     ["auto", "ring", "hierarchical", "reduce_to_one"],
                     "All-reduce per pack; auto picks per pack from a calibrated cost "
@@ -136,3 +143,49 @@ def _steps_range(text):
 def profile_range(text):
   """The validated (first, last) of --profile_steps, or None."""
   return _steps_range(text) if text else None
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedConfig:
+  """The shared flags of one run, typed (precision, communication, distribution,
+  output); each recipe's config adds its own fields to these."""
+
+  dtype: str
+  loss_scale: str             # "dynamic" or a number
+  pack_bytes: Optional[int]   # None: auto
+  first_pack_bytes: int
+  cost_model_file: Optional[str]
+  autotune: str
+  backward_seconds: Optional[float]
+  compression: str
+  sparse: str
+  all_reduce_alg: str
+  cross_device_ops: str
+  tf_bytes_per_pack: int
+  strategy: str
+  cluster_resolver: str
+  port_base: int
+  num_devices: Optional[int]
+  model_dir: str
+  profile_steps: str
+  stall_seconds: float
+  log_steps: int
+  seed: Optional[int]
+
+  def __post_init__(self):
+    if self.dtype not in DTYPES:
+      raise ValueError(f"dtype={self.dtype!r}; valid: {', '.join(DTYPES)}.")
+    if self.pack_bytes is not None and self.pack_bytes < 0:
+      raise ValueError(f"pack_bytes={self.pack_bytes} must be >= 0 or None (auto).")
+    if self.loss_scale != "dynamic" and not number(self.loss_scale) > 0:
+      raise ValueError(f"loss_scale={self.loss_scale!r} must be 'dynamic' or a number > 0.")
+
+
+def config_values(config_class, fv, preset, skip=()):
+  """{field: value} of `config_class` from the parsed flags `fv`, with the `preset`'s
+  values where a flag was not given; --pack_bytes as FusionOptions wants it."""
+  values = {f.name: fv[f.name].value for f in dataclasses.fields(config_class)
+            if f.name not in skip}
+  values.update({k: v for k, v in preset.items() if not fv[k].present})
+  values["pack_bytes"] = pack_bytes_value(values["pack_bytes"])
+  return values

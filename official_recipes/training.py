@@ -6,8 +6,10 @@ TensorBoard), restoring, the report files and the absl main.
 
 import collections
 import json
+import math
 import os
 import sys
+import time
 
 from absl import flags
 from absl import logging
@@ -28,7 +30,7 @@ def make_strategy(cfg):
       pack_bytes=cfg.pack_bytes, first_pack_bytes=cfg.first_pack_bytes,
       compression=cfg.compression, algorithm=cfg.all_reduce_alg,
       cost_model_file=cost_model_file, backward_seconds=cfg.backward_seconds,
-      autotune=cfg.autotune)
+      autotune=cfg.autotune, sparse=cfg.sparse)
   if cfg.strategy == "multi_worker":
     # Before anything touches the GPUs: under Slurm this sets each task's share.
     resolver = tf_fusion.cluster.resolver(cfg.cluster_resolver, cfg.port_base)
@@ -63,6 +65,29 @@ def make_strategy(cfg):
     return tf_fusion.strategy.no_communication_strategy([d.name for d in devices[:n]])
   return tf_fusion.mirrored_strategy([d.name for d in devices[:n]], options)
 
+
+
+def with_policy(dtype, fn, *args):
+  """`fn(*args)` under the Keras dtype policy of --dtype `dtype`; the previous policy
+  is back afterwards, whatever happens (tests run recipes one after another)."""
+  previous = keras.mixed_precision.dtype_policy()
+  try:
+    tf_fusion.mixed_precision.set_policy(shared_flags.DTYPES[dtype])
+    return fn(*args)
+  finally:
+    keras.mixed_precision.set_dtype_policy(previous)
+
+
+def loss_scaled(cfg, optimizer):
+  """`optimizer` wrapped for loss scaling when the policy needs it (fp16): --loss_scale
+  dynamic, or a fixed scale that is never raised (an overflowing step is still skipped
+  and lowers it)."""
+  if not tf_fusion.mixed_precision.needs_loss_scaling():
+    return optimizer
+  if cfg.loss_scale == "dynamic":
+    return tf_fusion.mixed_precision.loss_scale(optimizer)
+  return tf_fusion.mixed_precision.loss_scale(
+      optimizer, initial_scale=float(cfg.loss_scale), dynamic_growth_steps=2**31 - 1)
 
 
 def worker_dir(model_dir, strategy):
@@ -103,6 +128,14 @@ def callbacks(cfg, model, backup, total, eval_steps, out_dir, unit="images"):
 
 
 
+def first_epoch(backup, start_step, loop):
+  """The epoch fit starts at: the one BackupAndRestore will restore (it overrides
+  fit's initial_epoch), else the evaluation interval the restored step falls in. With
+  it fit's epoch count, and so Keras's "Epoch i/N", is the run's real one."""
+  epoch = tf_fusion.callbacks.backup_epoch(backup) if backup is not None else None
+  return epoch if epoch is not None else math.ceil(start_step / loop)
+
+
 def save_now(model, backup):
   """The checkpoint BackupAndRestore writes at an epoch's end, written now (mid-epoch):
   the batch-norm statistics averaged over the replicas first, as at an epoch's end."""
@@ -123,6 +156,21 @@ def restore(model, strategy, backup):
   logging.info("Restored step %d from %s", step, path)
   return step
 
+
+
+def common_stats(model, strategy, logger, preemption, out_dir, start_time):
+  """The stats every recipe reports: CPU per step, loss scale, the plan's packs,
+  preemption, output directory, wall time."""
+  ops = tf_fusion.fused_ops_of(strategy)
+  plan = (ops.last_plan if ops is not None else ()) or ()
+  return {
+      "cpu_seconds_per_step": logger.steady_cpu_seconds_per_step,
+      "loss_scale": (recipe_callbacks.number(model.optimizer.dynamic_scale)
+                     if hasattr(model.optimizer, "dynamic_scale") else None),
+      "packs": [p.as_dict() for p in plan],
+      "preempted": preemption is not None and preemption.preempted_at is not None,
+      "model_dir": out_dir, "wall_seconds": time.perf_counter() - start_time,
+  }
 
 
 def write_report(stats):

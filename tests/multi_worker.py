@@ -156,6 +156,15 @@ def launch_script(script, workers=2, devices_per_worker=2, timeout=240,
   return proc.returncode, proc.stdout + proc.stderr
 
 
+def launched_stats(code, out, workers=2):
+  """Each worker's final stats line (a JSON dict) from launch_script's (code, output);
+  AssertionError with the output's tail unless the job succeeded and all printed one."""
+  found = dict(re.findall(r"^\[worker (\d)\] (\{.*\})$", out, re.M))
+  if code != 0 or len(found) != workers:
+    raise AssertionError(f"exit {code}, {len(found)} stats lines:\n{out[-3000:]}")
+  return [json.loads(found[k]) for k in sorted(found)]
+
+
 def read_results(out_dir, workers=2):
   out = []
   for i in range(workers):

@@ -55,13 +55,7 @@ def make_optimizer(cfg, learning_rate):
     opt = keras.optimizers.SGD(learning_rate, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay or None, **accumulate)
     opt.exclude_from_weight_decay(var_names=list(NO_DECAY))
-  if not tf_fusion.mixed_precision.needs_loss_scaling():
-    return opt
-  if cfg.loss_scale == "dynamic":
-    return tf_fusion.mixed_precision.loss_scale(opt)
-  # A fixed scale: never raised; an overflowing step is still skipped and lowers it.
-  return tf_fusion.mixed_precision.loss_scale(
-      opt, initial_scale=float(cfg.loss_scale), dynamic_growth_steps=2**31 - 1)
+  return training.loss_scaled(cfg, opt)
 
 
 def make_datasets(cfg, strategy, global_batch):
@@ -134,12 +128,7 @@ def run(flags_obj):
     ValueError: for input or settings that cannot work, naming them.
   """
   cfg = recipe_flags.resolve(flags_obj)
-  previous_policy = keras.mixed_precision.dtype_policy()
-  try:
-    tf_fusion.mixed_precision.set_policy(recipe_flags.DTYPES[cfg.dtype])
-    return _run(cfg)
-  finally:
-    keras.mixed_precision.set_dtype_policy(previous_policy)
+  return training.with_policy(cfg.dtype, _run, cfg)
 
 
 @dataclasses.dataclass
@@ -225,7 +214,7 @@ def _fit(cfg, job: _Job):
   """Trains from the restored step to the end; (Keras history, [first, last] epoch)."""
   if job.start_step >= job.total:
     return {}, None
-  first_epoch = _first_epoch(job.backup, job.start_step, job.loop)
+  first_epoch = training.first_epoch(job.backup, job.start_step, job.loop)
   fit_epochs = [first_epoch, first_epoch + math.ceil((job.total - job.start_step) / job.loop)]
   try:
     history = job.model.fit(
@@ -250,8 +239,6 @@ def _report(cfg, job: _Job, history, fit_epochs, start_time):
         job.evaluation, steps=job.eval_steps, verbose=0, return_dict=True,
         callbacks=[c for c in job.callbacks
                    if isinstance(c, recipe_callbacks.EvalProgress)]).items()})
-  ops = tf_fusion.fused_ops_of(job.strategy)
-  plan = ops.last_plan if ops is not None else ()
   stats = {
       "model": cfg.model, "cross_device_ops": cfg.cross_device_ops,
       "num_replicas": job.strategy.num_replicas_in_sync,
@@ -266,24 +253,12 @@ def _report(cfg, job: _Job, history, fit_epochs, start_time):
       "eval_loss": metrics.get("val_loss"), "eval_top_1": metrics.get("val_top_1"),
       "eval_top_5": metrics.get("val_top_5"),
       "images_per_sec": job.logger.steady_images_per_sec,
-      "cpu_seconds_per_step": job.logger.steady_cpu_seconds_per_step,
-      "loss_scale": (recipe_callbacks.number(model.optimizer.dynamic_scale)
-                     if hasattr(model.optimizer, "dynamic_scale") else None),
-      "packs": [p.as_dict() for p in plan or ()],
       "fit_epochs": fit_epochs,
-      "preempted": job.preemption is not None and job.preemption.preempted_at is not None,
-      "model_dir": job.out_dir, "wall_seconds": time.perf_counter() - start_time,
+      **training.common_stats(model, job.strategy, job.logger, job.preemption, job.out_dir,
+                              start_time),
   }
   training.write_report(stats)
   return stats
-
-
-def _first_epoch(backup, start_step, loop):
-  """The epoch fit starts at: the one BackupAndRestore will restore (it overrides
-  fit's initial_epoch), else the evaluation interval the restored step falls in. With
-  it fit's epoch count, and so Keras's "Epoch i/N", is the run's real one."""
-  epoch = tf_fusion.callbacks.backup_epoch(backup) if backup is not None else None
-  return epoch if epoch is not None else math.ceil(start_step / loop)
 
 
 def main(_):

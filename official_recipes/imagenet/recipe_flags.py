@@ -19,7 +19,7 @@ from official_recipes.shared_flags import define_communication_flags
 from official_recipes.shared_flags import define_distribution_flags
 from official_recipes.shared_flags import define_output_flags
 from official_recipes.shared_flags import define_precision_flags
-from official_recipes.shared_flags import pack_bytes_value
+from official_recipes.shared_flags import pack_bytes_value  # noqa: F401
 from official_recipes.shared_flags import profile_range  # noqa: F401
 
 
@@ -151,7 +151,7 @@ def define_all(fv=flags.FLAGS):
 
 
 @dataclasses.dataclass(frozen=True)
-class RecipeConfig:
+class RecipeConfig(shared_flags.SharedConfig):
   """The settings of one run: every recipe flag, typed, after the preset and checks.
 
   Built by `resolve` from the parsed flags (whose validators have run); the library
@@ -182,50 +182,17 @@ class RecipeConfig:
   skip_eval: bool
   accumulation_steps: int
   steps_per_execution: int
-  # optimizer and precision
+  # optimizer
   optimizer: str
   weight_decay: float
   lars_eta: float
   momentum: float
-  dtype: str
-  loss_scale: str             # "dynamic" or a number
-  # communication
-  pack_bytes: Optional[int]   # None: auto
-  first_pack_bytes: int
-  cost_model_file: Optional[str]
-  autotune: str
-  backward_seconds: Optional[float]
-  compression: str
-  all_reduce_alg: str
-  cross_device_ops: str
-  tf_bytes_per_pack: int
-  # distribution and output
-  strategy: str
-  cluster_resolver: str
-  port_base: int
-  num_devices: Optional[int]
-  model_dir: str
-  profile_steps: str
-  stall_seconds: float
-  log_steps: int
-  seed: Optional[int]
-
-  def __post_init__(self):
-    if self.dtype not in DTYPES:
-      raise ValueError(f"dtype={self.dtype!r}; valid: {', '.join(DTYPES)}.")
-    if self.pack_bytes is not None and self.pack_bytes < 0:
-      raise ValueError(f"pack_bytes={self.pack_bytes} must be >= 0 or None (auto).")
-    if self.loss_scale != "dynamic" and not shared_flags.number(self.loss_scale) > 0:
-      raise ValueError(f"loss_scale={self.loss_scale!r} must be 'dynamic' or a number > 0.")
 
 
 def resolve(fv) -> RecipeConfig:
   """The settings of a run: flag values, with the preset's where a flag was not given."""
   preset = PRESETS.get(fv.preset, {}) if fv.preset else {}
-  names = [f.name for f in dataclasses.fields(RecipeConfig)]
-  values = {name: fv[name].value for name in names if name != "warmup_given"}
-  values.update({k: v for k, v in preset.items() if not fv[k].present})
-  values["pack_bytes"] = pack_bytes_value(values["pack_bytes"])
+  values = shared_flags.config_values(RecipeConfig, fv, preset, skip=("warmup_given",))
   # A warm-up the user asked for must fit the run; the default may be shortened.
   values["warmup_given"] = fv["warmup_epochs"].present or "warmup_epochs" in preset
   return RecipeConfig(**values)

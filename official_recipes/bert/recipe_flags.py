@@ -1,0 +1,111 @@
+"""The BERT recipe's absl flags: its own (model, data, schedule, optimizer), the ones
+every recipe shares (official_recipes/shared_flags.py), and LAMB's large-batch presets.
+"""
+
+import dataclasses
+from typing import Optional
+
+from absl import flags
+
+from official_recipes import shared_flags
+from official_recipes.bert import model
+
+# LAMB at large batch for BERT (You et al. 2019, "Large Batch Optimization for Deep
+# Learning: Training BERT in 76 minutes"): phase 1 at sequence length 128, phase 2 at
+# 512. The values are NVIDIA's published LAMB configuration of that two-phase run (64K
+# then 32K, 7,038 + 1,563 updates, close to the paper's 8,599); the poly(0.5) decay is
+# its scheduler's. Run phase 2 with --model_dir of phase 1 and a corpus of length 512.
+SCHEDULE_PRESETS = {
+    "lamb_64k_phase1": {"batch_size": 65536, "train_steps": 7038, "learning_rate": 6e-3,
+                        "warmup_proportion": 0.2843, "poly_power": 0.5,
+                        "max_predictions": 20, "optimizer": "lamb", "weight_decay": 0.01,
+                        "dtype": "fp16", "compression": "fp16"},
+    "lamb_32k_phase2": {"batch_size": 32768, "train_steps": 1563, "learning_rate": 4e-3,
+                        "warmup_proportion": 0.128, "poly_power": 0.5,
+                        "max_predictions": 80, "optimizer": "lamb", "weight_decay": 0.01,
+                        "dtype": "fp16", "compression": "fp16"},
+}
+
+
+def define_all(fv=flags.FLAGS):
+  """Every flag of the BERT recipe."""
+  flags.DEFINE_enum("preset", "tiny", sorted(model.PRESETS), "Encoder size: tiny (this "
+                    "machine) or bert_base (Devlin et al.'s 110M).", flag_values=fv)
+  flags.DEFINE_enum("schedule_preset", None, sorted(SCHEDULE_PRESETS), "LAMB's large-batch "
+                    "hyperparameters; flags given explicitly still win.", flag_values=fv)
+  flags.DEFINE_string("data_dir", None, "Token-id TFRecords with meta.json "
+                      "(tools/make_fake_text.py).", flag_values=fv)
+  flags.mark_flag_as_required("data_dir", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 64, "Global batch size in sequences.", flag_values=fv)
+  flags.DEFINE_integer("train_steps", 1000, "Training steps.", flag_values=fv)
+  flags.DEFINE_integer("max_predictions", None, "Masked positions per sequence; default "
+                       "5 (tiny) or 20 (bert_base).", flag_values=fv)
+  flags.DEFINE_float("dropout", None, "Dropout rate; default the preset's (0.1).",
+                     flag_values=fv)
+  flags.DEFINE_enum("optimizer", "lamb", ["lamb", "adamw"], "tf_fusion.LAMB, or Keras's "
+                    "AdamW (the small-batch baseline).", flag_values=fv)
+  flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate after warm-up.",
+                     flag_values=fv)
+  flags.DEFINE_float("warmup_proportion", 0.1, "Linear warm-up, as a fraction of the "
+                     "updates.", flag_values=fv)
+  flags.DEFINE_float("poly_power", 1.0, "Exponent of the polynomial decay to 0 (1: "
+                     "BERT's linear decay).", flag_values=fv)
+  flags.DEFINE_float("weight_decay", 0.01, "Weight decay (not on biases and LayerNorm).",
+                     flag_values=fv)
+  flags.DEFINE_float("beta_1", 0.9, "First-moment decay.", flag_values=fv)
+  flags.DEFINE_float("beta_2", 0.999, "Second-moment decay.", flag_values=fv)
+  flags.DEFINE_float("epsilon", 1e-6, "Added to the second moment's root.", flag_values=fv)
+  flags.DEFINE_integer("accumulation_steps", 1, "Batches per optimizer update.",
+                       flag_values=fv)
+  flags.DEFINE_integer("steps_per_execution", 1, "Training steps per call of the "
+                       "compiled step.", flag_values=fv)
+  flags.DEFINE_integer("checkpoint_steps", 1000, "Save (and report) every this many "
+                       "steps; a rerun resumes from the last save.", flag_values=fv)
+  flags.DEFINE_bool("skip_eval", False, "No masked-token accuracy on the validation "
+                    "split at the end.", flag_values=fv)
+  for name in ("batch_size", "train_steps", "max_predictions", "accumulation_steps",
+               "steps_per_execution", "checkpoint_steps", "learning_rate"):
+    shared_flags.positive(name, fv)
+  shared_flags.positive("weight_decay", fv, allow_zero=True, allow_none=False)
+  for name in ("dropout", "warmup_proportion", "beta_1", "beta_2"):
+    flags.register_validator(name, lambda v: v is None or 0 <= v < 1,
+                             message=f"--{name} must be in [0, 1).", flag_values=fv)
+  for define in (shared_flags.define_precision_flags, shared_flags.define_communication_flags,
+                 shared_flags.define_distribution_flags, shared_flags.define_output_flags):
+    define(fv)
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig(shared_flags.SharedConfig):
+  """The settings of one run: the recipe's own flags and the shared ones, typed, after
+  the schedule preset."""
+
+  preset: str
+  schedule_preset: Optional[str]
+  data_dir: str
+  batch_size: int
+  train_steps: int
+  max_predictions: Optional[int]
+  dropout: Optional[float]
+  optimizer: str
+  learning_rate: float
+  warmup_proportion: float
+  poly_power: float
+  weight_decay: float
+  beta_1: float
+  beta_2: float
+  epsilon: float
+  accumulation_steps: int
+  steps_per_execution: int
+  checkpoint_steps: int
+  skip_eval: bool
+
+  @property
+  def predictions(self) -> int:
+    return self.max_predictions or (5 if self.preset == "tiny" else 20)
+
+
+def resolve(fv) -> BertConfig:
+  """The settings of a run: flag values, the schedule preset's where none was given."""
+  preset = SCHEDULE_PRESETS.get(fv.schedule_preset, {}) if fv.schedule_preset else {}
+  return BertConfig(**shared_flags.config_values(BertConfig, fv, preset))
