@@ -27,7 +27,7 @@ class WireLimitTest(tf.test.TestCase):
 
   def test_every_config_can_be_picked_with_only(self):
     # --only is comma-separated: a name with a comma could never be selected.
-    for configs in (allreduce_bench.configs(), allreduce_bench.multi_worker_configs()):
+    for configs in (allreduce_bench.configs(True), allreduce_bench.multi_worker_configs(True)):
       names = [n for n, _, _ in configs]
       self.assertEmpty([n for n in names if "," in n])
       self.assertLen(set(names), len(names))
@@ -48,6 +48,24 @@ class BenchLibTest(tf.test.TestCase):
     self.assertEqual(shapes[-2:], [(2048, 1000), (1000,)])
     with self.assertRaisesRegex(ValueError, "unknown gradient set 'vgg'"):
       bench_lib.gradient_shapes("vgg")
+
+  def test_the_bert_set_has_its_embeddings_as_lookups(self):
+    specs = bench_lib.gradient_set("bert_base")
+    sparse = [s for s in specs if isinstance(s, bench_lib.Sparse)]
+    self.assertLen(specs, 202)
+    self.assertEqual(sparse, [bench_lib.Sparse((30522, 768), 4096),
+                              bench_lib.Sparse((512, 768), 128),
+                              bench_lib.Sparse((2, 768), 4096)])
+    self.assertEqual(sum(bench_lib.num_elements(s) for s in specs), 109_514_298)
+    self.assertIn("3 as IndexedSlices", bench_lib.describe(specs))
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    (value,) = bench_lib.per_replica(strategy, [bench_lib.Sparse((10, 4), 50)], seed=0)
+    slices = value.values[0] if hasattr(value, "values") else value
+    self.assertIsInstance(slices, tf.IndexedSlices)
+    self.assertEqual(slices.values.shape, (50, 4))
+    indices = slices.indices.numpy()
+    self.assertTrue(((indices >= 0) & (indices < 10)).all())
+    self.assertLess(len(set(indices)), 50)   # repeats, as a batch's tokens have
 
   def test_result_row_and_plan_text(self):
     row = bench_lib.result_row("x", "fused", [0.003, 0.001, 0.002], first=1.5)

@@ -53,12 +53,12 @@ def _distribute(strategy, data, k, index_dtype=tf.int64):
 class SparseReductionTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.named_parameters(
-      (f"_{option}_{rows}_{op.name}_{mode}", option, rows, op, mode)
-      for option, rows, (op, mode) in itertools.product(
-          ("gather", "dense", "auto"), ("equal", "different"),
+      (f"_{option}_{alg}_{rows}_{op.name}_{mode}", option, alg, rows, op, mode)
+      for option, alg, rows, (op, mode) in itertools.product(
+          ("gather", "dense", "auto"), ("ring", "reduce_to_one"), ("equal", "different"),
           ((SUM, "function"), (MEAN, "eager"))))
-  def test_equals_the_dense_sum(self, option, rows, reduce_op, mode):
-    ops = _ops(option)
+  def test_equals_the_dense_sum(self, option, algorithm, rows, reduce_op, mode):
+    ops = _ops(option, algorithm)
     strategy = tf.distribute.MirroredStrategy(helpers.devices(4), cross_device_ops=ops)
     data = _data([3, 3, 3, 3] if rows == "equal" else [2, 5, 0, 3])
     dense = [np.full(7, r + 1.0, np.float32) for r in range(4)]
@@ -79,10 +79,11 @@ class SparseReductionTest(tf.test.TestCase, parameterized.TestCase):
       for t in replicas:
         self.assertAllClose(t, w / divisor, rtol=1e-6, atol=1e-6)
     kinds = {e.algorithm for e in ops.last_plan}
+    gather = "gather" if algorithm == "ring" else "gather_to_one"
     if option == "gather" or (option == "auto" and rows == "different"):
-      self.assertIn("gather", kinds)
+      self.assertIn(gather, kinds)
     if option == "dense":
-      self.assertNotIn("gather", kinds)
+      self.assertFalse(kinds & set(sparse.GATHERS))
       self.assertCountEqual(sum((e.densified for e in ops.last_plan), ()), [0, 2, 3])
 
   def test_the_gather_is_one_pack_per_dtype_after_the_dense_packs(self):
@@ -119,6 +120,14 @@ class SparseReductionTest(tf.test.TestCase, parameterized.TestCase):
                             ).get_concrete_function().graph
       gathers = [op for op in graph.get_operations() if op.type == "CollectiveGatherV2"]
       self.assertLen(gathers, want * 4, msg=rows)   # per device
+    # To one device and back: copies and a concat, no collective at all.
+    ops = _ops("gather", "reduce_to_one")
+    strategy = tf.distribute.MirroredStrategy(helpers.devices(4), cross_device_ops=ops)
+    with strategy.scope():
+      graph = tf.function(_gather_all(ops, strategy, _data([1, 2, 3, 4]))
+                          ).get_concrete_function().graph
+    self.assertEqual([e.algorithm for e in ops.last_plan], ["gather_to_one"])
+    self.assertFalse([op for op in graph.get_operations() if "Collective" in op.type])
 
   def test_choice_by_bytes_and_cost_model(self):
     wire = tf_fusion.Compression.get("none").wire_dtype
@@ -132,6 +141,15 @@ class SparseReductionTest(tf.test.TestCase, parameterized.TestCase):
     # table wins: the choice follows the model, not the bytes alone.
     self.assertEqual(sparse.choose(big_table, "auto", 4, wire,
                                    helpers.fixed_cost_model())[0], "dense")
+    # On one worker the gather may also go to one device and back, priced as
+    # reduce_to_one of (G+1)/2 x the rows: cheaper than the table here.
+    both = (sparse.GATHER, sparse.GATHER_TO_ONE)
+    self.assertEqual(sparse.choose(big_table, "auto", 4, wire, helpers.fixed_cost_model(),
+                                   both)[0], "gather")
+    model = helpers.fixed_cost_model()
+    self.assertEqual(sparse.gather_cost(model, 12615680, 4, both)[0], "gather_to_one")
+    self.assertEqual(sparse.gather_cost(model, 1000, 4, both)[0], "gather")   # alpha
+    self.assertEqual(sparse.gather_cost(model, 12615680, 4)[0], "gather")   # across workers
     small_table = sparse.SparseSpec(tf.float32, (8,), 4096, (10, 8), tf.int64)
     self.assertEqual(sparse.choose(small_table, "auto", 4, wire)[0], "dense")
     self.assertEqual(sparse.choose(small_table, "gather", 4, wire)[0], "gather")

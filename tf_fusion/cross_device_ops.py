@@ -214,7 +214,7 @@ class FusedAllReduce(tf_internal.CrossDeviceOpsHooks, tf.distribute.CrossDeviceO
 
   def _arranged_plan(self, per_device, devices, call, replica_launch=False):
     """(sparse.Arrangement, plan) of one batch: IndexedSlices gathered or densified."""
-    arrangement = self._planner.arrangement(per_device, devices)
+    arrangement = self._planner.arrangement(per_device, devices, replica_launch)
     plan = self.make_plan(list(arrangement.specs), devices, replica_launch=replica_launch,
                           max_pack_bytes=call.max_pack_bytes,
                           timeout_seconds=call.timeout_seconds,

@@ -94,9 +94,10 @@ def reduce_packs(plan, per_device: List[List[tf.Tensor]], codec: compression.Pac
   for entry in plan:
     with tf.name_scope(stats.pack_scope(entry)):
       parts = [[tensors[i] for i in entry.tensor_indices] for tensors in per_device]
-      if entry.algorithm == sparse.GATHER:
+      if entry.algorithm in sparse.GATHERS:
         gathered = sparse.gather(parts, launch, codec.divisor,
-                                 carries_timeout=entry.index == last_collective)
+                                 carries_timeout=entry.index == last_collective,
+                                 to_one=entry.algorithm == sparse.GATHER_TO_ONE)
         for d, part in enumerate(gathered):
           for i, slices in zip(entry.tensor_indices, part):
             outputs[d][i] = slices

@@ -106,12 +106,25 @@ class Planner:
       return self.cost_model(devices)
     return self.given_cost_model
 
-  def arrangement(self, per_device, devices) -> "sparse.Arrangement":
+  def arrangement(self, per_device, devices, replica_launch=False
+                  ) -> "sparse.Arrangement":
     """Which IndexedSlices of a batch (`per_device`: one list per local device) are
     gathered and which densified, under FusionOptions.sparse."""
     return sparse.Arrangement.of(
         per_device, self.options.sparse, self.topology.group_size(devices),
-        self.wire_dtype, lambda: self.sparse_model(devices))
+        self.wire_dtype, lambda: self.sparse_model(devices),
+        self._gathers(replica_launch))
+
+  def _gathers(self, replica_launch):
+    """The ways a gather may run: the ring all-gather, and on one worker with one launch
+    for every device also to one device and back; as the algorithm option says (ring,
+    reduce_to_one), or both for "auto" to choose from by the cost model."""
+    algorithm, _ = self.topology.resolve(self.options.algorithm)
+    if self.topology.multi_worker or replica_launch or algorithm == "ring":
+      return (sparse.GATHER,)
+    if algorithm == "reduce_to_one":
+      return (sparse.GATHER_TO_ONE,)
+    return (sparse.GATHER, sparse.GATHER_TO_ONE)
 
   def make_plan(self, specs, devices, reduce_fn: Optional[Callable] = None,
                 replica_launch: bool = False, max_pack_bytes: Optional[int] = None,
@@ -152,7 +165,8 @@ class Planner:
     if gathered:
       plan += sparse.gather_plan([s for s, _ in gathered], len(specs), len(plan),
                                  [r for _, r in gathered], model,
-                                 self.topology.group_size(devices))
+                                 self.topology.group_size(devices),
+                                 self._gathers(replica_launch))
     if not tf.executing_eagerly():
       logging.info("tf_fusion plan:\n%s", stats.summarize(plan))
     return plan

@@ -12,7 +12,8 @@ their row numbers (indices). Its sum over the replicas can travel two ways:
   The bytes grow with the table, not the batch.
 Which is cheaper depends on tokens per replica, replicas and table size (tensorflow
 #53160, horovod#966): `choose` decides per tensor from the cost model, and
-FusionOptions.sparse can force either.
+FusionOptions.sparse can force either. On one worker the gather itself runs as a ring
+all-gather or to one device and back, as the cost model prices them (`gather_cost`).
 """
 
 import contextlib
@@ -26,6 +27,10 @@ from tf_fusion import compression
 from tf_fusion.plans import PackPlan
 
 GATHER, DENSE = "gather", "dense"
+# On one worker a gather can also run as TensorFlow's ReductionToOneDevice does: every
+# device's rows copied to the first, concatenated, copied back (no collective).
+GATHER_TO_ONE = "gather_to_one"
+GATHERS = (GATHER, GATHER_TO_ONE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,15 +93,37 @@ def fusible(replicas) -> bool:
              for s in replicas)
 
 
-def choose(spec: SparseSpec, option: str, group_size: int, wire_dtype, model=None
-           ) -> Tuple[str, str]:
+def gather_cost(model, nbytes: int, group_size: int, allowed=(GATHER,)
+                ) -> Tuple[str, Optional[float]]:
+  """(GATHER or GATHER_TO_ONE, predicted seconds) of gathering `nbytes` per replica,
+  the cheaper of the `allowed` ways.
+
+  A ring all-gather of b bytes per replica moves (G-1)·b through each device, as a ring
+  all-reduce of G·b/2 does. To one device and back moves (G-1)·b in and G·b to each of
+  the G-1 others, as reduce_to_one of (G+1)·b/2 does (one worker, one launch for all
+  devices only).
+  """
+  equivalent = {GATHER: ("ring", group_size * nbytes // 2 if nbytes is not None else None),
+                GATHER_TO_ONE: ("reduce_to_one",
+                                (group_size + 1) * nbytes // 2 if nbytes is not None
+                                else None)}
+  options = [(model.seconds(*equivalent[a]), a) for a in allowed
+             if model is not None and nbytes is not None
+             and equivalent[a][0] in model.alpha]
+  if not options:
+    return allowed[-1], None
+  seconds, algorithm = min(options)
+  return algorithm, seconds
+
+
+def choose(spec: SparseSpec, option: str, group_size: int, wire_dtype, model=None,
+           allowed=(GATHER,)) -> Tuple[str, str]:
   """(GATHER or DENSE, the reason) for one IndexedSlices under FusionOptions.sparse
   `option`, over `group_size` replicas.
 
-  A ring all-gather of b bytes per replica moves (G-1)·b through each device, as a
-  ring all-reduce of G·b/2 bytes does; the dense table of D bytes is an all-reduce of
-  D. Under "auto" the cost model (ring, and the best algorithm for the table) compares
-  the two; without a model, the bytes do.
+  The dense table of D bytes is an all-reduce of D; the gather is priced by
+  `gather_cost`. Under "auto" the cost model (the best algorithm for each) compares
+  the two; without a model, the bytes do (the gather as the ring's G·b/2).
   """
   if option == GATHER:
     return GATHER, "sparse='gather'"
@@ -109,15 +136,14 @@ def choose(spec: SparseSpec, option: str, group_size: int, wire_dtype, model=Non
   if rows is None:
     return GATHER, ("gathered: rows per replica not known when traced, or not the same "
                     "on every replica")
-  equivalent = group_size * rows // 2
-  if model is not None and "ring" in model.alpha:
-    gather_s = model.seconds("ring", equivalent)
+  _, gather_s = gather_cost(model, rows, group_size, allowed)
+  if gather_s is not None:
     dense_s = min(model.seconds(a, dense) for a in model.algorithms)
     choice = GATHER if gather_s <= dense_s else DENSE
     why = (f"{group_size} x {rows} B of rows ({1e6 * gather_s:.0f} us) vs the "
            f"{dense} B table ({1e6 * dense_s:.0f} us)")
   else:
-    choice = GATHER if equivalent <= dense else DENSE
+    choice = GATHER if group_size * rows // 2 <= dense else DENSE
     why = f"{group_size} x {rows} B of rows vs the {dense} B table"
   return choice, f"{'gathered' if choice == GATHER else 'densified'}: {why}"
 
@@ -130,10 +156,11 @@ def densify(slices: tf.IndexedSlices, spec: SparseSpec) -> tf.Tensor:
 
 
 def gather_plan(specs: Sequence[SparseSpec], start: int, first_index: int,
-                reasons: Sequence[str], model=None, group_size: int = 1
-                ) -> Tuple[PackPlan, ...]:
+                reasons: Sequence[str], model=None, group_size: int = 1,
+                allowed=(GATHER,)) -> Tuple[PackPlan, ...]:
   """The plan entries of the gathered tensors `specs` (positions start, start+1, ...
-  in the reduced list): one per dtype, launched after the dense packs."""
+  in the reduced list): one per dtype, launched after the dense packs, each by the
+  `allowed` gather that `gather_cost` finds cheaper."""
   by_dtype = {}
   for k, spec in enumerate(specs):
     by_dtype.setdefault(spec.dtype, []).append(k)
@@ -141,23 +168,23 @@ def gather_plan(specs: Sequence[SparseSpec], start: int, first_index: int,
   for dtype, members in by_dtype.items():
     sizes = [specs[k].gather_nbytes() for k in members]
     nbytes = None if None in sizes else sum(sizes)
-    seconds = None
-    if model is not None and "ring" in model.alpha and nbytes is not None:
-      seconds = model.seconds("ring", group_size * nbytes // 2)
+    algorithm, seconds = gather_cost(model, nbytes, group_size, allowed)
     entries.append(PackPlan(
         index=first_index + len(entries), dtype=dtype, tensor_count=len(members),
-        bytes=nbytes, algorithm=GATHER, wire_dtype=dtype, wire_bytes=nbytes,
+        bytes=nbytes, algorithm=algorithm, wire_dtype=dtype, wire_bytes=nbytes,
         tensor_indices=tuple(start + k for k in members), predicted_seconds=seconds,
         note="; ".join(dict.fromkeys(reasons[k] for k in members))))
   return tuple(entries)
 
 
 def gather(per_device: List[List[tf.IndexedSlices]], launch, divisor: int = 1,
-           carries_timeout: bool = False) -> List[List[tf.IndexedSlices]]:
+           carries_timeout: bool = False, to_one: bool = False
+           ) -> List[List[tf.IndexedSlices]]:
   """Every replica's rows of the IndexedSlices `per_device` (one list per device of
   `launch`, the same tensors on each), gathered in one all-gather of values and one
   of indices; MEAN's `divisor` applied to the values. Returns the lists of gathered
-  IndexedSlices, on each device."""
+  IndexedSlices, on each device. `to_one`: through the first device instead of
+  all-gathers (GATHER_TO_ONE)."""
   specs = [SparseSpec.of([slices[k] for slices in per_device])
            for k in range(len(per_device[0]))]
   known = all(s.rows is not None for s in specs)
@@ -169,17 +196,38 @@ def gather(per_device: List[List[tf.IndexedSlices]], launch, divisor: int = 1,
       if not known:
         counts.append(tf.stack([tf.shape(s.indices, out_type=tf.int64)[0]
                                 for s in slices]))
+  devices = launch.devices
+  if to_one:
+    # Joined on the first device, unpacked there once, the parts copied to the others.
+    all_gather = lambda buffers, carries_timeout=False: [_joined(buffers, devices[0])]
+  else:
+    all_gather = launch.gather
   if not known:
-    counts = launch.gather(counts)
-    values, indices = _padded(values, indices, counts, specs, launch.devices)
-  values = launch.gather(values)
-  indices = launch.gather(indices, carries_timeout=carries_timeout)
+    counts = all_gather(counts)
+    values, indices = _padded(values, indices, counts * len(devices) if to_one else counts,
+                              specs, devices)
+  values = all_gather(values)
+  indices = all_gather(indices, carries_timeout=carries_timeout)
+  group = launch.collectives.group_size
   out = []
-  for d, device in enumerate(launch.devices):
+  for d, device in enumerate(devices[:1] if to_one else devices):
     with _on(device):
       out.append(_unpack(values[d], indices[d], None if known else counts[d], specs,
-                         per_device[d], divisor, launch.collectives.group_size))
+                         per_device[d], divisor, group))
+  if to_one:
+    out = [[_copied(s, device) for s in out[0]] for device in devices]
   return out
+
+
+def _joined(buffers, device):
+  with _on(device):
+    return tf.concat(list(buffers), 0)
+
+
+def _copied(slices, device):
+  with _on(device):
+    return tf.IndexedSlices(tf.identity(slices.values), tf.identity(slices.indices),
+                            slices.dense_shape)
 
 
 def _row_elements(specs):
@@ -204,7 +252,9 @@ def _padded(values, indices, counts, specs, devices):
 def _unpack(values, indices, counts, specs, like, divisor, group):
   """One device's gathered buffers back into one IndexedSlices per spec."""
   k = len(specs)
-  if counts is None:   # every replica sent the same static rows: fixed offsets
+  if counts is None and k == 1:   # one table: the buffers are its rows, nothing to split
+    value_parts, index_parts = [values], [indices]
+  elif counts is None:   # every replica sent the same static rows: fixed offsets
     rows = [s.rows for s in specs]
     value_parts = tf.split(tf.reshape(values, [-1, sum(r * s.row_elements for r, s in
                                                        zip(rows, specs))]),
@@ -260,10 +310,11 @@ class Arrangement:
   specs: tuple = dataclasses.field(default=(), compare=False, hash=False)
 
   @classmethod
-  def of(cls, per_device, option, group_size, wire_dtype, model_fn) -> "Arrangement":
+  def of(cls, per_device, option, group_size, wire_dtype, model_fn, allowed=(GATHER,)
+         ) -> "Arrangement":
     """The arrangement of `per_device` (one list per local device) under
     FusionOptions.sparse `option`; `model_fn()` gives the cost model for "auto" (called
-    only if an IndexedSlices is there)."""
+    only if an IndexedSlices is there); `allowed`: the gathers possible (gather_cost)."""
     first = per_device[0]
     dense, densify, reasons, gathered = [], [], [], []
     model = None
@@ -275,7 +326,7 @@ class Arrangement:
       spec = SparseSpec.of([tensors[i] for tensors in per_device])
       if model is None and option == "auto":
         model = model_fn()
-      choice, reason = choose(spec, option, group_size, wire_dtype, model)
+      choice, reason = choose(spec, option, group_size, wire_dtype, model, allowed)
       if choice == DENSE:
         reasons.append((len(dense), reason))
         dense.append(i)

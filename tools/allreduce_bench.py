@@ -73,8 +73,9 @@ def _fused(**option_kwargs):
   return make
 
 
-def configs():
-  """(name, kind, factory); kind "builtin", "fused", "per_tensor" or "floor"."""
+def configs(sparse=False):
+  """(name, kind, factory); kind "builtin", "fused", "per_tensor" or "floor". With
+  `sparse` (a set with IndexedSlices), tf_fusion's auto fp16 also forcing each way."""
   bpp = lambda n: tf.distribute.experimental.CommunicationOptions(bytes_per_pack=n)
   out = [
       ("per_tensor (ring; no fusion)", "per_tensor",
@@ -91,6 +92,11 @@ def configs():
     for compression in ("none", "fp16", "bf16"):
       out.append((f"tf_fusion {algorithm} {compression}", "fused",
                   _fused(algorithm=algorithm, compression=compression)))
+  if sparse:
+    for compression in ("none", "fp16"):
+      for option in ("gather", "dense"):
+        out.append((f"tf_fusion auto {compression} sparse={option}", "fused",
+                    _fused(algorithm="auto", compression=compression, sparse=option)))
   for algorithm in ("ring", "reduce_to_one"):
     out.append((f"floor: one pre-packed buffer ({algorithm})", "floor",
                 _fused(algorithm=algorithm, pack_bytes=0, first_pack_bytes=0)))
@@ -99,13 +105,14 @@ def configs():
 
 def run_set(set_name, devices, args, cost_model, selected):
   import tf_fusion  # pylint: disable=g-import-not-at-top
-  shapes = bench_lib.gradient_shapes(set_name)
-  total = sum(int(np.prod(s)) for s in shapes)
+  shapes = bench_lib.gradient_set(set_name)
+  total = sum(bench_lib.num_elements(s) for s in shapes)
   print(f"\n== {set_name}: {bench_lib.describe(shapes)}, {len(devices)} replicas",
         flush=True)
   rows = []
   harness = {}
-  for name, kind, factory in configs():
+  sparse = any(isinstance(s, bench_lib.Sparse) for s in shapes)
+  for name, kind, factory in configs(sparse):
     if selected and name not in selected:
       continue
     strategy, options = factory(devices, cost_model)
@@ -200,8 +207,9 @@ def plot(results, path):
 
 # --- several workers ------------------------------------------------------------------
 
-def multi_worker_configs():
-  """(name, kind, options for tf_fusion or bytes_per_pack for TF)."""
+def multi_worker_configs(sparse=False):
+  """(name, kind, options for tf_fusion or bytes_per_pack for TF); with `sparse`, auto
+  fp16 forcing each FusionOptions.sparse way too."""
   out = [("tf MWMS default (bpp=0)", "builtin", 0),
          ("tf MWMS bpp=4MB", "builtin", 4 * MIB),
          ("tf MWMS bpp=64MB", "builtin", 64 * MIB),
@@ -211,6 +219,11 @@ def multi_worker_configs():
     for compression in ("none", "fp16", "bf16"):
       out.append((f"tf_fusion {algorithm} {compression}", "fused",
                   dict(algorithm=algorithm, compression=compression)))
+  if sparse:
+    for compression in ("none", "fp16"):
+      for option in ("gather", "dense"):
+        out.append((f"tf_fusion auto {compression} sparse={option}", "fused",
+                    dict(algorithm="auto", compression=compression, sparse=option)))
   return out
 
 
@@ -234,10 +247,11 @@ def worker_main(args):
   selected = set(filter(None, args.only.split(",")))
   results = []
   for set_name in args.sets.split(","):
-    shapes = bench_lib.gradient_shapes(set_name)
+    shapes = bench_lib.gradient_set(set_name)
     grads = bench_lib.per_replica(strategy, shapes, seed=1)
     rows = []
-    for name, kind, setting in multi_worker_configs():
+    sparse = any(isinstance(s, bench_lib.Sparse) for s in shapes)
+    for name, kind, setting in multi_worker_configs(sparse):
       if selected and name not in selected:
         continue
       if kind == "builtin":
@@ -256,7 +270,8 @@ def worker_main(args):
       if task == 0:
         print(f"  {set_name} {name:34s} median {rows[-1]['median_ms']:8.1f} ms", flush=True)
     results.append(dict(set=set_name, description=bench_lib.describe(shapes),
-                        fp32_bytes=sum(4 * int(np.prod(s)) for s in shapes), rows=rows))
+                        fp32_bytes=sum(4 * bench_lib.num_elements(s) for s in shapes),
+                        rows=rows))
   if task == 0:
     with open(args.worker_out, "w") as f:
       json.dump(dict(workers=workers, devices_per_worker=len(devices),

@@ -7,6 +7,7 @@ Run the tools as modules from the repository's root, e.g.
 `python -m tools.allreduce_bench --workers 2 --devices 2`.
 """
 
+import collections
 import json
 import os
 import socket
@@ -19,30 +20,71 @@ import numpy as np
 
 MIB = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SETS = ("resnet50", "alexnet_bn")
+SETS = ("resnet50", "alexnet_bn", "bert_base")
+# BERT-base phase 1 per replica: 32 sequences of 128 tokens.
+BERT_SEQUENCES, BERT_LENGTH = 32, 128
+
+# An embedding's gradient as a lookup gives it: `rows` rows of a table of shape `table`.
+Sparse = collections.namedtuple("Sparse", ["table", "rows"])
 
 
 def gradient_shapes(name, num_classes=1000, image_size=224):
   """The shapes of the trainable variables (so, of the gradients, in the order Keras
-  reduces them) of the ImageNet recipe's model `name`: what a training step reduces."""
-  from official_recipes.imagenet import models  # pylint: disable=g-import-not-at-top
+  reduces them) of the recipe model `name`: what a training step reduces."""
+  return [s.table if isinstance(s, Sparse) else s for s in gradient_set(
+      name, num_classes, image_size)]
+
+
+def gradient_set(name, num_classes=1000, image_size=224, sequences=BERT_SEQUENCES):
+  """gradient_shapes, with each embedding a lookup feeds as `Sparse`: for bert_base (the
+  BERT recipe's encoder) the word, position and segment tables' IndexedSlices of
+  `sequences` x 128 tokens per replica (as an untied lookup gives them)."""
   if name not in SETS:
     raise ValueError(f"unknown gradient set {name!r}; valid: {', '.join(SETS)}")
+  if name == "bert_base":
+    from official_recipes.bert import model as bert  # pylint: disable=g-import-not-at-top
+    lookups = {"word_embeddings": sequences * BERT_LENGTH,
+               "position_embeddings": BERT_LENGTH,
+               "segment_embeddings": sequences * BERT_LENGTH}
+    out = []
+    for v in bert.build("bert_base").trainable_variables:
+      shape = tuple(int(d) for d in v.shape)
+      table = v.path.split("/")[-2]
+      out.append(Sparse(shape, lookups[table]) if table in lookups else shape)
+    return out
+  from official_recipes.imagenet import models  # pylint: disable=g-import-not-at-top
   model = models.build(name, num_classes, image_size)
   return [tuple(int(d) for d in v.shape) for v in model.trainable_variables]
 
 
-def describe(shapes):
-  params = int(sum(np.prod(s) for s in shapes))
-  return f"{len(shapes)} tensors, {params / 1e6:.1f}M params, {params * 4 / MIB:.1f} MiB"
+def num_elements(spec):
+  """Elements of a dense gradient, or of the whole table of a Sparse one."""
+  return int(np.prod(spec.table if isinstance(spec, Sparse) else spec))
+
+
+def describe(specs):
+  params = sum(num_elements(s) for s in specs)
+  sparse = [s for s in specs if isinstance(s, Sparse)]
+  text = f"{len(specs)} tensors, {params / 1e6:.1f}M params, {params * 4 / MIB:.1f} MiB"
+  if sparse:
+    text += (f"; {len(sparse)} as IndexedSlices ("
+             + ", ".join(f"{s.rows} rows of {s.table[0]}x{s.table[1]}" for s in sparse) + ")")
+  return text
 
 
 def per_replica(strategy, shapes, seed):
-  """One PerReplica of random float32 values per shape (any number of workers)."""
+  """One PerReplica of random float32 values per shape (any number of workers); an
+  IndexedSlices for a Sparse one, its indices skewed towards the first rows (frequent
+  words) and repeated, as a batch's tokens are."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   def value_fn(ctx, i, shape):
     rng = tf.random.Generator.from_seed(seed + 1000 * i + ctx.replica_id_in_sync_group)
+    if isinstance(shape, Sparse):
+      vocab, width = shape.table
+      indices = tf.cast(vocab * rng.uniform([shape.rows]) ** 3, tf.int64)
+      return tf.IndexedSlices(rng.normal([shape.rows, width]), indices,
+                              tf.constant([vocab, width], tf.int64))
     return rng.normal(shape)
   return [strategy.experimental_distribute_values_from_function(
       lambda ctx, i=i, s=s: value_fn(ctx, i, s)) for i, s in enumerate(shapes)]
