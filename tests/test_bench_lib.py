@@ -1,5 +1,7 @@
 """tools/bench_lib.py and the multi-worker ratios of tools/allreduce_bench.py, by hand."""
 
+import os
+
 import numpy as np
 import tensorflow as tf
 
@@ -99,6 +101,17 @@ class TrainBenchTest(tf.test.TestCase):
     self.assertEqual(configs["tf"], configs["tf_fusion"])
     self.assertEqual(configs["none"], configs["tf_fusion"])
     self.assertEqual(configs["tf"]["strategy"], "multi_worker")
+
+  def test_the_bert_runs_are_the_bert_recipe(self):
+    from official_recipes.bert import recipe_flags as bert_flags  # pylint: disable=g-import-not-at-top
+    argv = train_bench.recipe_argv("bert_tiny", "tf", 1, 4, 48, 4, "/tmp/m")
+    fv = flags.FlagValues()
+    bert_flags.define_all(fv)
+    fv(["main"] + argv)
+    cfg = bert_flags.resolve(fv)
+    self.assertEqual((cfg.preset, cfg.batch_size, cfg.train_steps, cfg.num_devices,
+                      cfg.cross_device_ops, cfg.checkpoint_steps), ("tiny", 64, 48, 4, "tf", 48))
+    self.assertTrue(os.path.exists(os.path.join(cfg.data_dir, "meta.json")))
 
   def test_summarize_takes_medians_the_ratio_and_the_efficiency(self):
     runs = [dict(layout="1x4", model="m", side=side, images_per_sec=v)

@@ -6,7 +6,8 @@ Each run is the recipe in fresh processes on synthetic images (one host with --d
 logical CPU replicas, or --workers processes on 127.0.0.1 through tf_fusion.launch),
 everything equal but who reduces the gradients. Runs alternate between the sides (A B C,
 then C B A, ...), so that drift on a noisy machine hits all alike; every configuration
-runs --reps times and the table gives the median of the steady images/s (the recipe's
+runs --reps times and the table gives the median of the steady images/s (sequences/s
+for the BERT recipe's bert_tiny; the recipe's
 step logs after the first window, which holds tracing), the ratio tf_fusion / TF, and
 each side's scaling efficiency: its images/s over the floor's. The floor runs the same
 step with no cross-replica communication (each replica applies its own gradients: a
@@ -39,7 +40,10 @@ COMMUNICATING = ("tf_fusion", "tf")
 # Per model: image size, global batch, steps. Small images keep the CPU's compute near
 # what the reduction costs, as on GPUs at full size.
 MODELS = {"resnet50": dict(image_size=32, batch_size=64, steps=24),
-          "alexnet_bn": dict(image_size=64, batch_size=64, steps=12)}
+          "alexnet_bn": dict(image_size=64, batch_size=64, steps=12),
+          # The BERT recipe's tiny encoder on a generated corpus (sequences/s).
+          "bert_tiny": dict(batch_size=64, steps=48, recipe="bert")}
+TEXT_CORPUS = dict(vocab_size=512, seq_length=32, num_train=4096, num_validation=64)
 
 
 def parse_args(argv=None):
@@ -83,17 +87,31 @@ def recipe_argv(model, side, workers, devices, steps, log_steps, model_dir, extr
   evaluation step at the end, bf16 compute, the fp16-free default wire."""
   m = MODELS[model]
   batch = m["batch_size"]
-  argv = [f"--model={model}", "--synthetic", f"--image_size={m['image_size']}",
-          "--num_classes=1000", f"--batch_size={batch}", f"--train_steps={steps}",
-          f"--num_train_examples={batch * steps}", f"--num_eval_examples={batch}",
-          "--warmup_epochs=0", "--dtype=bf16", f"--log_steps={log_steps}",
-          f"--num_devices={devices}", f"--cross_device_ops={side}", "--stall_seconds=0",
-          f"--model_dir={model_dir}", "--seed=1"]
+  if m.get("recipe") == "bert":
+    argv = ["--preset=tiny", f"--data_dir={text_corpus()}", "--skip_eval",
+            f"--checkpoint_steps={steps}"]
+  else:
+    argv = [f"--model={model}", "--synthetic", f"--image_size={m['image_size']}",
+            "--num_classes=1000", f"--num_train_examples={batch * steps}",
+            f"--num_eval_examples={batch}", "--warmup_epochs=0"]
+  argv += [f"--batch_size={batch}", f"--train_steps={steps}", "--dtype=bf16",
+           f"--log_steps={log_steps}", f"--num_devices={devices}",
+           f"--cross_device_ops={side}", "--stall_seconds=0", f"--model_dir={model_dir}",
+           "--seed=1"]
   if workers > 1:
     argv.append("--strategy=multi_worker")
   if profile_steps:
     argv.append(f"--profile_steps={profile_steps}")
   return argv + list(extra)
+
+
+def text_corpus():
+  """The generated corpus the BERT runs read (written once per process)."""
+  path = os.path.join(tempfile.gettempdir(), "train_bench_text_corpus")
+  if not os.path.exists(os.path.join(path, "meta.json")):
+    from tools import make_fake_text  # pylint: disable=g-import-not-at-top
+    make_fake_text.make(path, **TEXT_CORPUS, log=lambda _: None)
+  return path
 
 
 def run_once(model, side, workers, devices, steps, log_steps, extra, profile_steps="",
@@ -103,7 +121,8 @@ def run_once(model, side, workers, devices, steps, log_steps, extra, profile_ste
   model_dir = tempfile.mkdtemp(prefix=f"train_bench_{model}_{side}_")
   argv = recipe_argv(model, side, workers, devices, steps, log_steps, model_dir, extra,
                      profile_steps)
-  command = [sys.executable, "-m", "official_recipes.imagenet.main"] + argv
+  recipe = MODELS[model].get("recipe", "imagenet")
+  command = [sys.executable, "-m", f"official_recipes.{recipe}.main"] + argv
   env = dict(os.environ, PYTHONPATH=bench_lib.ROOT, TF_CPP_MIN_LOG_LEVEL="2")
   if not gpus:
     env["CUDA_VISIBLE_DEVICES"] = ""
@@ -115,7 +134,10 @@ def run_once(model, side, workers, devices, steps, log_steps, extra, profile_ste
     raise RunFailed(f"recipe run failed (exit {code}; log in {model_dir}/run.log): "
                     f"{' '.join(argv)}\n{tail}")
   with open(os.path.join(model_dir, "stats.json")) as f:
-    return json.load(f)
+    stats = json.load(f)
+  # One throughput column: images/s, or the BERT recipe's sequences/s.
+  stats.setdefault("images_per_sec", stats.get("sequences_per_sec"))
+  return stats
 
 
 class RunFailed(RuntimeError):
