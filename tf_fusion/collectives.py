@@ -92,6 +92,11 @@ def _launcher(group_key, group_size, device, options):
                                         next_instance_key)
 
 
+def on_device(device):
+  """`tf.device(device)`, or no placement for None (a replica's own launch)."""
+  return tf.device(device) if device is not None else contextlib.nullcontext()
+
+
 def canonical_devices(devices: Sequence[str]) -> Tuple[str, ...]:
   """Fully qualified device names, as the collective group table wants them."""
   return tuple(tf_internal.canonical_device(d) for d in devices)

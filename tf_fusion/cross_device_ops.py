@@ -192,13 +192,14 @@ class FusedAllReduce(tf_internal.CrossDeviceOpsHooks, tf.distribute.CrossDeviceO
     arrangement, plan = self._arranged_plan(per_device, devices, call)
     # Users read positions in the list they reduced, not in the fused sub-list.
     self.last_plan = plans.renumbered(plan, [positions[p] for p in arrangement.positions])
+    reduce_batch = arrangement.around(functools.partial(
+        self._reduce_dense, reduce_op, devices, plan, call))
     if tf.executing_eagerly():
       # Collectives block until every device joins: launched one by one in eager
       # mode they would deadlock, so the eager path runs as one function.
       key = (reduce_op, devices, plan, call, arrangement)
       if key not in self._eager_fns:
-        self._eager_fns[key] = tf.function(arrangement.around(functools.partial(
-            self._reduce_dense, reduce_op, devices, plan, call)))
+        self._eager_fns[key] = tf.function(reduce_batch)
       with explain_errors(self.num_workers, call.timeout_seconds):
         outputs = run_as_graph(self._eager_fns[key], per_device)
       # A tf.function called eagerly names its call's device as every output's
@@ -207,8 +208,7 @@ class FusedAllReduce(tf_internal.CrossDeviceOpsHooks, tf.distribute.CrossDeviceO
       outputs = [[_on_device(device, t) for t in out]
                  for device, out in zip(devices, outputs)]
     else:
-      outputs = arrangement.around(functools.partial(
-          self._reduce_dense, reduce_op, devices, plan, call))(per_device)
+      outputs = reduce_batch(per_device)
     return [tf_internal.mirrored(outputs[d][i] for d in range(len(devices)))
             for i in range(len(values))]
 

@@ -12,7 +12,6 @@ launch:
   function, XLA), each replica launches its own buffer into TF's collective (the ring).
 """
 
-import contextlib
 from typing import List, Optional, Sequence
 
 import tensorflow as tf
@@ -23,6 +22,7 @@ from tf_fusion import sparse
 from tf_fusion import stats
 from tf_fusion.collectives import Collectives
 from tf_fusion.collectives import DeviceOrder
+from tf_fusion.collectives import on_device
 
 # The algorithms whose packs run a collective (reduce_to_one and "none" only copy).
 _COLLECTIVE_ALGORITHMS = ("ring", "hierarchical", sparse.GATHER)
@@ -105,13 +105,13 @@ def reduce_packs(plan, per_device: List[List[tf.Tensor]], codec: compression.Pac
       scales = _agreed_scales(entry, parts, codec, launch)
       buffers, ctx = [], None
       for device, p, sc in zip(launch.devices, parts, scales):
-        with _on(device):
+        with on_device(device):
           buffer, ctx = codec.encode(p, sc)
           buffers.append(buffer)
       finish = codec.finisher(ctx, parts[0], scaled=scales[0] is not None)
       reduced = launch.pack(entry, buffers, finish, entry.index == last_collective)
       for d, device in enumerate(launch.devices):
-        with _on(device):
+        with on_device(device):
           for i, part in zip(entry.tensor_indices,
                              codec.decode(reduced[d], parts[d], scales[d])):
             outputs[d][i] = part
@@ -125,19 +125,17 @@ def _agreed_scales(entry, parts, codec, launch):
     return [None] * len(parts)
   bounds = []
   for device, p in zip(launch.devices, parts):
-    with _on(device):
+    with on_device(device):
       bounds.append(compression.local_bounds(p))
   with tf.name_scope("range"):
     bounds = launch.bounds(entry, bounds)
   scales = []
   for device, b in zip(launch.devices, bounds):
-    with _on(device):
+    with on_device(device):
       scales.append(compression.range_scales(b))
   return scales
 
 
-def _on(device):
-  return tf.device(device) if device is not None else contextlib.nullcontext()
 
 
 def reduce_unpacked(launcher, value, reduce_op, group_size):

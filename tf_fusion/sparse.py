@@ -16,7 +16,6 @@ FusionOptions.sparse can force either. On one worker the gather itself runs as a
 all-gather or to one device and back, as the cost model prices them (`gather_cost`).
 """
 
-import contextlib
 import dataclasses
 from typing import List, Optional, Sequence, Tuple
 
@@ -24,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_fusion import compression
+from tf_fusion.collectives import on_device
 from tf_fusion.plans import PackPlan
 
 GATHER, DENSE = "gather", "dense"
@@ -190,7 +190,7 @@ def gather(per_device: List[List[tf.IndexedSlices]], launch, divisor: int = 1,
   known = all(s.rows is not None for s in specs)
   values, indices, counts = [], [], []
   for device, slices in zip(launch.devices, per_device):
-    with _on(device):
+    with on_device(device):
       values.append(tf.concat([tf.reshape(s.values, [-1]) for s in slices], 0))
       indices.append(tf.concat([tf.cast(s.indices, tf.int64) for s in slices], 0))
       if not known:
@@ -211,7 +211,7 @@ def gather(per_device: List[List[tf.IndexedSlices]], launch, divisor: int = 1,
   group = launch.collectives.group_size
   out = []
   for d, device in enumerate(devices[:1] if to_one else devices):
-    with _on(device):
+    with on_device(device):
       out.append(_unpack(values[d], indices[d], None if known else counts[d], specs,
                          per_device[d], divisor, group))
   if to_one:
@@ -220,12 +220,12 @@ def gather(per_device: List[List[tf.IndexedSlices]], launch, divisor: int = 1,
 
 
 def _joined(buffers, device):
-  with _on(device):
+  with on_device(device):
     return tf.concat(list(buffers), 0)
 
 
 def _copied(slices, device):
-  with _on(device):
+  with on_device(device):
     return tf.IndexedSlices(tf.identity(slices.values), tf.identity(slices.indices),
                             slices.dense_shape)
 
@@ -238,7 +238,7 @@ def _padded(values, indices, counts, specs, devices):
   """Each device's buffers padded to the longest replica's (the gather needs one size)."""
   out_values, out_indices = [], []
   for device, v, i, c in zip(devices, values, indices, counts):
-    with _on(device):
+    with on_device(device):
       table = tf.reshape(c, [-1, len(specs)])
       value_lengths = tf.reduce_sum(table * _row_elements(specs), axis=1)
       index_lengths = tf.reduce_sum(table, axis=1)
@@ -285,8 +285,6 @@ def _unpack(values, indices, counts, specs, like, divisor, group):
   return out
 
 
-def _on(device):
-  return tf.device(device) if device is not None else contextlib.nullcontext()
 
 
 @dataclasses.dataclass(frozen=True)
