@@ -1,6 +1,7 @@
 """tools/bench_lib.py and the multi-worker ratios of tools/allreduce_bench.py, by hand."""
 
 import os
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -8,6 +9,7 @@ import tensorflow as tf
 from absl import flags
 
 from official_recipes.imagenet import recipe_flags
+from tests import helpers
 from tools import allreduce_bench
 from tools import bench_lib
 from tools import profile_step
@@ -75,6 +77,23 @@ class BenchLibTest(tf.test.TestCase):
     self.assertEqual(bench_lib.plan_text(row), "")
     row.update(packs=3, algorithms={"ring": 2, "reduce_to_one": 1})
     self.assertEqual(bench_lib.plan_text(row), "3 packs ring:2,reduce_to_one:1")
+
+  def test_time_reduction_gives_cpu_seconds_per_call(self):
+    # Each call burns 20 ms of CPU per replica value in a py_function (2 replicas):
+    # 40 ms a call, whatever the number of calls and however long the wall time.
+    def burn(x):
+      start = time.process_time()
+      while time.process_time() - start < 0.02:
+        pass
+      return x
+
+    strategy = tf.distribute.MirroredStrategy(helpers.devices(2))
+    grads = bench_lib.per_replica(strategy, [(4,)], seed=1)
+    reduce = lambda pairs: [tf.py_function(burn, [x], x.dtype) for v, _ in pairs
+                            for x in strategy.experimental_local_results(v)]
+    _, times, cpu = bench_lib.time_reduction(strategy, grads, reduce, reps=3, warmup=2)
+    self.assertLen(times, 3)
+    self.assertBetween(cpu, 0.038, 0.08)
 
   def test_without_flag(self):
     self.assertEqual(bench_lib.without_flag(["--a", "1", "--b=2", "--c", "3"], "--a"),

@@ -105,12 +105,19 @@ def reduction_step(strategy, grads, reduce):
 
 
 def time_reduction(strategy, grads, reduce, reps, warmup):
-  """(first call seconds, [seconds per timed call]) of `reduction_step`; each call is
-  timed until the devices are done (tf_fusion.calibration.time_calls)."""
+  """(first call seconds, [seconds per timed call], CPU seconds per call) of
+  `reduction_step`; each call is timed until the devices are done
+  (tf_fusion.calibration.time_calls). The CPU seconds are this process's (every thread)
+  over one more untimed call and the timed ones: on CPU replicas a collective is work
+  that competes with the step's compute for the same cores, and its wall time alone does
+  not say how much."""
   from tf_fusion import calibration  # pylint: disable=g-import-not-at-top
   step = reduction_step(strategy, grads, reduce)
   with strategy.scope():
-    return calibration.time_calls(step, reps, warmup)
+    first, _ = calibration.time_calls(step, 0, warmup)
+    start = time.process_time()
+    _, times = calibration.time_calls(step, reps, warmup=1)
+    return first, times, (time.process_time() - start) / (reps + 1)
 
 
 def plan_fields(plan):
