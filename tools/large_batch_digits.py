@@ -133,18 +133,17 @@ def train(run, seed, data, epochs, samples_per_epoch, devices, compression="fp16
                                if hasattr(model.optimizer, "dynamic_scale") else None)}
 
 
-def summarize(results, runs):
-  """Rows: run, batch, optimizer, policy, steps, mean/std/min of final accuracy."""
+def summarize(results, runs, fields=("batch", "optimizer", "policy", "lr")):
+  """Rows: run, its `fields`, steps, mean/std/min of the final accuracy over seeds."""
   rows = []
   for run in runs:
     finals = [r["final_accuracy"] for r in results if r["run"] == run.name]
     if not finals:
       continue
     steps = next(r["steps"] for r in results if r["run"] == run.name)
-    rows.append(dict(run=run.name, batch=run.batch, optimizer=run.optimizer,
-                     policy=run.policy, lr=run.lr, steps=steps, seeds=len(finals),
-                     mean=float(np.mean(finals)), std=float(np.std(finals)),
-                     min=float(np.min(finals))))
+    rows.append(dict(run=run.name, **{f: getattr(run, f) for f in fields}, steps=steps,
+                     seeds=len(finals), mean=float(np.mean(finals)),
+                     std=float(np.std(finals)), min=float(np.min(finals))))
   return rows
 
 

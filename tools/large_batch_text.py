@@ -145,16 +145,8 @@ def train(run, seed, data_dir, corpus, sequences, evals, devices, compression="f
 
 def summarize(results, runs):
   """Rows: run, batch, optimizer, lr, steps, mean/std/min of the final accuracy."""
-  rows = []
-  for run in runs:
-    finals = [r["final_accuracy"] for r in results if r["run"] == run.name]
-    if not finals:
-      continue
-    steps = next(r["steps"] for r in results if r["run"] == run.name)
-    rows.append(dict(run=run.name, batch=run.batch, optimizer=run.optimizer, lr=run.lr,
-                     steps=steps, seeds=len(finals), mean=float(np.mean(finals)),
-                     std=float(np.std(finals)), min=float(np.min(finals))))
-  return rows
+  from tools import large_batch_digits  # pylint: disable=g-import-not-at-top
+  return large_batch_digits.summarize(results, runs, fields=("batch", "optimizer", "lr"))
 
 
 def format_table(rows):
