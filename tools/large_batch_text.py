@@ -14,7 +14,8 @@ It prints the validation masked-token accuracy (mean and spread over seeds), wri
 JSON and a PNG of the curves.
 
 Usage:
-  python -m tools.large_batch_text --seeds 3 --out_dir out/large_batch_text   # ~40 min
+  python -m tools.large_batch_text --seeds 3 --first_seed 6 --out_dir out/large_batch_text
+  # about 75 min on 2 cores; --only baseline,lamb leaves out the AdamW-linear run
 """
 
 import argparse
@@ -52,22 +53,25 @@ class Run:
   lr: float               # peak learning rate
   warmup_fraction: float = 0.1
   weight_decay: float = 0.01
+  beta_2: float = 0.999
 
 
 def default_runs(small=SMALL_BATCH, large=LARGE_BATCH, adamw_lr=1e-3, lamb_lr=2e-2,
-                 large_warmup=0.3):
+                 large_warmup=0.3, lamb_beta_2=0.999):
   """The three runs of the table.
 
-  The settings come from a small grid on seed 0 at 262144 sequences (LAMB: lr 0.01 with
-  10% warm-up 80.5% masked accuracy, lr 0.02 with 30% warm-up 87.1%; at 131072 sequences,
-  128 steps, lr 0.01/0.02/0.03/0.1 gave 32.0/3.7/2.8/3.0%); seeds from 3 on are held
-  out for the table.
+  The settings come from a small grid on seed 0 (LAMB masked accuracy): at 131072
+  sequences, 128 steps, lr 0.01/0.02/0.03/0.1 gave 32.0/3.7/2.8/3.0%; at 262144, lr 0.01
+  with 10% warm-up 80.5%, lr 0.02 with 30% warm-up 87.1% (with 40%/50% warm-up
+  87.0/87.2%, lr 0.015/0.025/0.03 85.9/87.0/85.8%, beta_2 0.99/0.95 86.7/86.9%: a
+  plateau, the baseline 87.7%). At 524288 sequences, 512 steps, the same settings gave
+  88.9% against the baseline's 88.1%. Seeds from 3 on are held out for the table.
   """
   scale = large / small
   return [
       Run("baseline", small, "adamw", adamw_lr),
       Run("adamw_linear", large, "adamw", adamw_lr * scale, warmup_fraction=large_warmup),
-      Run("lamb", large, "lamb", lamb_lr, warmup_fraction=large_warmup),
+      Run("lamb", large, "lamb", lamb_lr, warmup_fraction=large_warmup, beta_2=lamb_beta_2),
   ]
 
 
@@ -92,8 +96,9 @@ def _optimizer(run, schedule):
   import keras  # pylint: disable=g-import-not-at-top
   import tf_fusion  # pylint: disable=g-import-not-at-top
   if run.optimizer == "lamb":
-    return tf_fusion.LAMB(schedule, weight_decay=run.weight_decay)
-  opt = keras.optimizers.AdamW(schedule, weight_decay=run.weight_decay, epsilon=1e-6)
+    return tf_fusion.LAMB(schedule, beta_2=run.beta_2, weight_decay=run.weight_decay)
+  opt = keras.optimizers.AdamW(schedule, weight_decay=run.weight_decay, beta_2=run.beta_2,
+                               epsilon=1e-6)
   opt.exclude_from_weight_decay(var_names=list(tf_fusion.optimizers.lamb.DEFAULT_EXCLUSIONS))
   return opt
 
@@ -184,10 +189,12 @@ def plot(results, runs, path):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--seeds", type=int, default=3)
-  parser.add_argument("--first_seed", type=int, default=3,
-                      help="seed 0 chose the settings; 3 on are held out")
-  parser.add_argument("--sequences", type=int, default=262144,
-                      help="sequences every run trains on (a multiple of 1024 x --evals)")
+  parser.add_argument("--first_seed", type=int, default=6,
+                      help="seed 0 chose the settings; 3-5 were held out at 262144 "
+                           "sequences, 6-8 at 524288")
+  parser.add_argument("--sequences", type=int, default=524288,
+                      help="sequences every run trains on (a multiple of 1024 x --evals); "
+                           "32 passes over the corpus, 512 steps at batch 1024")
   parser.add_argument("--evals", type=int, default=8, help="validations per run")
   parser.add_argument("--replicas", type=int, default=2,
                       help="2: on 2 cores, 4 replicas of batch 8 cost 3x more per step")
@@ -196,6 +203,8 @@ def main(argv=None):
   parser.add_argument("--lamb_lr", type=float, default=2e-2)
   parser.add_argument("--large_warmup", type=float, default=0.3,
                       help="warm-up fraction of the two batch-1024 runs (baseline: 0.1)")
+  parser.add_argument("--lamb_beta_2", type=float, default=0.999,
+                      help="LAMB's second-moment decay")
   parser.add_argument("--only", default="", help="comma-separated run names")
   parser.add_argument("--data_dir", default=None,
                       help="where the corpus is written (default: a temporary directory)")
@@ -209,7 +218,7 @@ def main(argv=None):
   devices = [d.name for d in tf.config.list_logical_devices("CPU")][:args.replicas]
 
   runs = default_runs(adamw_lr=args.adamw_lr, lamb_lr=args.lamb_lr,
-                      large_warmup=args.large_warmup)
+                      large_warmup=args.large_warmup, lamb_beta_2=args.lamb_beta_2)
   if args.only:
     wanted = set(args.only.split(","))
     unknown = wanted - {r.name for r in runs}
