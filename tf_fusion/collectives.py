@@ -180,6 +180,18 @@ class Collectives:
     return [l.all_gather_rows(b, options=options)
             for l, b in zip(self._launchers, buffers)]
 
+  def reduce_scatter(self, buffers: Sequence[tf.Tensor], carries_timeout: bool = False
+                     ) -> List[tf.Tensor]:
+    """Sums `buffers` (one per local device, rank 1, a multiple of the group size
+    long) across the group; group member i gets block i of the sum. NCCL only."""
+    options = self._with_timeout if carries_timeout and self._timeout_seconds else None
+    return [l.reduce_scatter(b, options=options) for l, b in zip(self._launchers, buffers)]
+
+  def launch_reduce_scatter(self, index, buffer, carries_timeout=False):
+    """Local device `index`'s part of a reduce-scatter (the no-merge-call path)."""
+    options = self._with_timeout if carries_timeout and self._timeout_seconds else None
+    return self._launchers[index].reduce_scatter(buffer, options=options)
+
   def launch_gather(self, index, buffer, carries_timeout=False):
     """Local device `index`'s part of an all-gather (the no-merge-call path)."""
     options = self._with_timeout if carries_timeout and self._timeout_seconds else None

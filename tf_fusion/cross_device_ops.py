@@ -80,6 +80,11 @@ class FusedAllReduce(tf_internal.CrossDeviceOpsHooks, tf.distribute.CrossDeviceO
     return self._options
 
   @property
+  def compressor(self):
+    """The gradients' wire (compression.Compression.*)."""
+    return self._compressor
+
+  @property
   def num_workers(self) -> int:
     """Workers this reduction spans (1 here)."""
     return self._planner.topology.num_workers
@@ -95,6 +100,25 @@ class FusedAllReduce(tf_internal.CrossDeviceOpsHooks, tf.distribute.CrossDeviceO
     new.last_plan = ()
     memo[id(self)] = new
     return new
+
+  @property
+  def worker_index(self) -> int:
+    """This worker's place in the cluster (0 on one worker)."""
+    return 0
+
+  def local_devices(self):
+    """This worker's replica devices (from the strategy in scope on one worker)."""
+    return self._local_devices()
+
+  def update_collectives(self, devices, replica_launch=False) -> Collectives:
+    """The launchers the sharded weight update runs on: the whole group, this call's
+    timeout and collective (NCCL on GPUs)."""
+    del replica_launch
+    return self._collectives(devices, CallSettings.of(self._options))
+
+  def sum_across_workers(self, vector):
+    """A small float64 vector summed over the workers (eagerly; itself on one)."""
+    return vector
 
   # --- planning ------------------------------------------------------------------------
 
@@ -354,6 +378,17 @@ class MultiWorkerFusedAllReduce(FusedAllReduce):
     tf_ops = tf_internal.collective_all_reduce(devices, num_workers * len(devices))
     return cls(options, tf_ops, num_workers, cost_model=cost_model,
                worker_index=worker_index)
+
+  @property
+  def worker_index(self) -> int:
+    return self._agreement.rank()
+
+  def sum_across_workers(self, vector):
+    devices = self._local_devices()
+    collectives = Collectives.get(devices, self._planner.topology.group_size(devices),
+                                  self._options.timeout_seconds)
+    with explain_errors(self.num_workers, self._options.timeout_seconds):
+      return collectives.sum_across_workers(vector)
 
   @property
   def tf_ops(self):

@@ -17,12 +17,19 @@ Under a strategy that reduces with tf_fusion (`fused_ops_of(strategy)` is not No
 steps Keras's LossScaleOptimizer as `tf_fusion.mixed_precision` does (reduce scaled,
 unscale, one decision for all), and marks gradient reductions for the wire. Under any
 other strategy, and with no strategy, Keras's steps run unchanged.
+
+Under `FusionOptions(weight_update="sharded")`, an optimizer built in the strategy's
+scope gets its slots as views over per-replica shards (shard_state), and its update
+(clip, decoupled weight decay, update step) runs sharded (shard_step) instead of
+all-reduce-then-update on every replica.
 """
 
 import tensorflow as tf
 
 from tf_fusion import compression
 from tf_fusion import mixed_precision
+from tf_fusion import shard_state
+from tf_fusion import shard_step
 from tf_fusion import strategy as strategy_lib
 from tf_fusion._internal import keras as keras_internal
 
@@ -33,6 +40,9 @@ def install() -> None:
   keras_internal.wrap_clip_gradients(_clip)
   keras_internal.wrap_all_reduce_gradients(_all_reduce)
   keras_internal.wrap_loss_scale_apply(_loss_scaled_apply)
+  keras_internal.wrap_add_variable_from_reference(_add_slot)
+  keras_internal.wrap_update_step(_update_step)
+  keras_internal.wrap_weight_decay(_weight_decay)
 
 
 def under_fused_strategy() -> bool:
@@ -54,6 +64,8 @@ def _reduces_before_clipping(optimizer) -> bool:
 
 
 def _clip(original, optimizer, grads):
+  if shard_step.sharded_ops() is not None:
+    return list(grads)   # clipped on the reduced shards, in shard_step
   if not _reduces_before_clipping(optimizer):
     return original(optimizer, grads)
   return original(optimizer, compression.sum_gradients(grads))
@@ -70,3 +82,41 @@ def _loss_scaled_apply(original, lso, grads, trainable_variables=None):
   if not under_fused_strategy():
     return original(lso, grads, trainable_variables)
   return mixed_precision.reduce_first(lso, grads, trainable_variables)
+
+
+def _sharding(optimizer) -> bool:
+  """Whether `optimizer` (not a replica's shard of one) steps sharded here."""
+  return not shard_state.is_shard(optimizer) and shard_step.sharded_ops() is not None
+
+
+def _add_slot(original, optimizer, reference, name=None, initializer="zeros"):
+  if shard_state.is_shard(optimizer):
+    variable = keras_internal.add_plain_slot(optimizer, reference, name, initializer)
+    shard_state.record_slot(optimizer, reference, name, variable)
+    return variable
+  ops = _building_sharded()
+  if ops is None or not shard_state.is_slot_name(name):
+    return original(optimizer, reference, name=name, initializer=initializer)
+  return shard_state.slot_for(optimizer, reference, name, ops)
+
+
+def _building_sharded():
+  """The ops of a sharding strategy in scope (cross-replica context: where Keras
+  builds optimizers), else None."""
+  if not tf.distribute.has_strategy():
+    return None
+  ops = strategy_lib.fused_ops_of(tf.distribute.get_strategy())
+  return ops if ops is not None and ops.options.weight_update == "sharded" else None
+
+
+def _update_step(original, optimizer, grads, trainable_variables, learning_rate):
+  if not _sharding(optimizer):
+    return original(optimizer, grads, trainable_variables, learning_rate)
+  shard_step.apply(optimizer, grads, trainable_variables, learning_rate)
+  return None
+
+
+def _weight_decay(original, optimizer, variables):
+  if _sharding(optimizer):
+    return None   # on each replica's shard, in shard_step
+  return original(optimizer, variables)

@@ -29,6 +29,7 @@ from keras import ops
 import tensorflow as tf
 
 from tf_fusion import compression
+from tf_fusion import shard_step
 from tf_fusion._internal import keras as keras_internal
 from tf_fusion._internal import tf as tf_internal
 
@@ -167,6 +168,9 @@ class _ReducedFirst:
     if self.inner.gradient_accumulation_steps:
       self._accumulating_apply(list(grads), variables)
       return None
+    if shard_step.sharded_ops() is not None:
+      self._sharded_step(list(grads), variables, batches=1, count_iteration=True)
+      return None
     grads = self._unscale(self._all_reduce_scaled(list(grads)), variables)
     finite = _all_finite(grads)
     if tf_internal.strategy_reduces_without_merge_call():
@@ -205,6 +209,11 @@ class _ReducedFirst:
     def update():
       window = [(g + a) / steps for g, a in zip(local, accumulators)]
       scale = self.lso.dynamic_scale
+      if shard_step.sharded_ops() is not None:
+        self._sharded_step([w * ops.cast(scale, w.dtype) for w in window], variables,
+                           batches=steps, count_iteration=False)
+        keras_internal.reset_accumulators(inner)
+        return
       reduced = self._unscale(self._all_reduce_scaled(
           [w * ops.cast(scale, w.dtype) for w in window]), variables)
       ops.cond(_all_finite(reduced),
@@ -218,6 +227,25 @@ class _ReducedFirst:
     batches = keras_internal.batches_seen(inner)
     ops.cond(ops.equal((batches + 1) % steps, 0), update, accumulate)
     batches.assign_add(1)
+
+  def _sharded_step(self, grads, variables, batches, count_iteration):
+    """The inner optimizer's sharded step (shard_step) on loss-scaled, unreduced
+    `grads`: reduce-scattered scaled, unscaled on each shard, one finiteness decision
+    for all; then, as `apply` would, the scale grows by `batches` and the inner
+    optimizer counts the step (`count_iteration`; under accumulation the micro-steps
+    are counted as they come), or the scale drops."""
+    inner = self.inner
+
+    def finite_step():
+      self._grow_scale(batches)
+      if count_iteration:
+        keras_internal.raw_iterations(inner).assign_add(1)
+
+    shard_step.apply(
+        inner, grads, variables, inner.learning_rate,
+        loss_scale=tf.convert_to_tensor(self.lso.dynamic_scale),
+        after=lambda finite: ops.cond(finite, finite_step,
+                                      keras_internal.non_finite_step(self.lso)))
 
   def _inner_update(self, grads, variables, batches):
     """The inner optimizer's update on reduced, unscaled gradients, as Keras runs it

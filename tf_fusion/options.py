@@ -15,6 +15,7 @@ AUTOTUNE = ("model", "measure")
 ALGORITHMS = ("ring", "hierarchical", "reduce_to_one", "auto")
 IMPLEMENTATIONS = ("auto", "nccl", "ring")
 SPARSE = ("auto", "gather", "dense")
+WEIGHT_UPDATES = ("replicated", "sharded")
 
 _ENV_PREFIX = "TF_FUSION_"
 
@@ -88,6 +89,12 @@ class FusionOptions:
       16-bit wire, as Horovod's sparse_as_dense), or "auto": per tensor, whichever the
       cost model predicts cheaper from its bytes (gather when the rows are not known
       when the step is traced). The choice and its reason are in `last_plan`.
+    weight_update: "replicated" (every replica applies the optimizer to every weight,
+      with the whole optimizer state: TensorFlow's way) or "sharded": the gradients
+      are reduce-scattered, each of N replicas updates 1/N of every pack of weights
+      with 1/N of the optimizer's state, and the new weights are all-gathered (Xu et
+      al. 2020; ZeRO stage 1). Same bytes on the wire as one all-reduce; 1/N of the
+      update's compute and state per replica. See docs/sharded_update.md.
 
   Example:
     >>> opts = FusionOptions(pack_bytes=4 << 20, compression="fp16")
@@ -109,6 +116,7 @@ class FusionOptions:
   autotune: str = "model"
   implementation: str = "auto"
   sparse: str = "auto"
+  weight_update: str = "replicated"
 
   def __post_init__(self):
     _check_bytes("pack_bytes", self.pack_bytes, allow_none=True)
@@ -122,6 +130,8 @@ class FusionOptions:
     object.__setattr__(self, "implementation", _check_choice(
         "implementation", self.implementation, IMPLEMENTATIONS))
     object.__setattr__(self, "sparse", _check_choice("sparse", self.sparse, SPARSE))
+    object.__setattr__(self, "weight_update", _check_choice(
+        "weight_update", self.weight_update, WEIGHT_UPDATES))
     _check_seconds("timeout_seconds", self.timeout_seconds, allow_zero=False)
     _check_seconds("backward_seconds", self.backward_seconds, allow_zero=True)
     if self.cost_model_file is not None and (
@@ -141,7 +151,7 @@ class FusionOptions:
     Reads TF_FUSION_PACK_BYTES ("auto" for None), TF_FUSION_FIRST_PACK_BYTES,
     TF_FUSION_COMPRESSION, TF_FUSION_ALGORITHM, TF_FUSION_TIMEOUT_SECONDS,
     TF_FUSION_COST_MODEL_FILE, TF_FUSION_BACKWARD_SECONDS, TF_FUSION_AUTOTUNE,
-    TF_FUSION_IMPLEMENTATION and TF_FUSION_SPARSE.
+    TF_FUSION_IMPLEMENTATION, TF_FUSION_SPARSE and TF_FUSION_WEIGHT_UPDATE.
     Sizes are plain integers of bytes; a suffix such as "MB" is refused rather
     than guessed, because byte-versus-megabyte confusion is a known pain with
     Horovod's HOROVOD_FUSION_THRESHOLD.

@@ -105,6 +105,39 @@ def variable_path(variable) -> str:
   return getattr(variable, "path", None) or variable.name
 
 
+def decoupled_weight_decay(optimizer, variables) -> None:
+  """Keras's decoupled weight decay of `optimizer` on plain (one-replica) `variables`,
+  as its base optimizer computes it (w - w * wd * lr), without the strategy's
+  merge_call that the TensorFlow backend adds around it."""
+  if isinstance(optimizer, WithoutDecoupledWeightDecay):
+    return
+  keras.src.optimizers.base_optimizer.BaseOptimizer._apply_weight_decay(  # pylint: disable=protected-access
+      optimizer, variables)
+
+
+def add_plain_slot(optimizer, reference, name=None, initializer="zeros"):
+  """`optimizer.add_variable_from_reference` without the TensorFlow backend's
+  colocation with a strategy's variable: for one replica's own (plain) variables."""
+  return keras.src.optimizers.base_optimizer.BaseOptimizer.add_variable_from_reference(
+      optimizer, reference, name=name, initializer=initializer)
+
+
+def uses_weight_decay(optimizer, variable) -> bool:
+  """Whether Keras's decoupled weight decay of `optimizer` applies to `variable`."""
+  return optimizer._use_weight_decay(variable)  # pylint: disable=protected-access
+
+
+def track_variable(optimizer, variable) -> None:
+  """Adds `variable` to `optimizer.variables` (what Keras saves and loads, in order)."""
+  optimizer._track_variable(variable)  # pylint: disable=protected-access
+
+
+def raw_iterations(optimizer):
+  """The variable counting `optimizer`'s batches (`iterations` divides it under
+  gradient accumulation)."""
+  return optimizer._iterations  # pylint: disable=protected-access
+
+
 class WithoutDecoupledWeightDecay:
   """Optimizer mixin: Keras's decoupled weight decay (`weight_decay` applied apart from
   the update) is not applied; the optimizer couples its weight decay into its own
@@ -147,6 +180,27 @@ def wrap_loss_scale_apply(wrapper) -> None:
   """keras.optimizers.LossScaleOptimizer.apply (the one `compile` adds under
   mixed_float16) goes through `wrapper(original, lso, grads, trainable_variables)`."""
   _wrap(keras.optimizers.LossScaleOptimizer, "apply", wrapper)
+
+
+def wrap_add_variable_from_reference(wrapper) -> None:
+  """Every Keras optimizer's creation of a variable shaped like a model variable (its
+  slots, in `build`) goes through `wrapper(original, optimizer, reference_variable,
+  name=None, initializer="zeros")`."""
+  _wrap(keras.optimizers.Optimizer, "add_variable_from_reference", wrapper)
+
+
+def wrap_update_step(wrapper) -> None:
+  """Every Keras optimizer's update of its variables by (clipped, decayed) gradients
+  goes through `wrapper(original, optimizer, grads, trainable_variables,
+  learning_rate)` (the TensorFlow backend's `_backend_update_step`, where it
+  all-reduces and updates every replica)."""
+  _wrap(keras.optimizers.Optimizer, "_backend_update_step", wrapper)
+
+
+def wrap_weight_decay(wrapper) -> None:
+  """Every Keras optimizer's decoupled weight decay goes through
+  `wrapper(original, optimizer, variables)`."""
+  _wrap(keras.optimizers.Optimizer, "_apply_weight_decay", wrapper)
 
 
 # --- BackupAndRestore -----------------------------------------------------------------

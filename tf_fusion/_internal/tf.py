@@ -89,6 +89,23 @@ class CollectiveLauncher(_cross_device_utils.CollectiveReplicaLauncher):
   def _next_instance_key(self):
     return self._tf_fusion_next_key()
 
+  def reduce_scatter(self, tensor, options=None):
+    """This device's part of a reduce-scatter (sum) of a rank-1 `tensor` whose length is
+    a multiple of the group size: element block i of the sum lands on group member i.
+    TensorFlow implements it with NCCL only (on CPUs: "did not find collective
+    implementation")."""
+    instance_key = self._next_instance_key()
+    options = self._options.merge(options)
+    ordering_token = self._get_ordering_token()
+    with tf.device(self._device):
+      return tf.raw_ops.CollectiveReduceScatterV2(
+          input=tensor, group_size=self._group_size, group_key=self._group_key,
+          instance_key=instance_key,
+          ordering_token=[ordering_token] if ordering_token is not None else [],
+          merge_op="Add", final_op="Id",
+          communication_hint=options.implementation.value.lower(),
+          timeout_seconds=options.timeout_seconds or 0.0)
+
   def all_gather_rows(self, tensor, options=None):
     """All-gather of `tensor` along its first axis; every replica's `tensor` must have
     the same shape (TF's `all_gather` pads for that with a collective of its own)."""
@@ -114,6 +131,25 @@ def host_int64_counter(device: str, name: str):
   with tf.init_scope(), tf.device(device):
     return _resource_variable_ops.ResourceVariable(0, dtype=tf.int64, trainable=False,
                                                    name=name)
+
+
+class _PlainVariables:
+  """A variable creator that makes plain (not distributed) variables where it is
+  entered, also inside a strategy's scope, whose own creator it skips."""
+
+  _ARGS = ("initial_value", "trainable", "name", "dtype", "shape", "caching_device",
+           "validate_shape", "constraint")
+
+  def __call__(self, next_creator, **kwargs):
+    del next_creator
+    return _resource_variable_ops.ResourceVariable(
+        **{k: v for k, v in kwargs.items() if k in self._ARGS and v is not None})
+
+
+def plain_variables():
+  """A context in which tf.Variable (and Keras variables) are plain ResourceVariables
+  on the current device, not a strategy's mirrored ones: one replica's own state."""
+  return tf.variable_creator_scope(_PlainVariables())
 
 
 def is_collective_all_reduce(ops) -> bool:

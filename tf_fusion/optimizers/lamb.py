@@ -86,12 +86,11 @@ class LAMB(layerwise.LayerExclusions, keras_internal.WithoutDecoupledWeightDecay
     self.momentums, self.velocities = self.add_optimizer_variables(
         variables, ["momentum", "velocity"])
 
-  def update_step(self, gradient, variable, learning_rate):
-    """One LAMB step for one variable; all arithmetic in FP32."""
-    index = keras_internal.variable_index(self, variable)
+  def layerwise_begin(self, gradient, variable, index):
+    """Updates the moments; (w, u) in FP32 and [||w||^2, ||u||^2] (zeros without a
+    trust ratio)."""
     w = ops.cast(variable, "float32")
     g = layerwise.dense_gradient(gradient)
-    lr = ops.cast(learning_rate, "float32")
     t = ops.cast(self.iterations + 1, "float32")
     m_slot, v_slot = self.momentums[index], self.velocities[index]
     m = self.beta_1 * ops.cast(m_slot, "float32") + (1.0 - self.beta_1) * g
@@ -103,9 +102,16 @@ class LAMB(layerwise.LayerExclusions, keras_internal.WithoutDecoupledWeightDecay
     update = m_hat / (ops.sqrt(v_hat) + self.epsilon)
     if self._use_decay[index] and self.weight_decay:
       update = update + self.weight_decay * w
+    squares = (self.squares(w, update) if self._use_adaptation[index]
+               else ops.zeros([2], "float32"))
+    return (w, update), squares
+
+  def layerwise_end(self, carry, squares, variable, index, learning_rate):
+    """w - lr * ratio * u for one variable (or a part of it); FP32."""
+    w, update = carry
+    lr = ops.cast(learning_rate, "float32")
     if self._use_adaptation[index]:
-      w_norm = ops.sqrt(ops.sum(ops.square(w)))
-      u_norm = ops.sqrt(ops.sum(ops.square(update)))
+      w_norm, u_norm = self.norms(squares)
       safe = ops.logical_and(w_norm > 0, u_norm > 0)
       ratio = ops.where(safe, w_norm / ops.where(safe, u_norm, 1.0), 1.0)
       update = ratio * update

@@ -87,16 +87,21 @@ class LARS(layerwise.LayerExclusions, keras_internal.WithoutDecoupledWeightDecay
     self.momentums = (self.add_optimizer_variables(variables, "momentum")
                       if self.momentum else [])
 
-  def update_step(self, gradient, variable, learning_rate):
-    """One LARS step for one variable; all arithmetic in FP32."""
-    index = keras_internal.variable_index(self, variable)
+  def layerwise_begin(self, gradient, variable, index):
+    """(w, g) in FP32, and [||w||^2, ||g||^2] (zeros without a trust ratio)."""
     w = ops.cast(variable, "float32")
     g = layerwise.dense_gradient(gradient)
+    squares = (self.squares(w, g) if self._use_adaptation[index]
+               else ops.zeros([2], "float32"))
+    return (w, g), squares
+
+  def layerwise_end(self, carry, squares, variable, index, learning_rate):
+    """The LARS step for one variable (or a part of it); all arithmetic in FP32."""
+    w, g = carry
     lr = ops.cast(learning_rate, "float32")
     wd = self.weight_decay if self._use_decay[index] else 0.0
     if self._use_adaptation[index]:
-      w_norm = ops.sqrt(ops.sum(ops.square(w)))
-      g_norm = ops.sqrt(ops.sum(ops.square(g)))
+      w_norm, g_norm = self.norms(squares)
       denominator = g_norm + wd * w_norm + self.epsilon
       safe = ops.logical_and(w_norm > 0, g_norm > 0)
       trust = ops.where(safe, self.eta * w_norm / ops.where(safe, denominator, 1.0), 1.0)

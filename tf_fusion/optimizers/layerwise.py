@@ -9,6 +9,7 @@ every replica of a strategy and every retrace sees the same choice.
 
 import re
 
+from keras import ops
 import tensorflow as tf
 
 from tf_fusion._internal import keras as keras_internal
@@ -110,8 +111,8 @@ class LayerExclusions:
     if self.built:
       return
     super().build(variables)
+    self._fix_exclusions(variables)   # first: a sharded build reads them for its shards
     self._build_slots(variables)
-    self._fix_exclusions(variables)
 
   def _build_slots(self, variables):
     raise NotImplementedError
@@ -136,6 +137,36 @@ class LayerExclusions:
   def uses_layer_adaptation(self, variable):
     """Whether `variable`'s step is scaled by its trust ratio (after build)."""
     return self._use_adaptation[keras_internal.variable_index(self, variable)]
+
+  def update_step(self, gradient, variable, learning_rate):
+    """One step for one variable: `layerwise_begin`, then `layerwise_end` with the
+    variable's own sums of squares (the sharded update adds them over its shards
+    between the two)."""
+    index = keras_internal.variable_index(self, variable)
+    carry, squares = self.layerwise_begin(gradient, variable, index)
+    self.layerwise_end(carry, squares, variable, index, learning_rate)
+
+  def layerwise_begin(self, gradient, variable, index):
+    """(carry, squares): what `layerwise_end` needs, and the float32 vector
+    [sum w^2, sum u^2] of `variable` (w its weights, u the step the trust ratio
+    scales), zeros where the variable has no trust ratio. Over a part of a variable,
+    the sums are partial: adding them over all parts gives the whole variable's."""
+    raise NotImplementedError
+
+  def layerwise_end(self, carry, squares, variable, index, learning_rate):
+    """Applies the step begun by `layerwise_begin`, scaled by the trust ratio that
+    `squares` (the whole variable's sums) give."""
+    raise NotImplementedError
+
+  @staticmethod
+  def norms(squares):
+    """(||w||, ||u||) from `layerwise_begin`'s sums of squares."""
+    return ops.sqrt(squares[0]), ops.sqrt(squares[1])
+
+  @staticmethod
+  def squares(w, u):
+    """[sum w^2, sum u^2] as float32."""
+    return ops.stack([ops.sum(ops.square(w)), ops.sum(ops.square(u))])
 
   def _exclusions_config(self):
     return {

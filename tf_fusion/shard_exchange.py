@@ -1,0 +1,117 @@
+"""How the shards of a sharded weight update cross devices: reduce-scatter, all-gather.
+
+Three ways, by where the replicas are and who launches:
+- "in_graph": one worker whose process holds every replica's buffer (merge_call) and no
+  NCCL: replica k sums block k of every replica's buffer itself, a chain of adds on its
+  own device in replica order (((b0 + b1) + b2) + b3), the same order reduce_to_one
+  uses, and reads the other replicas' new blocks back without a collective. On one
+  host's memory nothing is copied; the adds of one pack run on N devices at once.
+- "nccl": every device a GPU: NCCL's reduce-scatter and all-gather (TensorFlow's
+  CollectiveReduceScatterV2 / CollectiveGatherV2 with the hint "nccl").
+- "ring": otherwise (CPUs across workers; a replica launching alone where merge_call is
+  impossible): TensorFlow's ring all-reduce of the whole pack, of which each replica
+  keeps its block (TensorFlow has no reduce-scatter off NCCL), then its all-gather.
+
+Every way hands each replica the same bits: a block is reduced once, by one device or
+by TensorFlow's ring (whose all-gather phase copies each reduced element), and gathered
+as it is.
+"""
+
+from typing import List, Sequence
+
+import tensorflow as tf
+
+from tf_fusion.collectives import Collectives
+from tf_fusion.collectives import DeviceOrder
+
+
+class Exchange:
+  """The collectives of one sharded step for local replicas `ks` (all of this worker's
+  under merge_call, one where each replica launches alone).
+
+  Args:
+    collectives: the launchers of the whole group (every worker's devices).
+    ks: the local replica indices this launch runs for.
+    shards: the global shard index of each of `ks`.
+    replica_launch: each replica launches its own collectives (no merge_call).
+  """
+
+  def __init__(self, collectives: Collectives, ks: Sequence[int], shards: Sequence[int],
+               replica_launch: bool):
+    self.collectives = collectives
+    self.ks = list(ks)
+    self.shards = list(shards)
+    self.devices = [collectives.devices[k] for k in ks]
+    self.replica_launch = replica_launch
+    if collectives.uses_nccl:
+      self.name = "nccl"
+    elif collectives.num_workers == 1 and not replica_launch:
+      self.name = "in_graph"
+    else:
+      self.name = "ring"
+    self._order = DeviceOrder() if collectives.uses_nccl and not replica_launch else None
+
+  def _each(self, launch_all, launch_one, buffers):
+    """`launch_all(buffers)` for every local device, or `launch_one(k, buffer)` for a
+    replica alone; in each GPU's NCCL order."""
+    if self.replica_launch:
+      return [launch_one(self.ks[0], buffers[0])]
+    if self._order is None:
+      return launch_all(buffers)
+    held = [self._order.before(d, b) for d, b in zip(self.devices, buffers)]
+    return [self._order.after(d, r) for d, r in zip(self.devices, launch_all(held))]
+
+  def reduce_scatter(self, buffers: List[tf.Tensor], shard_size: int) -> List[tf.Tensor]:
+    """Per local replica, block `shard` (shard_size elements) of the sum over the
+    group of `buffers` (one padded pack per local replica)."""
+    c = self.collectives
+    if self.name == "nccl":
+      return self._each(c.reduce_scatter, c.launch_reduce_scatter, buffers)
+    if self.name == "in_graph":
+      return self._chain_blocks(buffers, shard_size)
+    reduced = self._each(c.all_reduce, c.launch, buffers)
+    out = []
+    for device, s, r in zip(self.devices, self.shards, reduced):
+      with tf.device(device):
+        out.append(tf.slice(r, [s * shard_size], [shard_size]))
+    return out
+
+  def _chain_blocks(self, buffers, shard_size):
+    out = []
+    for device, s in zip(self.devices, self.shards):
+      blocks = []
+      for source, b in zip(self.devices, buffers):
+        with tf.device(source):   # an aligned slice where the buffer is: no copy
+          blocks.append(tf.slice(b, [s * shard_size], [shard_size]))
+      with tf.device(device):
+        total = blocks[0]
+        for block in blocks[1:]:
+          total = tf.math.add(total, block)
+      out.append(total)
+    return out
+
+  def all_gather(self, shards: List[tf.Tensor], carries_timeout=False) -> List[List[tf.Tensor]]:
+    """Per local replica, the consecutive blocks of the whole padded pack (every
+    replica's shard, in shard order): a list of blocks, or of one gathered buffer."""
+    c = self.collectives
+    if self.name == "in_graph":
+      return [list(shards) for _ in self.devices]
+    gather_all = lambda b: c.all_gather(b, carries_timeout)
+    gather_one = lambda k, b: c.launch_gather(k, b, carries_timeout)
+    return [[g] for g in self._each(gather_all, gather_one, shards)]
+
+  def all_sum(self, vectors: List[tf.Tensor]) -> List[tf.Tensor]:
+    """Small float32 vectors (one per local replica) summed over the group; the same
+    bits on every replica."""
+    if self.name == "in_graph":
+      total = vectors[0]
+      for device, v in zip(self.devices[1:], vectors[1:]):
+        with tf.device(device):
+          total = tf.math.add(total, v)
+      out = []
+      for device in self.devices:
+        with tf.device(device):
+          out.append(tf.identity(total))
+      return out
+    c = self.collectives
+    return self._each(c.all_reduce, c.launch, vectors)
