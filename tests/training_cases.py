@@ -104,8 +104,8 @@ class TinyTransformer(keras.Model):
   gradient is zero (softmax ignores a constant per query), so it moves by rounding only
   and no comparison of its trajectory means anything."""
 
-  def __init__(self):
-    super().__init__()
+  def __init__(self, **kwargs):   # kwargs: as a .keras file revives it
+    super().__init__(**kwargs)
     self.tokens = keras.layers.Embedding(VOCAB, 8)
     self.positions = keras.layers.Embedding(LENGTH, 8)
     self.segments = keras.layers.Embedding(2, 8)

@@ -11,9 +11,11 @@ update to its segments (a layer-wise optimizer sums its norms over the shards wi
 second small all-reduce), and the new shards are all-gathered, exactly (weights never
 ride a lossy wire), into every replica's copy of the weights.
 
-Sparse gradients (IndexedSlices) are made dense in their replica's pack. Their norm,
-for clipping, is one device's: the sum of squares of every replica's rows as they are
-(Keras's `global_norm` of IndexedSlices), not of the summed table.
+Sparse gradients (IndexedSlices) are made dense in their replica's pack: the optimizer,
+its clipping norms included, sees an embedding's gradient summed into its table, as it
+sees any dense weight's. (Keras on one device squares an IndexedSlices gradient row by
+row, so its Adam second moment and its clipping norm count repeated rows apart; see
+docs/sharded_update.md.)
 """
 
 from keras import ops
@@ -73,7 +75,8 @@ class Step:
     Returns the finiteness decision (a bool tensor, the same on every replica).
     """
     ks = self.exchange.ks
-    dense, sparse_squares = zip(*[self._densify(g, s) for g, s in zip(grads, loss_scales)])
+    dense = [{i: tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+              for i, g in zip(self.present, replica)} for replica in grads]
     blocks = {}   # pack index -> per local replica, its reduced, unscaled block
     plan = self.plan()
     for p, entry in zip(self.state.layout.packs, plan):
@@ -81,7 +84,7 @@ class Step:
         continue
       with tf.name_scope(stats.pack_scope(entry)):
         blocks[p.index] = self._reduce_scatter(p, dense, loss_scales)
-    squares, finite = self._statistics(blocks, sparse_squares, skip_non_finite)
+    squares, finite = self._statistics(blocks, skip_non_finite)
     for j, k in enumerate(ks):
       with tf.device(self.exchange.devices[j]):
         self._refresh(k)
@@ -98,20 +101,6 @@ class Step:
         with tf.name_scope(stats.pack_scope(entry)):
           self._all_gather(p, carries_timeout=p.index == last)
     return finite
-
-  def _densify(self, grads, loss_scale):
-    """({variable: dense gradient}, {variable: this replica's sum of squares of its
-    IndexedSlices rows, unscaled}) of one replica."""
-    dense, squares = {}, {}
-    for i, g in zip(self.present, grads):
-      if isinstance(g, tf.IndexedSlices):
-        values = tf.cast(g.values, tf.float32)
-        if loss_scale is not None:
-          values = values / tf.cast(loss_scale, tf.float32)
-        squares[i] = tf.reduce_sum(tf.square(values))
-        g = tf.convert_to_tensor(g)
-      dense[i] = g
-    return dense, squares
 
   def _reduce_scatter(self, p, dense, loss_scales):
     """Per local replica, its block of pack `p` summed over the group, unscaled."""
@@ -171,7 +160,7 @@ class Step:
     values.append(tf.ones([], per_tensor.dtype))
     return tf.repeat(tf.stack(values), sizes)
 
-  def _statistics(self, blocks, sparse_squares, skip_non_finite):
+  def _statistics(self, blocks, skip_non_finite):
     """(per local replica, the group's per-variable sums of squares of the gradient,
     or None; whether every gradient is finite)."""
     opt = self.optimizer
@@ -190,11 +179,8 @@ class Step:
           bad.append(tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(block)),
                                            tf.float32)))
           for s in p.segments(self.exchange.shards[j]):
-            if s.variable not in sparse_squares[j]:
-              piece = tf.cast(block[s.offset:s.offset + s.size], tf.float32)
-              sums[s.variable].append(tf.reduce_sum(tf.square(piece)))
-        for i, value in sparse_squares[j].items():
-          sums[i] = [value]
+            piece = tf.cast(block[s.offset:s.offset + s.size], tf.float32)
+            sums[s.variable].append(tf.reduce_sum(tf.square(piece)))
         vector = [tf.add_n(s) if s else tf.zeros([]) for s in sums]
         vectors.append(tf.stack(vector + [tf.add_n(bad) if bad else tf.zeros([])]))
     with tf.name_scope("tf_fusion_sharded_norms"):
