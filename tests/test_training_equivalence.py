@@ -34,11 +34,11 @@ ONE_DEVICE_TOLERANCE = {"float32": 1e-4, "mixed_float16": 3e-2, "mixed_bfloat16"
 TF_STRATEGY_TOLERANCE = 1e-6
 
 
-def _strategy(algorithm="reduce_to_one", compression="none"):
+def _strategy(algorithm="reduce_to_one", compression="none", weight_update="replicated"):
   return tf_fusion.mirrored_strategy(
       helpers.devices(4),
       tf_fusion.FusionOptions(pack_bytes=512, first_pack_bytes=64, algorithm=algorithm,
-                              compression=compression),
+                              compression=compression, weight_update=weight_update),
       cost_model=helpers.fixed_cost_model())
 
 
@@ -85,6 +85,22 @@ class TrainingEquivalenceTest(tf.test.TestCase, parameterized.TestCase):
           helpers.devices(4), cross_device_ops=tf.distribute.ReductionToOneDevice()),
                                   case, optimizer_name, policy)
       self.assert_same_training(got, want, initial, TF_STRATEGY_TOLERANCE)
+
+  @parameterized.named_parameters(
+      *[(f"_{case}_{opt}", case, opt, "float32")
+        for case, opt in itertools.product(training_cases.CASES, training_cases.OPTIMIZERS)],
+      *[(f"_{case}_{opt}_{policy}", case, opt, policy)
+        for case, opt, policy in (("plain", "loss_scaled_lars", "mixed_float16"),
+                                  ("plain", "lars", "mixed_bfloat16"),
+                                  ("accumulation", "loss_scaled_lars", "mixed_float16"))])
+  def test_sharded_update_same_weights_as_one_device(self, case, optimizer_name, policy):
+    """The cases above with FusionOptions(weight_update="sharded")."""
+    got = training_cases.train(_strategy(weight_update="sharded"), case, optimizer_name,
+                               policy)
+    want = training_cases.train(None, case, optimizer_name, policy)
+    self.assert_same_training(got, want, _initial(case, optimizer_name, policy),
+                              ONE_DEVICE_TOLERANCE[policy],
+                              elementwise=policy == "float32")
 
   @parameterized.named_parameters(
       (f"_{case}_{alg}_{comp}", case, alg, comp)
