@@ -26,6 +26,7 @@ import tensorflow as tf
 import tf_fusion
 from tf_fusion import shard_state
 from tests import helpers
+from tests import multi_worker
 from tests import training_cases
 
 # float32: replicas add their gradients in another order than one device's batch sum.
@@ -210,6 +211,35 @@ class ShardedUpdateTest(tf.test.TestCase, parameterized.TestCase):
       shard_state.check_shardable(keras.optimizers.Lamb())
     with self.assertRaisesRegex(ValueError, "use_ema"):
       shard_state.check_shardable(keras.optimizers.SGD(use_ema=True))
+
+
+@multi_worker.worker(algorithm="hierarchical", weight_update="sharded", pack_bytes=512,
+                     first_pack_bytes=64)
+def sharded_in_worker(strategy):
+  """Every optimizer of OPTIMIZERS, sharded over 2 workers x 2 devices; this worker's
+  final weights of each, and the plan's algorithms."""
+  weights = {}
+  for name in OPTIMIZERS:
+    with dense_embedding_gradients():
+      weights[name] = [w.numpy().tolist() for w in train(strategy, name).weights]
+  return {"weights": weights,
+          "algorithms": sorted({e.algorithm for e in
+                                tf_fusion.fused_ops_of(strategy).last_plan})}
+
+
+class ShardedMultiWorkerTest(tf.test.TestCase):
+
+  def test_two_workers_of_two_equal_one_device(self):
+    workers = multi_worker.run_workers(sharded_in_worker, timeout=400)
+    for name in OPTIMIZERS:
+      want = [v.numpy() for v in one_device(name).weights]
+      for worker in workers:
+        self.assertEqual(worker["algorithms"], ["sharded_ring"])
+        for got, w in zip(worker["weights"][name], want):
+          self.assertAllClose(np.array(got, np.float32), w, rtol=2e-5, atol=2e-5,
+                              msg=f"{name} worker {worker['task']}")
+    # Both workers hold the same weights, bit for bit (each shard was updated once).
+    self.assertEqual(workers[0]["weights"], workers[1]["weights"])
 
 
 class ShardedCheckpointTest(tf.test.TestCase):
