@@ -61,6 +61,27 @@ class GpuGraphTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual({h for _, h in _collectives(GPUS, "ring", options, implementation)},
                      {hint})
 
+  @parameterized.parameters(False, True)
+  def test_the_sharded_update_is_nccl_both_ways(self, replica_launch):
+    """Reduce-scatter and all-gather (and the small all-reduce of norms) as NCCL
+    collectives, one per GPU (or the replica's own), chained in one order per GPU."""
+    found = gpu_check.sharded_update_launches(GPUS, replica_launch)
+    self.assertEqual(found["exchange"], "nccl")
+    kinds = [kind for _, kind, _ in found["collectives"]]
+    per_gpu = 1 if replica_launch else len(GPUS)
+    self.assertEqual(kinds, ["CollectiveReduceScatterV2"] * per_gpu
+                     + ["CollectiveReduceV2"] * per_gpu + ["CollectiveGatherV2"] * per_gpu)
+    self.assertEqual({hint for _, _, hint in found["collectives"]}, {"nccl"})
+    self.assertEqual({d for d, _, _ in found["collectives"]},
+                     {GPUS[0]} if replica_launch else set(GPUS))
+    if not replica_launch:
+      self.assertEqual(found["chained"], {g: True for g in GPUS})
+
+  def test_the_sharded_update_on_cpus_is_in_graph(self):
+    found = gpu_check.sharded_update_launches(tuple(helpers.devices(2)))
+    self.assertEqual(found["exchange"], "in_graph")
+    self.assertEqual(found["collectives"], [])
+
   def test_cpus_keep_tf_ring(self):
     cpus = tuple(helpers.devices(2))
     self.assertEqual({h for _, h in _collectives(cpus, "ring")}, {"auto"})

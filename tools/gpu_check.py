@@ -156,9 +156,35 @@ def collective_hints(devices):
       plan, graph = trace_reduction(fused_ops(algorithm, devices, workers), devices, specs)
       out[name] = dict(plan=[e.algorithm for e in plan], collectives=launches(graph),
                        chained=chained(graph))
+    out["sharded weight update"] = sharded_update_launches(devices)
   finally:
     tf.config.set_soft_device_placement(soft)
   return out
+
+
+def sharded_update_launches(devices, replica_launch=False):
+  """What the sharded weight update's exchange launches over `devices` (one worker),
+  traced for one pack: each collective's device, op type and hint, and whether each
+  GPU's NCCL launches are chained (under merge_call)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tf_fusion.collectives import Collectives  # pylint: disable=g-import-not-at-top
+  from tf_fusion.shard_exchange import Exchange  # pylint: disable=g-import-not-at-top
+  collectives = Collectives.get(devices)
+  ks = [0] if replica_launch else list(range(len(devices)))
+  exchange = Exchange(collectives, ks, ks, replica_launch)
+  shard = 1024
+
+  def step():
+    buffers = []
+    for k in ks:
+      with tf.device(devices[k]):
+        buffers.append(tf.zeros([shard * len(devices)]))
+    blocks = exchange.reduce_scatter(buffers, shard)
+    sums = exchange.all_sum([tf.reduce_sum(b)[None] for b in blocks])
+    return exchange.all_gather([b + s for b, s in zip(blocks, sums)])
+
+  graph = tf.function(step).get_concrete_function().graph
+  return dict(exchange=exchange.name, collectives=launches(graph), chained=chained(graph))
 
 
 def run_tests(out_dir):
@@ -167,7 +193,8 @@ def run_tests(out_dir):
   junit = os.path.abspath(os.path.join(out_dir, "gpu_tests.xml"))
   proc = subprocess.run(
       [sys.executable, "-m", "pytest", "-q", "tests/test_training_equivalence.py",
-       "tests/test_wire_range.py", "tests/test_gpu_graph.py", f"--junitxml={junit}"],
+       "tests/test_wire_range.py", "tests/test_gpu_graph.py",
+       "tests/test_sharded_update.py", f"--junitxml={junit}"],
       cwd=bench_lib.ROOT, env=env, capture_output=True, text=True, check=False)
   lines = (proc.stdout + proc.stderr).strip().splitlines()
   return dict(exit_code=proc.returncode, summary=lines[-1] if lines else "",
