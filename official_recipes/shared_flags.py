@@ -53,6 +53,12 @@ def define_communication_flags(fv=flags.FLAGS):
                     "gradients (embeddings): gathered together, made dense to join the "
                     "dense packs (Horovod's sparse_as_dense), or auto: per tensor by the "
                     "cost model.", flag_values=fv)
+  flags.DEFINE_enum("weight_update", "replicated", ["replicated", "sharded"],
+                    "The optimizer's update: repeated on every replica with the whole "
+                    "optimizer state (replicated), or sharded: gradients "
+                    "reduce-scattered, each replica updates 1/N of the weights with 1/N "
+                    "of the state, weights all-gathered (docs/sharded_update.md).",
+                    flag_values=fv)
   flags.DEFINE_enum("all_reduce_alg", "auto",
                     ["auto", "ring", "hierarchical", "reduce_to_one"],
                     "All-reduce per pack; auto picks per pack from a calibrated cost "
@@ -159,6 +165,7 @@ class SharedConfig:
   backward_seconds: Optional[float]
   compression: str
   sparse: str
+  weight_update: str
   all_reduce_alg: str
   cross_device_ops: str
   tf_bytes_per_pack: int

@@ -30,7 +30,8 @@ def make_strategy(cfg):
       pack_bytes=cfg.pack_bytes, first_pack_bytes=cfg.first_pack_bytes,
       compression=cfg.compression, algorithm=cfg.all_reduce_alg,
       cost_model_file=cost_model_file, backward_seconds=cfg.backward_seconds,
-      autotune=cfg.autotune, sparse=cfg.sparse)
+      autotune=cfg.autotune, sparse=cfg.sparse,
+      weight_update=cfg.weight_update)
   if cfg.strategy == "multi_worker":
     # Before anything touches the GPUs: under Slurm this sets each task's share.
     resolver = tf_fusion.cluster.resolver(cfg.cluster_resolver, cfg.port_base)

@@ -161,6 +161,20 @@ class RecipeTest(tf.test.TestCase, parameterized.TestCase):
                                       checkpoint_steps=2, train_steps=4)))
     self.assertEqual((again["start_step"], again["final_step"]), (2, 4))
 
+  def test_sharded_update_and_resume(self):
+    """--weight_update=sharded: LAMB's state in shards; the backup holds it whole and a
+    resumed run continues from it."""
+    model_dir = self.create_tempdir().full_path
+    first = main.run(parse(self._argv(model_dir=model_dir, weight_update="sharded",
+                                      checkpoint_steps=2, train_steps=2)))
+    self.assertEqual(first["weight_update"], "sharded")
+    with open(os.path.join(model_dir, "plan.txt")) as f:
+      self.assertIn("sharded_in_graph", f.read())
+    again = main.run(parse(self._argv(model_dir=model_dir, weight_update="sharded",
+                                      checkpoint_steps=2, train_steps=4)))
+    self.assertEqual((again["start_step"], again["final_step"]), (2, 4))
+    self.assertTrue(np.isfinite(again["train_loss"]))
+
   def test_bad_input_is_named(self):
     with self.assertRaisesRegex(ValueError, "does not split over 4 replicas"):
       main.run(parse(self._argv(batch_size=30)))

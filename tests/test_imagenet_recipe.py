@@ -182,6 +182,19 @@ class RecipeTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(third["eval_loss"], second["eval_loss"], rtol=1e-5)
     self.assertAllClose(third["eval_top_5"], second["eval_top_5"], rtol=1e-6)
 
+  def test_sharded_update_trains_and_resumes(self):
+    """--weight_update=sharded with LARS and fp16 (loss scaling): trains, and a
+    resumed run continues from the backup (the sharded state saved whole)."""
+    model_dir = self.create_tempdir().full_path
+    argv = dict(model_dir=model_dir, weight_update="sharded", dtype="fp16",
+                optimizer="lars")
+    first = main.run(parse(self._argv(train_steps=3, **argv)))
+    self.assertEqual(first["weight_update"], "sharded")
+    self.assertEqual({p["algorithm"] for p in first["packs"]}, {"sharded_in_graph"})
+    second = main.run(parse(self._argv(train_steps=5, **argv)))
+    self.assertEqual((second["start_step"], second["final_step"]), (3, 5))
+    self.assertTrue(np.isfinite(second["train_loss"]))
+
   def test_bad_input_names_it(self):
     cases = [
         ({"data_dir": "/no/such/imagenet"}, "'/no/such/imagenet' is not a directory"),

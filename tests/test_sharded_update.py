@@ -283,6 +283,21 @@ class ShardedCheckpointTest(tf.test.TestCase):
     for g, w in zip(got, want):
       self.assertAllClose(g, w, rtol=2e-5, atol=2e-5)
 
+  def test_save_weights_holds_the_state_for_backup_and_restore(self):
+    """BackupAndRestore's files (save_weights / load_weights): the optimizer state read
+    back into another sharded run, over 2 replicas, is the one saved from 4."""
+    first = train(sharded_strategy(4), "adam", epochs=1)
+    path = os.path.join(self.create_tempdir().full_path, "backup.weights.h5")
+    first.save_weights(path)
+    strategy = sharded_strategy(2)
+    with strategy.scope():
+      second = build("adam")
+      second.optimizer.build(second.trainable_variables)
+    second.load_weights(path)
+    for a, b in zip(first.optimizer.variables, second.optimizer.variables):
+      self.assertAllEqual(a.numpy(), b.numpy())
+    self.assertGreater(np.abs(second.optimizer.variables[3].numpy()).max(), 0)
+
   def test_the_saved_state_is_whole(self):
     """Control for the resumes above: without the optimizer state (a fresh optimizer),
     the resumed run ends elsewhere."""

@@ -258,7 +258,8 @@ class ShardedSlot:
   def value(self):
     return tf.constant(self.numpy())
 
-  def __array__(self, dtype=None):
+  def __array__(self, dtype=None, copy=None):
+    del copy   # always a new array
     return self.numpy() if dtype is None else self.numpy().astype(dtype)
 
   def assign(self, value):

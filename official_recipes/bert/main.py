@@ -139,7 +139,8 @@ def _run(cfg):
   plan = ops.last_plan if ops is not None else ()
   stats = {
       "preset": cfg.preset, "optimizer": cfg.optimizer,
-      "cross_device_ops": cfg.cross_device_ops, "num_replicas": replicas,
+      "cross_device_ops": cfg.cross_device_ops, "weight_update": cfg.weight_update,
+      "num_replicas": replicas,
       "global_batch_size": cfg.batch_size, "seq_length": meta["seq_length"],
       "dtype": cfg.dtype, "parameters": model.count_params(), "start_step": start_step,
       "final_step": recipe_callbacks.step_of(model), "total_steps": total,

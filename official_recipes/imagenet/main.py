@@ -241,6 +241,7 @@ def _report(cfg, job: _Job, history, fit_epochs, start_time):
                    if isinstance(c, recipe_callbacks.EvalProgress)]).items()})
   stats = {
       "model": cfg.model, "cross_device_ops": cfg.cross_device_ops,
+      "weight_update": cfg.weight_update,
       "num_replicas": job.strategy.num_replicas_in_sync,
       "global_batch_size": cfg.batch_size, "dtype": cfg.dtype,
       "start_step": job.start_step, "final_step": recipe_callbacks.step_of(model),
