@@ -114,10 +114,14 @@ class TrainBenchTest(tf.test.TestCase):
       cfg = recipe_flags.resolve(fv)
       configs[side] = {k: getattr(cfg, k) for k in (
           "model", "batch_size", "train_steps", "num_devices", "strategy", "dtype",
-          "compression", "image_size", "cross_device_ops")}
+          "compression", "image_size", "cross_device_ops", "weight_update")}
     for side in train_bench.SIDES:
-      self.assertEqual(configs[side].pop("cross_device_ops"), side)
+      self.assertEqual(configs[side].pop("weight_update"),
+                       "sharded" if side == "sharded" else "replicated")
+      self.assertEqual(configs[side].pop("cross_device_ops"),
+                       "tf_fusion" if side == "sharded" else side)
     self.assertEqual(configs["tf"], configs["tf_fusion"])
+    self.assertEqual(configs["sharded"], configs["tf_fusion"])
     self.assertEqual(configs["none"], configs["tf_fusion"])
     self.assertEqual(configs["tf"]["strategy"], "multi_worker")
 
@@ -136,11 +140,13 @@ class TrainBenchTest(tf.test.TestCase):
     runs = [dict(layout="1x4", model="m", side=side, images_per_sec=v)
             for side, v in [("tf_fusion", 110.0), ("tf", 100.0), ("tf", 80.0),
                             ("tf_fusion", 90.0), ("tf_fusion", 100.0), ("tf", 90.0),
-                            ("none", 120.0), ("none", 125.0), ("none", 130.0)]]
+                            ("none", 120.0), ("none", 125.0), ("none", 130.0),
+                            ("sharded", 115.0), ("sharded", 105.0)]]
     (row,) = train_bench.summarize(runs)
     self.assertEqual((row["tf_fusion"]["median"], row["tf"]["median"]), (100.0, 90.0))
     self.assertAllClose(row["ratio"], 100.0 / 90.0)
-    self.assertAllClose(row["efficiency"], {"tf_fusion": 0.8, "tf": 0.72})
+    self.assertAllClose(row["sharded_ratio"], 110.0 / 100.0)
+    self.assertAllClose(row["efficiency"], {"tf_fusion": 0.8, "sharded": 0.88, "tf": 0.72})
 
   def test_tf_communication_ops_are_found(self):
     ops = [("replica_1/CollectiveReduceV2:CollectiveReduceV2", 0.1, 0.2),

@@ -222,6 +222,9 @@ def sharded_in_worker(strategy):
   for name in OPTIMIZERS:
     with dense_embedding_gradients():
       weights[name] = [w.numpy().tolist() for w in train(strategy, name).weights]
+  # Eager: the step's collectives launched from one function (shard_step.apply).
+  weights["run_eagerly"] = [w.tolist() for w in training_cases.train(
+      strategy, "run_eagerly", "loss_scaled_lars")]
   return {"weights": weights,
           "algorithms": sorted({e.algorithm for e in
                                 tf_fusion.fused_ops_of(strategy).last_plan})}
@@ -238,6 +241,10 @@ class ShardedMultiWorkerTest(tf.test.TestCase):
         for got, w in zip(worker["weights"][name], want):
           self.assertAllClose(np.array(got, np.float32), w, rtol=2e-5, atol=2e-5,
                               msg=f"{name} worker {worker['task']}")
+    want = training_cases.train(None, "run_eagerly", "loss_scaled_lars")
+    for worker in workers:
+      for got, w in zip(worker["weights"]["run_eagerly"], want):
+        self.assertAllClose(np.array(got, np.float32), w, rtol=2e-5, atol=2e-5)
     # Both workers hold the same weights, bit for bit (each shard was updated once).
     self.assertEqual(workers[0]["weights"], workers[1]["weights"])
 

@@ -134,6 +134,7 @@ class ShardedState:
         pack_bytes, options.first_pack_bytes)
     self.parts = [ShardPart(self, k) for k in range(len(self.devices))]
     self.ops = ops
+    self.eager_steps = {}   # shard_step's functions for eager callers
 
   def shard(self, k) -> int:
     """The global shard of local replica k (group order: worker-major)."""

@@ -28,6 +28,7 @@ from tf_fusion import stats
 from tf_fusion import strategy as strategy_lib
 from tf_fusion._internal import keras as keras_internal
 from tf_fusion._internal import tf as tf_internal
+from tf_fusion.collectives import run_as_graph
 from tf_fusion.plans import PackPlan
 from tf_fusion.shard_exchange import Exchange
 
@@ -359,10 +360,17 @@ def apply(optimizer, grads, variables, learning_rate, loss_scale=None, after=Non
     step = Step(state, Exchange(collectives, ks, [state.shard(k) for k in ks], False),
                 ops_.compressor, present, read)
     ops_.last_plan = step.plan()
-    finite = step.run([[local(g, k) for g in grads] for k in ks],
-                      [local(learning_rate, k) for k in ks],
-                      [None if loss_scale is None else local(loss_scale, k) for k in ks],
-                      skip)
+    args = ([[local(g, k) for g in grads] for k in ks], [local(learning_rate, k) for k in ks],
+            [None if loss_scale is None else local(loss_scale, k) for k in ks])
+    if tf.executing_eagerly() and step.exchange.name != "in_graph":
+      # Collectives launched one device at a time would wait for each other: one
+      # function launches them all (kept per gradient list, as the eager reduction's).
+      key = (tuple(present), skip)
+      if key not in state.eager_steps:
+        state.eager_steps[key] = tf.function(lambda *a: step.run(*a, skip))
+      finite = run_as_graph(state.eager_steps[key], *args)
+    else:
+      finite = step.run(*args, skip)
     if after is not None:
       after(finite)
     return finite

@@ -239,6 +239,8 @@ def run_recipe(gpus, steps, batch_per_gpu):
   row = train_bench.summarize(runs)[0]
   if row["ratio"]:
     out["ratio"] = row["ratio"]
+  if row["sharded_ratio"]:
+    out["sharded_over_replicated"] = row["sharded_ratio"]
   out["efficiency"] = row["efficiency"]
   stats = train_bench.run_once("resnet50", "tf_fusion", 1, gpus, steps, 10, extra,
                                profile_steps=f"{steps - 3},{steps - 2}", gpus=True)

@@ -1,6 +1,7 @@
-"""Training benchmark: the ImageNet recipe end to end, tf_fusion against TensorFlow's own
-reduction (the recipe's --cross_device_ops=tf) and the no-communication floor
-(--cross_device_ops=none), side by side.
+"""Training benchmark: the ImageNet recipe end to end, tf_fusion (its update replicated,
+and sharded: --weight_update=sharded) against TensorFlow's own reduction (the recipe's
+--cross_device_ops=tf) and the no-communication floor (--cross_device_ops=none), side
+by side.
 
 Each run is the recipe in fresh processes on synthetic images (one host with --devices
 logical CPU replicas, or --workers processes on 127.0.0.1 through tf_fusion.launch),
@@ -35,8 +36,10 @@ import time
 
 from tools import bench_lib
 
-SIDES = ("tf_fusion", "tf", "none")   # "none": the no-communication floor
-COMMUNICATING = ("tf_fusion", "tf")
+# "sharded": tf_fusion with the sharded weight update; "none": the no-communication floor.
+SIDES = ("tf_fusion", "sharded", "tf", "none")
+COMMUNICATING = ("tf_fusion", "sharded", "tf")
+_SIDE_FLAGS = {"sharded": ["--cross_device_ops=tf_fusion", "--weight_update=sharded"]}
 # Per model: image size, global batch, steps. Small images keep the CPU's compute near
 # what the reduction costs, as on GPUs at full size.
 MODELS = {"resnet50": dict(image_size=32, batch_size=64, steps=24),
@@ -96,8 +99,8 @@ def recipe_argv(model, side, workers, devices, steps, log_steps, model_dir, extr
             f"--num_eval_examples={batch}", "--warmup_epochs=0"]
   argv += [f"--batch_size={batch}", f"--train_steps={steps}", "--dtype=bf16",
            f"--log_steps={log_steps}", f"--num_devices={devices}",
-           f"--cross_device_ops={side}", "--stall_seconds=0", f"--model_dir={model_dir}",
-           "--seed=1"]
+           "--stall_seconds=0", f"--model_dir={model_dir}", "--seed=1"]
+  argv += _SIDE_FLAGS.get(side, [f"--cross_device_ops={side}"])
   if workers > 1:
     argv.append("--strategy=multi_worker")
   if profile_steps:
@@ -148,7 +151,7 @@ def communication(model_dir, side):
   """Median per-step communication and overlap from the run's trace."""
   from tools import profile_step  # pylint: disable=g-import-not-at-top
   ops, steps = profile_step.read_trace(profile_step.latest_trace(model_dir))
-  pattern = profile_step.PACK if side == "tf_fusion" else profile_step.TF_COMMUNICATION
+  pattern = profile_step.TF_COMMUNICATION if side == "tf" else profile_step.PACK
   summary = profile_step.analyze(ops, steps, pattern)
   if not summary:
     return {}
@@ -174,6 +177,8 @@ def summarize(runs):
       row[side] = dict(median=statistics.median(rates) if rates else None, runs=rates)
     a, b = row["tf_fusion"]["median"], row["tf"]["median"]
     row["ratio"] = a / b if a and b else None
+    sharded = row["sharded"]["median"]
+    row["sharded_ratio"] = sharded / a if sharded and a else None   # over replicated
     floor = row["none"]["median"]
     row["efficiency"] = {side: row[side]["median"] / floor
                          for side in COMMUNICATING if floor and row[side]["median"]}
@@ -182,16 +187,19 @@ def summarize(runs):
 
 
 def print_table(rows, profiles):
-  print(f"\n{'layout':>7s} {'model':>11s} {'tf_fusion img/s':>16s} {'TF img/s':>9s} "
-        f"{'floor img/s':>11s} {'ratio':>6s} {'eff tf_fusion':>13s} {'eff TF':>7s}  "
-        "runs (tf_fusion | TF | floor)")
+  print(f"\n{'layout':>7s} {'model':>11s} {'tf_fusion img/s':>16s} {'sharded':>8s} "
+        f"{'TF img/s':>9s} {'floor img/s':>11s} {'ratio':>6s} {'sh/rep':>6s} "
+        f"{'eff tf_fusion':>13s} {'eff sharded':>11s} {'eff TF':>7s}  "
+        "runs (tf_fusion | sharded | TF | floor)")
   for r in rows:
     fmt = lambda v: f"{v:.1f}" if v else "-"
     two = lambda v: f"{v:.2f}" if v else "-"
     eff = r.get("efficiency", {})
     print(f"{r['layout']:>7s} {r['model']:>11s} {fmt(r['tf_fusion']['median']):>16s} "
+          f"{fmt(r['sharded']['median']):>8s} "
           f"{fmt(r['tf']['median']):>9s} {fmt(r['none']['median']):>11s} "
-          f"{two(r['ratio']):>6s} {two(eff.get('tf_fusion')):>13s} "
+          f"{two(r['ratio']):>6s} {two(r.get('sharded_ratio')):>6s} "
+          f"{two(eff.get('tf_fusion')):>13s} {two(eff.get('sharded')):>11s} "
           f"{two(eff.get('tf')):>7s}  "
           + " | ".join(", ".join(fmt(x) for x in r[side]["runs"]) for side in SIDES))
   if profiles:
@@ -215,11 +223,11 @@ def plot(rows, path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(1.8 * len(rows) + 3, 4))
-  width = 0.27
-  labels = {"tf_fusion": "tf_fusion", "tf": "TensorFlow's own reduction",
-            "none": "no communication (floor)"}
+  width = 0.2
+  labels = {"tf_fusion": "tf_fusion", "sharded": "tf_fusion, sharded update",
+            "tf": "TensorFlow's own reduction", "none": "no communication (floor)"}
   for k, side in enumerate(SIDES):
-    xs = [i + (k - 1) * width for i in range(len(rows))]
+    xs = [i + (k - 1.5) * width for i in range(len(rows))]
     ax.bar(xs, [r[side]["median"] or 0 for r in rows], width, label=labels[side])
     for x, r in zip(xs, rows):
       ax.plot([x] * len(r[side]["runs"]), r[side]["runs"], "k.", ms=4)
