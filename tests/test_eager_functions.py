@@ -37,10 +37,11 @@ tf.config.run_functions_eagerly(sys.argv[1] == "eager")
 devices = [d.name for d in tf.config.list_logical_devices("CPU")]
 want = train(tf.distribute.OneDeviceStrategy(devices[0]))
 out = {}
-for algorithm in ("ring", "auto"):   # auto: calibration runs collectives too
-  got = train(tf_fusion.mirrored_strategy(
-      devices, tf_fusion.FusionOptions(algorithm=algorithm, timeout_seconds=60)))
-  out[algorithm] = max(float(np.max(np.abs(g - w))) for g, w in zip(got, want))
+for algorithm, update in (("ring", "replicated"), ("auto", "replicated"),
+                          ("ring", "sharded")):   # auto: calibration runs collectives too
+  got = train(tf_fusion.mirrored_strategy(devices, tf_fusion.FusionOptions(
+      algorithm=algorithm, timeout_seconds=60, weight_update=update)))
+  out[f"{algorithm} {update}"] = max(float(np.max(np.abs(g - w))) for g, w in zip(got, want))
 out["still_eager"] = tf.config.functions_run_eagerly()
 print(json.dumps(out))
 """
