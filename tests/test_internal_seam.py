@@ -98,6 +98,33 @@ class TensorFlowSeamTest(tf.test.TestCase):
     self.assertEqual(counter.dtype, tf.int64)
     self.assertEqual(int(counter.assign_add(2)), 2)
 
+  def test_plain_variables_inside_a_strategy_scope(self):
+    strategy = tf.distribute.MirroredStrategy(helpers.devices(2))
+    with strategy.scope():
+      mirrored = tf.Variable(1.0)
+      with tf_internal.plain_variables(), tf.device(helpers.devices(2)[1]):
+        plain = tf.Variable([1.0, 2.0], name="plain")
+        wrapped = keras.Variable(tf.zeros([3]), name="wrapped")
+    self.assertTrue(tf_internal.is_mirrored_variable(mirrored))
+    for v in (plain, wrapped.value):
+      self.assertFalse(tf_internal.is_mirrored_variable(v))
+      self.assertEqual(v.device, tf_internal.canonical_device(helpers.devices(2)[1]))
+
+  def test_reduce_scatter_is_tensorflows_op_and_nccl_only(self):
+    """The launcher builds CollectiveReduceScatterV2 with the launcher's hint; on CPUs
+    TensorFlow has no implementation of it (why the sharded update adds in-graph or
+    keeps a block of the ring's all-reduce there)."""
+    from tf_fusion.collectives import Collectives  # pylint: disable=g-import-not-at-top
+    collectives = Collectives.get(helpers.devices(2))
+    fn = tf.function(lambda: collectives.reduce_scatter(
+        [tf.zeros([4]), tf.zeros([4])]))
+    ops = [op for op in fn.get_concrete_function().graph.get_operations()
+           if op.type == "CollectiveReduceScatterV2"]
+    self.assertLen(ops, 2)
+    self.assertEqual({op.get_attr("communication_hint") for op in ops}, {b"auto"})
+    with self.assertRaisesRegex(Exception, "collective implementation"):
+      fn()
+
   def test_gather_through_tf_ops(self):
     strategy = tf.distribute.MirroredStrategy(helpers.devices(2))
     value = helpers.per_replica(strategy, [np.array([1.0], np.float32),
@@ -260,6 +287,38 @@ class KerasSeamTest(tf.test.TestCase):
     keras_internal.apply_weight_decay(opt, [v])
     keras_internal.update_step(opt, clipped, [v])
     self.assertAllClose(v, ref_v)
+
+  def test_sharding_hooks_sit_on_the_steps_apply_runs(self):
+    for name in ("add_variable_from_reference", "_backend_update_step",
+                 "_apply_weight_decay"):
+      method = getattr(keras.optimizers.Optimizer, name)
+      self.assertIsNotNone(getattr(method, "_tf_fusion_wrapper", None), name)
+    # Keras's apply runs decay and the update step through these names.
+    calls = []
+    opt, v = self._sgd(weight_decay=0.1)
+    opt._apply_weight_decay = lambda vs: calls.append("decay")  # pylint: disable=protected-access
+    opt._backend_update_step = lambda g, vs, lr: calls.append("update")  # pylint: disable=protected-access
+    opt.apply([tf.constant([1.0, 1.0])], [v])
+    self.assertEqual(calls, ["decay", "update"])
+
+  def test_plain_weight_decay_slot_and_tracking(self):
+    opt = keras.optimizers.SGD(0.1, weight_decay=0.5)
+    v = keras.Variable([1.0, 2.0], name="w")
+    opt.build([v])
+    plain = tf.Variable([2.0, 4.0])
+    keras_internal.decoupled_weight_decay(opt, [plain])
+    self.assertAllClose(plain, [2.0 - 2.0 * 0.05, 4.0 - 4.0 * 0.05])
+    self.assertTrue(keras_internal.uses_weight_decay(opt, plain))
+    lars = tf_fusion.LARS(0.1, weight_decay=0.5)
+    lars.build([plain])
+    keras_internal.decoupled_weight_decay(lars, [plain])   # LARS couples its own decay
+    self.assertAllClose(plain, [1.9, 3.8])
+    slot = keras_internal.add_plain_slot(opt, plain, "momentum")
+    self.assertEqual(tuple(slot.shape), (2,))
+    count = len(opt.variables)
+    keras_internal.track_variable(opt, v)
+    self.assertLen(opt.variables, count + 1)
+    self.assertIs(keras_internal.raw_iterations(opt), opt._iterations)  # pylint: disable=protected-access
 
   def test_tracked_variables_and_overwrite(self):
     opt, v = self._sgd()

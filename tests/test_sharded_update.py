@@ -253,7 +253,7 @@ class ShardedMultiWorkerTest(tf.test.TestCase):
     for name in OPTIMIZERS:
       want = [v.numpy() for v in one_device(name).weights]
       for worker in workers:
-        self.assertEqual(worker["algorithms"], ["sharded_ring"])
+        self.assertEqual(worker["algorithms"], ["sharded_hierarchical"])
         for got, w in zip(worker["weights"][name], want):
           self.assertAllClose(np.array(got, np.float32), w, rtol=2e-5, atol=2e-5,
                               msg=f"{name} worker {worker['task']}")

@@ -80,11 +80,6 @@ class FusedAllReduce(tf_internal.CrossDeviceOpsHooks, tf.distribute.CrossDeviceO
     return self._options
 
   @property
-  def compressor(self):
-    """The gradients' wire (compression.Compression.*)."""
-    return self._compressor
-
-  @property
   def num_workers(self) -> int:
     """Workers this reduction spans (1 here)."""
     return self._planner.topology.num_workers
@@ -100,25 +95,6 @@ class FusedAllReduce(tf_internal.CrossDeviceOpsHooks, tf.distribute.CrossDeviceO
     new.last_plan = ()
     memo[id(self)] = new
     return new
-
-  @property
-  def worker_index(self) -> int:
-    """This worker's place in the cluster (0 on one worker)."""
-    return 0
-
-  def local_devices(self):
-    """This worker's replica devices (from the strategy in scope on one worker)."""
-    return self._local_devices()
-
-  def update_collectives(self, devices, replica_launch=False) -> Collectives:
-    """The launchers the sharded weight update runs on: the whole group, this call's
-    timeout and collective (NCCL on GPUs)."""
-    del replica_launch
-    return self._collectives(devices, CallSettings.of(self._options))
-
-  def sum_across_workers(self, vector):
-    """A small float64 vector summed over the workers (eagerly; itself on one)."""
-    return vector
 
   # --- planning ------------------------------------------------------------------------
 
@@ -260,15 +236,15 @@ class FusedAllReduce(tf_internal.CrossDeviceOpsHooks, tf.distribute.CrossDeviceO
                               per_device)
 
   def _reduce_dense(self, reduce_op, devices, plan, call, per_device):
-    collectives = self._collectives(devices, call)
+    collectives = self.collectives(devices, call)
     codec = compression.PackCodec(self._compressor, reduce_op, collectives.group_size)
     return pipeline.reduce_packs(plan, per_device, codec,
                                  pipeline.AllDevicesLaunch(collectives))
 
-  def _collectives(self, devices, call):
-    """The launchers of `devices` for one call: its timeout and collective."""
-    implementation = call.implementation
-    gpus = all("GPU" in d.upper() for d in devices)
+  def collectives(self, devices, call=None) -> Collectives:
+    """The launchers of `devices` for a call (default: none): its timeout, NCCL or ring."""
+    call = call or CallSettings.of(self._options)
+    implementation, gpus = call.implementation, all("GPU" in d.upper() for d in devices)
     if implementation == "nccl" and not gpus:
       self._planner.warn_once("tf_fusion: NCCL was asked for, but the devices are not "
                               "GPUs: the collectives run the ring, as TensorFlow's do")
@@ -278,7 +254,7 @@ class FusedAllReduce(tf_internal.CrossDeviceOpsHooks, tf.distribute.CrossDeviceO
 
   # --- the no-merge-call path ----------------------------------------------------------
 
-  def _local_devices(self):
+  def local_devices(self):
     """This worker's replica devices, from the strategy in scope."""
     if not tf.distribute.has_strategy():
       raise ValueError("tf_fusion: a replica-context all-reduce without merge_call must "
@@ -308,8 +284,8 @@ class FusedAllReduce(tf_internal.CrossDeviceOpsHooks, tf.distribute.CrossDeviceO
     reduce_op = tf.distribute.ReduceOp(reduce_op)
     call = CallSettings.of(self._options, options)
     flat = tf.nest.flatten(value)
-    devices = self._local_devices()
-    collectives = self._collectives(devices, call)
+    devices = self.local_devices()
+    collectives = self.collectives(devices, call)
     exact = not compression.may_compress(self._compressor)
     fused = [i for i, t in enumerate(flat)
              if not exact and (sparse.fusible([t]) or _dense_fusible(t))]
@@ -383,26 +359,19 @@ class MultiWorkerFusedAllReduce(FusedAllReduce):
   def worker_index(self) -> int:
     return self._agreement.rank()
 
-  def sum_across_workers(self, vector):
-    devices = self._local_devices()
-    collectives = Collectives.get(devices, self._planner.topology.group_size(devices),
-                                  self._options.timeout_seconds)
-    with explain_errors(self.num_workers, self._options.timeout_seconds):
-      return collectives.sum_across_workers(vector)
-
   @property
   def tf_ops(self):
     """TF's CollectiveAllReduce of the strategy: its groups and communication options,
     and the reduction of values tf_fusion does not pack."""
     return self._tf_ops
 
-  def _local_devices(self):
+  def local_devices(self):
     # The strategy's local devices, known at construction: also right outside the
     # strategy's scope (strategy.reduce), where value.device can name other devices.
     return canonical_devices(tf_internal.local_devices_of(self._tf_ops))
 
   def _devices_for(self, values):
-    devices = self._local_devices()
+    devices = self.local_devices()
     if all(len(v.values) == len(devices) for v in values):
       return devices
     return super()._devices_for(values)

@@ -8,9 +8,16 @@ Three ways, by where the replicas are and who launches:
   host's memory nothing is copied; the adds of one pack run on N devices at once.
 - "nccl": every device a GPU: NCCL's reduce-scatter and all-gather (TensorFlow's
   CollectiveReduceScatterV2 / CollectiveGatherV2 with the hint "nccl").
-- "ring": otherwise (CPUs across workers; a replica launching alone where merge_call is
-  impossible): TensorFlow's ring all-reduce of the whole pack, of which each replica
-  keeps its block (TensorFlow has no reduce-scatter off NCCL), then its all-gather.
+- "hierarchical": several workers whose processes each hold their replicas' buffers
+  (merge_call), no NCCL: local replica k adds, in-graph, the worker's part of every
+  block it shares with replica k of the other workers (blocks k, K + k, 2K + k, ...),
+  all-reduces that column with them (one group per k, K groups at once, as the
+  hierarchical all-reduce's cross-worker step) and keeps its own block; the new
+  blocks come back by an all-gather in the same groups, and the columns are read
+  in-graph by the worker's other replicas.
+- "ring": a replica launching alone where merge_call is impossible (off NCCL):
+  TensorFlow's ring all-reduce of the whole pack, of which each replica keeps its
+  block (TensorFlow has no reduce-scatter off NCCL), then its all-gather.
 
 Every way hands each replica the same bits: a block is reduced once, by one device or
 by TensorFlow's ring (whose all-gather phase copies each reduced element), and gathered
@@ -45,10 +52,10 @@ class Exchange:
     self.replica_launch = replica_launch
     if collectives.uses_nccl:
       self.name = "nccl"
-    elif collectives.num_workers == 1 and not replica_launch:
-      self.name = "in_graph"
-    else:
+    elif replica_launch:
       self.name = "ring"
+    else:
+      self.name = "in_graph" if collectives.num_workers == 1 else "hierarchical"
     self._order = DeviceOrder() if collectives.uses_nccl and not replica_launch else None
 
   def _each(self, launch_all, launch_one, buffers):
@@ -69,6 +76,8 @@ class Exchange:
       return self._each(c.reduce_scatter, c.launch_reduce_scatter, buffers)
     if self.name == "in_graph":
       return self._chain_blocks(buffers, shard_size)
+    if self.name == "hierarchical":
+      return self._columns_across_workers(buffers, shard_size)
     reduced = self._each(c.all_reduce, c.launch, buffers)
     out = []
     for device, s, r in zip(self.devices, self.shards, reduced):
@@ -90,12 +99,44 @@ class Exchange:
       out.append(total)
     return out
 
+  def _columns_across_workers(self, buffers, shard_size):
+    c = self.collectives
+    workers, local = c.num_workers, len(self.devices)
+    worker = self.shards[0] // local
+    out = []
+    for k, device in enumerate(self.devices):
+      column = []
+      for w in range(workers):
+        blocks = []
+        for source, b in zip(self.devices, buffers):
+          with tf.device(source):
+            blocks.append(tf.slice(b, [(w * local + k) * shard_size], [shard_size]))
+        with tf.device(device):
+          total = blocks[0]
+          for block in blocks[1:]:
+            total = tf.math.add(total, block)
+        column.append(total)
+      with tf.device(device):
+        summed = c.shard_group(k).all_reduce([tf.concat(column, 0)])[0]
+        out.append(tf.slice(summed, [worker * shard_size], [shard_size]))
+    return out
+
   def all_gather(self, shards: List[tf.Tensor], carries_timeout=False) -> List[List[tf.Tensor]]:
     """Per local replica, the consecutive blocks of the whole padded pack (every
     replica's shard, in shard order): a list of blocks, or of one gathered buffer."""
     c = self.collectives
     if self.name == "in_graph":
       return [list(shards) for _ in self.devices]
+    if self.name == "hierarchical":
+      columns = [c.shard_group(k).all_gather([s], carries_timeout)[0]
+                 for k, s in enumerate(shards)]
+      per = shards[0].shape[0]
+      blocks = []
+      for w in range(c.num_workers):
+        for k, (device, column) in enumerate(zip(self.devices, columns)):
+          with tf.device(device):
+            blocks.append(tf.slice(column, [w * per], [per]))
+      return [list(blocks) for _ in self.devices]
     gather_all = lambda b: c.all_gather(b, carries_timeout)
     gather_one = lambda k, b: c.launch_gather(k, b, carries_timeout)
     return [[g] for g in self._each(gather_all, gather_one, shards)]

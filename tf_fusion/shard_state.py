@@ -33,6 +33,8 @@ import tensorflow as tf
 from tf_fusion import shard_layout
 from tf_fusion._internal import keras as keras_internal
 from tf_fusion._internal import tf as tf_internal
+from tf_fusion.collectives import Collectives
+from tf_fusion.collectives import explain_errors
 
 # When FusionOptions(pack_bytes=None) (chosen per all-reduce by the autotuner), the
 # sharded update packs by this threshold: its packs are laid out when the optimizer is
@@ -57,9 +59,7 @@ def check_shardable(optimizer) -> None:
         "replica. Use weight_update='replicated', or drop use_ema.")
   if hasattr(optimizer, "layerwise_begin") or getattr(cls, "tf_fusion_elementwise", False):
     return
-  if any(cls.update_step is known.update_step and
-         cls._backend_update_step is known._backend_update_step  # pylint: disable=protected-access
-         for known in _ELEMENTWISE):
+  if any(keras_internal.same_update(cls, known) for known in _ELEMENTWISE):
     return
   raise ValueError(
       f"FusionOptions(weight_update='sharded') cannot shard {cls.__name__}: its update "
@@ -125,7 +125,7 @@ class ShardedState:
     self.variables = list(keras_internal.tracked_variables(optimizer))
     self.devices = ops.local_devices()
     self.num_workers = ops.num_workers
-    self.worker = ops.worker_index
+    self.worker = getattr(ops, "worker_index", 0)   # MultiWorkerFusedAllReduce's
     num_shards = len(self.devices) * self.num_workers
     options = ops.options
     pack_bytes = DEFAULT_PACK_BYTES if options.pack_bytes is None else options.pack_bytes
@@ -139,6 +139,14 @@ class ShardedState:
   def shard(self, k) -> int:
     """The global shard of local replica k (group order: worker-major)."""
     return self.worker * len(self.devices) + k
+
+  def sum_across_workers(self, vector):
+    """A float64 vector summed over the workers, eagerly (every worker must call)."""
+    timeout = self.ops.options.timeout_seconds
+    collectives = Collectives.get(self.devices, len(self.devices) * self.num_workers,
+                                  timeout)
+    with explain_errors(self.num_workers, timeout):
+      return collectives.sum_across_workers(vector)
 
   def state_elements(self) -> List[int]:
     """Per local replica, the elements of weights each of its state slots holds."""
@@ -170,10 +178,9 @@ class ShardPart:
     if hasattr(self.optimizer, "layerwise_begin") and self.weights:
       # The original's choices, per variable (its regexes and objects), not the
       # segments' names.
-      self.optimizer._use_decay = [  # pylint: disable=protected-access
-          main.uses_weight_decay(state.variables[s.variable]) for _, s in self.segments]
-      self.optimizer._use_adaptation = [  # pylint: disable=protected-access
-          main.uses_layer_adaptation(state.variables[s.variable]) for _, s in self.segments]
+      originals = [state.variables[s.variable] for _, s in self.segments]
+      self.optimizer.set_exclusions([main.uses_weight_decay(v) for v in originals],
+                                    [main.uses_layer_adaptation(v) for v in originals])
 
   def slot_pieces(self, variable, name):
     """[(segment, slot variable)] of `variable`'s slot `name` in this shard."""
@@ -251,8 +258,8 @@ class ShardedSlot:
     flat = np.zeros([size], self.dtype)
     for _, seg, slot in self._pieces():
       flat[seg.start:seg.start + seg.size] = slot.numpy()
-    if self._state.num_workers > 1:
-      flat = self._state.ops.sum_across_workers(flat.astype(np.float64)).astype(self.dtype)
+    if self._state.num_workers > 1:   # each element is one worker's, the others' 0
+      flat = self._state.sum_across_workers(flat.astype(np.float64)).astype(self.dtype)
     return flat.reshape(self.shape)
 
   @property

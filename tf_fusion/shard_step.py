@@ -339,12 +339,13 @@ def apply(optimizer, grads, variables, learning_rate, loss_scale=None, after=Non
   present = [keras_internal.variable_index(optimizer, v) for _, v in pairs]
   grads = [g for g, _ in pairs]
   skip = loss_scale is not None
-  collectives = ops_.update_collectives(state.devices)
+  collectives = ops_.collectives(state.devices)
+  compressor = compression.Compression.get(ops_.options.compression)
   if tf_internal.merge_call_impossible() or tf_internal.strategy_reduces_without_merge_call():
     replica = tf.get_static_value(
         tf.distribute.get_replica_context().replica_id_in_sync_group)
     k = int(replica) - state.shard(0)
-    step = Step(state, Exchange(collectives, [k], [state.shard(k)], True), ops_.compressor,
+    step = Step(state, Exchange(collectives, [k], [state.shard(k)], True), compressor,
                 present, lambda i, _: tf.convert_to_tensor(_tf_variable(state.variables[i])))
     ops_.last_plan = step.plan()
     finite = step.run([grads], [learning_rate], [loss_scale], skip)
@@ -358,7 +359,7 @@ def apply(optimizer, grads, variables, learning_rate, loss_scale=None, after=Non
     read = lambda i, k: tf.convert_to_tensor(
         strategy.experimental_local_results(_tf_variable(state.variables[i]))[k])
     step = Step(state, Exchange(collectives, ks, [state.shard(k) for k in ks], False),
-                ops_.compressor, present, read)
+                compressor, present, read)
     ops_.last_plan = step.plan()
     args = ([[local(g, k) for g in grads] for k in ks], [local(learning_rate, k) for k in ks],
             [None if loss_scale is None else local(loss_scale, k) for k in ks])

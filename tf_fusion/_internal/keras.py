@@ -115,6 +115,13 @@ def decoupled_weight_decay(optimizer, variables) -> None:
       optimizer, variables)
 
 
+def same_update(cls, other) -> bool:
+  """Whether optimizer class `cls` updates its variables with `other`'s code (its
+  update_step, and the TensorFlow backend's `_backend_update_step` around it)."""
+  return (cls.update_step is other.update_step
+          and cls._backend_update_step is other._backend_update_step)  # pylint: disable=protected-access
+
+
 def add_plain_slot(optimizer, reference, name=None, initializer="zeros"):
   """`optimizer.add_variable_from_reference` without the TensorFlow backend's
   colocation with a strategy's variable: for one replica's own (plain) variables."""

@@ -130,6 +130,11 @@ class LayerExclusions:
       self._use_decay.append(not no_decay)
       self._use_adaptation.append(not no_adapt)
 
+  def set_exclusions(self, use_decay, use_adaptation):
+    """Sets, per built variable, whether it gets weight decay and a trust ratio (a
+    replica's shard of an optimizer takes the original's choices this way)."""
+    self._use_decay, self._use_adaptation = list(use_decay), list(use_adaptation)
+
   def uses_weight_decay(self, variable):
     """Whether weight decay is applied to `variable` (after build)."""
     return self._use_decay[keras_internal.variable_index(self, variable)]
