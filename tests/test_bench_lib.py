@@ -36,6 +36,25 @@ class WireLimitTest(tf.test.TestCase):
       self.assertEmpty([n for n in names if "," in n])
       self.assertLen(set(names), len(names))
 
+  def test_the_sharded_exchange_row_gives_every_replica_the_sum(self):
+    """What the benchmark times is a real reduction: reduce-scatter then all-gather by
+    the sharded update's layout ends with the sum on every replica (NumPy)."""
+    devices = helpers.devices(4)
+    strategy, reduce = allreduce_bench._sharded_exchange(devices, None)  # pylint: disable=protected-access
+    shapes = [(10, 3), (7,), (33,), (2, 2)]
+    arrays = [[np.random.RandomState(10 * r + i).randn(*s).astype(np.float32)
+               for i, s in enumerate(shapes)] for r in range(4)]
+    grads = [helpers.per_replica(strategy, [arrays[r][i] for r in range(4)])
+             for i in range(len(shapes))]
+    step = bench_lib.reduction_step(strategy, grads, reduce)
+    with strategy.scope():
+      out = step()
+    flat = tf.nest.flatten(out)
+    self.assertLen(flat, 4 * len(shapes))   # every tensor on every replica
+    for t in flat:   # the shapes differ: each result is found by its shape
+      i = shapes.index(tuple(t.shape))
+      self.assertAllClose(t, sum(arrays[r][i] for r in range(4)), rtol=1e-6, atol=1e-6)
+
   def test_loopback_bandwidth_is_measured(self):
     rate = bench_lib.loopback_bandwidth(nbytes=16 << 20, chunk=1 << 20)
     self.assertGreater(rate, 1e6)   # bytes/s: any working loopback beats 1 MB/s

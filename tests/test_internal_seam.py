@@ -125,6 +125,22 @@ class TensorFlowSeamTest(tf.test.TestCase):
     with self.assertRaisesRegex(Exception, "collective implementation"):
       fn()
 
+  def test_all_to_all_runs_on_cpus(self):
+    from tf_fusion.collectives import Collectives  # pylint: disable=g-import-not-at-top
+    devices = helpers.devices(2)
+    collectives = Collectives.get(devices)
+
+    def exchange():
+      rows = []
+      for i, d in enumerate(devices):
+        with tf.device(d):
+          rows.append(tf.constant([[1.0, 2.0], [3.0, 4.0]]) + 10.0 * i)
+      return collectives.all_to_all(rows)
+
+    first, second = tf.function(exchange)()
+    self.assertAllEqual(first, [[1.0, 2.0], [11.0, 12.0]])    # row 0 of each member
+    self.assertAllEqual(second, [[3.0, 4.0], [13.0, 14.0]])   # row 1 of each member
+
   def test_gather_through_tf_ops(self):
     strategy = tf.distribute.MirroredStrategy(helpers.devices(2))
     value = helpers.per_replica(strategy, [np.array([1.0], np.float32),

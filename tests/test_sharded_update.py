@@ -140,9 +140,9 @@ class ShardedUpdateTest(tf.test.TestCase, parameterized.TestCase):
       self.assertAllClose(g, w, rtol=1e-4, atol=1e-6)
     plan = tf_fusion.fused_ops_of(strategy).last_plan
     # Under accumulation the update runs in a cond, where each replica launches alone:
-    # TensorFlow's ring (no reduce-scatter off NCCL: all-reduce, keep one block).
+    # an all-to-all over the group (TensorFlow has no reduce-scatter off NCCL).
     self.assertEqual({e.algorithm for e in plan},
-                     {"sharded_ring" if "accumulation" in name else "sharded_in_graph"})
+                     {"sharded_all_to_all" if "accumulation" in name else "sharded_in_graph"})
 
   @parameterized.parameters(("fp16", "sgd"), ("bf16", "lamb"))
   def test_gradients_on_a_16_bit_wire(self, compression, name):

@@ -192,6 +192,15 @@ class Collectives:
     options = self._with_timeout if carries_timeout and self._timeout_seconds else None
     return self._launchers[index].reduce_scatter(buffer, options=options)
 
+  def all_to_all(self, buffers: Sequence[tf.Tensor]) -> List[tf.Tensor]:
+    """Row i of each local device's buffer (first dimension: the group size) to group
+    member i; each device gets the rows sent to it, in group order."""
+    return [l.all_to_all(b) for l, b in zip(self._launchers, buffers)]
+
+  def launch_all_to_all(self, index, buffer):
+    """Local device `index`'s part of an all-to-all (the no-merge-call path)."""
+    return self._launchers[index].all_to_all(buffer)
+
   def launch_gather(self, index, buffer, carries_timeout=False):
     """Local device `index`'s part of an all-gather (the no-merge-call path)."""
     options = self._with_timeout if carries_timeout and self._timeout_seconds else None

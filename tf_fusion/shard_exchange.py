@@ -11,13 +11,15 @@ Three ways, by where the replicas are and who launches:
 - "hierarchical": several workers whose processes each hold their replicas' buffers
   (merge_call), no NCCL: local replica k adds, in-graph, the worker's part of every
   block it shares with replica k of the other workers (blocks k, K + k, 2K + k, ...),
-  all-reduces that column with them (one group per k, K groups at once, as the
-  hierarchical all-reduce's cross-worker step) and keeps its own block; the new
-  blocks come back by an all-gather in the same groups, and the columns are read
-  in-graph by the worker's other replicas.
-- "ring": a replica launching alone where merge_call is impossible (off NCCL):
-  TensorFlow's ring all-reduce of the whole pack, of which each replica keeps its
-  block (TensorFlow has no reduce-scatter off NCCL), then its all-gather.
+  sends each of those blocks to its owner and adds what it receives (an all-to-all
+  in one group per k, K groups at once, as the hierarchical all-reduce's cross-worker
+  step); the new blocks come back by an all-gather in the same groups, and the columns
+  are read in-graph by the worker's other replicas.
+- "all_to_all": a replica launching alone where merge_call is impossible (off NCCL):
+  block i of its buffer to replica i, an all-to-all over the whole group, and the
+  received blocks added in group order; then TensorFlow's all-gather.
+TensorFlow has no reduce-scatter off NCCL; an all-to-all and the adds are one, with a
+reduce-scatter's bytes.
 
 Every way hands each replica the same bits: a block is reduced once, by one device or
 by TensorFlow's ring (whose all-gather phase copies each reduced element), and gathered
@@ -53,7 +55,7 @@ class Exchange:
     if collectives.uses_nccl:
       self.name = "nccl"
     elif replica_launch:
-      self.name = "ring"
+      self.name = "all_to_all"
     else:
       self.name = "in_graph" if collectives.num_workers == 1 else "hierarchical"
     self._order = DeviceOrder() if collectives.uses_nccl and not replica_launch else None
@@ -78,48 +80,39 @@ class Exchange:
       return self._chain_blocks(buffers, shard_size)
     if self.name == "hierarchical":
       return self._columns_across_workers(buffers, shard_size)
-    reduced = self._each(c.all_reduce, c.launch, buffers)
+    rows = [tf.reshape(b, [c.group_size, shard_size]) for b in buffers]
+    received = self._each(c.all_to_all, c.launch_all_to_all, rows)
     out = []
-    for device, s, r in zip(self.devices, self.shards, reduced):
+    for device, r in zip(self.devices, received):
       with tf.device(device):
-        out.append(tf.slice(r, [s * shard_size], [shard_size]))
+        out.append(_add_in_order(tf.unstack(r)))
     return out
 
   def _chain_blocks(self, buffers, shard_size):
-    out = []
-    for device, s in zip(self.devices, self.shards):
-      blocks = []
-      for source, b in zip(self.devices, buffers):
-        with tf.device(source):   # an aligned slice where the buffer is: no copy
-          blocks.append(tf.slice(b, [s * shard_size], [shard_size]))
-      with tf.device(device):
-        total = blocks[0]
-        for block in blocks[1:]:
-          total = tf.math.add(total, block)
-      out.append(total)
-    return out
+    return [self._local_sum(buffers, s, shard_size, device)
+            for device, s in zip(self.devices, self.shards)]
 
   def _columns_across_workers(self, buffers, shard_size):
     c = self.collectives
-    workers, local = c.num_workers, len(self.devices)
-    worker = self.shards[0] // local
+    local = len(self.devices)
     out = []
     for k, device in enumerate(self.devices):
-      column = []
-      for w in range(workers):
-        blocks = []
-        for source, b in zip(self.devices, buffers):
-          with tf.device(source):
-            blocks.append(tf.slice(b, [(w * local + k) * shard_size], [shard_size]))
-        with tf.device(device):
-          total = blocks[0]
-          for block in blocks[1:]:
-            total = tf.math.add(total, block)
-        column.append(total)
+      column = [self._local_sum(buffers, w * local + k, shard_size, device)
+                for w in range(c.num_workers)]
       with tf.device(device):
-        summed = c.shard_group(k).all_reduce([tf.concat(column, 0)])[0]
-        out.append(tf.slice(summed, [worker * shard_size], [shard_size]))
+        received = c.shard_group(k).all_to_all([tf.stack(column)])[0]
+        out.append(_add_in_order(tf.unstack(received)))
     return out
+
+  def _local_sum(self, buffers, block, shard_size, device):
+    """Block `block` of this worker's `buffers` added in replica order on `device`
+    (each slice taken where its buffer is: aligned, so no copy)."""
+    blocks = []
+    for source, b in zip(self.devices, buffers):
+      with tf.device(source):
+        blocks.append(tf.slice(b, [block * shard_size], [shard_size]))
+    with tf.device(device):
+      return _add_in_order(blocks)
 
   def all_gather(self, shards: List[tf.Tensor], carries_timeout=False) -> List[List[tf.Tensor]]:
     """Per local replica, the consecutive blocks of the whole padded pack (every
@@ -145,10 +138,8 @@ class Exchange:
     """Small float32 vectors (one per local replica) summed over the group; the same
     bits on every replica."""
     if self.name == "in_graph":
-      total = vectors[0]
-      for device, v in zip(self.devices[1:], vectors[1:]):
-        with tf.device(device):
-          total = tf.math.add(total, v)
+      with tf.device(self.devices[0]):
+        total = _add_in_order(vectors)
       out = []
       for device in self.devices:
         with tf.device(device):
@@ -156,3 +147,12 @@ class Exchange:
       return out
     c = self.collectives
     return self._each(c.all_reduce, c.launch, vectors)
+
+
+def _add_in_order(tensors):
+  """tensors[0] + tensors[1] + ..., a chain of binary adds: a fixed summation order
+  (tf.add_n's is not, on CPUs; reduce_to_one's doc says why)."""
+  total = tensors[0]
+  for t in tensors[1:]:
+    total = tf.math.add(total, t)
+  return total

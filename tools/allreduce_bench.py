@@ -11,6 +11,12 @@ overlap can hide is its latency, not its CPU. Writes JSON and a PNG bar chart to
 
   python -m tools.allreduce_bench --devices 4 --reps 10 --out_dir out/allreduce_bench
 
+The "sharded exchange" rows are the communication of the sharded weight update
+(FusionOptions(weight_update="sharded")) on the same dense gradients: packed as its
+layout packs them, reduce-scattered, and the blocks all-gathered back into every
+replica's tensors, so every replica ends with what an all-reduce gives it (the update
+between the two halves is left out).
+
 With --workers N: N worker processes on 127.0.0.1 (tf_fusion.launch) with --devices
 logical CPUs each, MultiWorkerMirroredStrategy; TF's CollectiveAllReduce at several
 bytes_per_pack against tf_fusion's ring / hierarchical / auto, and the wire limit
@@ -76,6 +82,44 @@ def _fused(**option_kwargs):
   return make
 
 
+def _sharded_exchange(devices, cost_model):
+  """The strategy and its `reduce`: the sharded update's reduce-scatter and all-gather
+  (shard_exchange, in-graph on one host) of the gradients, by its layout."""
+  del cost_model
+  import tf_fusion  # pylint: disable=g-import-not-at-top
+  from tf_fusion import packing, shard_layout  # pylint: disable=g-import-not-at-top
+  from tf_fusion.collectives import Collectives  # pylint: disable=g-import-not-at-top
+  from tf_fusion.shard_exchange import Exchange  # pylint: disable=g-import-not-at-top
+  strategy = tf_fusion.strategy.tf_mirrored_strategy(devices)
+  n = len(devices)
+  exchange = Exchange(Collectives.get(devices), range(n), range(n), False)
+
+  def reduce(pairs):
+    per_device = [[strategy.experimental_local_results(v)[d] for v, _ in pairs]
+                  for d in range(n)]
+    specs = [(t.dtype, t.shape) for t in per_device[0]]
+    out = [[None] * len(specs) for _ in range(n)]
+    for p in shard_layout.plan_layout(specs, n, 32 * MIB, 1 * MIB).packs:
+      buffers = []
+      for d, device in enumerate(exchange.devices):
+        with tf.device(device):
+          flat = [tf.reshape(per_device[d][i], [-1]) for i in p.variables]
+          flat.append(tf.zeros([p.padded_size - p.size], p.dtype))
+          buffers.append(tf.concat(flat, 0))
+      blocks = exchange.reduce_scatter(buffers, p.shard_size)
+      like = [per_device[0][i] for i in p.variables]
+      for d, gathered in enumerate(exchange.all_gather(blocks)):
+        with tf.device(exchange.devices[d]):
+          whole = tf.concat(gathered, 0) if len(gathered) > 1 else gathered[0]
+          for i, t in zip(p.variables, packing.unpack(whole[:p.size], like)):
+            out[d][i] = t
+    # Per tensor, every replica's copy, as a distributed value (each on its device).
+    return [strategy.experimental_distribute_values_from_function(
+        lambda ctx, i=i: out[ctx.replica_id_in_sync_group][i]) for i in range(len(specs))]
+
+  return strategy, reduce
+
+
 def configs(sparse=False):
   """(name, kind, factory); kind "builtin", "fused", "per_tensor" or "floor". With
   `sparse` (a set with IndexedSlices), tf_fusion's auto fp16 also forcing each way."""
@@ -100,6 +144,8 @@ def configs(sparse=False):
       for option in ("gather", "dense"):
         out.append((f"tf_fusion auto {compression} sparse={option}", "fused",
                     _fused(algorithm="auto", compression=compression, sparse=option)))
+  if not sparse:
+    out.append(("tf_fusion sharded exchange", "sharded", _sharded_exchange))
   for algorithm in ("ring", "reduce_to_one"):
     out.append((f"floor: one pre-packed buffer ({algorithm})", "floor",
                 _fused(algorithm=algorithm, pack_bytes=0, first_pack_bytes=0)))
@@ -123,9 +169,11 @@ def run_set(set_name, devices, args, cost_model, selected):
     grads = bench_lib.per_replica(strategy, layout, 1)
     if (kind == "floor") not in harness:
       harness[kind == "floor"] = _harness_ms(strategy, grads, args)
-    first, times, cpu = bench_lib.time_reduction(
-        strategy, grads, lambda pairs, s=strategy, o=options: s.extended.batch_reduce_to(
-            "SUM", pairs, options=o), args.reps, args.warmup)
+    reduce = options if kind == "sharded" else (
+        lambda pairs, s=strategy, o=options: s.extended.batch_reduce_to("SUM", pairs,
+                                                                        options=o))
+    first, times, cpu = bench_lib.time_reduction(strategy, grads, reduce, args.reps,
+                                                 args.warmup)
     ops = tf_fusion.fused_ops_of(strategy)
     row = bench_lib.result_row(name, kind, times, first,
                                ops.last_plan if ops is not None else None,
@@ -192,7 +240,7 @@ def plot(results, path):
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 6), squeeze=False)
   colors = {"builtin": "tab:gray", "fused": "tab:blue", "per_tensor": "tab:red",
-            "floor": "tab:green"}
+            "floor": "tab:green", "sharded": "tab:purple"}
   for ax, result in zip(axes[0], results):
     rows = result["rows"]
     y = np.arange(len(rows))

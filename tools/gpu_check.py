@@ -184,7 +184,8 @@ def sharded_update_launches(devices, replica_launch=False):
     return exchange.all_gather([b + s for b, s in zip(blocks, sums)])
 
   graph = tf.function(step).get_concrete_function().graph
-  return dict(exchange=exchange.name, collectives=launches(graph), chained=chained(graph))
+  return dict(exchange=exchange.name, plan=[f"sharded_{exchange.name}"],
+              collectives=launches(graph), chained=chained(graph))
 
 
 def run_tests(out_dir):

@@ -106,6 +106,21 @@ class CollectiveLauncher(_cross_device_utils.CollectiveReplicaLauncher):
           communication_hint=options.implementation.value.lower(),
           timeout_seconds=options.timeout_seconds or 0.0)
 
+  def all_to_all(self, tensor, options=None):
+    """This device's part of an all-to-all: row i of `tensor` (its first dimension is
+    the group size) goes to group member i; row i of the result came from member i.
+    TensorFlow runs it on CPUs too (where it has no reduce-scatter)."""
+    instance_key = self._next_instance_key()
+    options = self._options.merge(options)
+    ordering_token = self._get_ordering_token()
+    with tf.device(self._device):
+      return tf.raw_ops.CollectiveAllToAllV2(
+          input=tensor, group_size=self._group_size, group_key=self._group_key,
+          instance_key=instance_key,
+          ordering_token=[ordering_token] if ordering_token is not None else [],
+          communication_hint=options.implementation.value.lower(),
+          timeout_seconds=options.timeout_seconds or 0.0)
+
   def all_gather_rows(self, tensor, options=None):
     """All-gather of `tensor` along its first axis; every replica's `tensor` must have
     the same shape (TF's `all_gather` pads for that with a collective of its own)."""
