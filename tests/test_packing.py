@@ -130,5 +130,18 @@ class ShardsTest(tf.test.TestCase, parameterized.TestCase):
       packing.unpack_shards([tf.zeros([3]), tf.zeros([3])], [tf.zeros([7])])
 
 
+class UnpackBlocksTest(tf.test.TestCase):
+
+  def test_blocks_with_padding_give_the_tensors_back(self):
+    like = [tf.zeros([3, 2]), tf.zeros([5]), tf.zeros([0]), tf.zeros([4])]
+    flat = np.arange(15, dtype=np.float32)
+    padded = np.concatenate([flat, np.full([5], -1.0, np.float32)])   # 4 blocks of 5
+    want = np.split(flat, [6, 11, 11])
+    for blocks in ([tf.constant(padded)], [tf.constant(b) for b in np.split(padded, 4)]):
+      got = packing.unpack_blocks(blocks, 15, 5, like)
+      for g, w, t in zip(got, want, like):
+        self.assertAllEqual(g, w.reshape(t.shape))
+
+
 if __name__ == "__main__":
   tf.test.main()

@@ -246,6 +246,22 @@ def sharded_in_worker(strategy):
                                 tf_fusion.fused_ops_of(strategy).last_plan})}
 
 
+class ClippingWhateverTheSparseChoiceTest(tf.test.TestCase):
+  """The replicated update clips the summed gradient too, so that clipping does not
+  depend on FusionOptions.sparse (before, "gather" clipped over the rows, "dense" over
+  the summed table, and "auto" chose between them from a timing)."""
+
+  def test_gather_dense_and_sharded_clip_alike(self):
+    want = [v.numpy() for v in one_device("sgd_global_clipnorm").weights]
+    for sparse in ("gather", "dense"):
+      strategy = sharded_strategy(weight_update="replicated", sparse=sparse)
+      got = train(strategy, "sgd_global_clipnorm")
+      self.assertIn(f"sparse='{sparse}'", " ".join(e.note for e in
+                                     tf_fusion.fused_ops_of(strategy).last_plan))
+      for g, w in zip(got.weights, want):
+        self.assertAllClose(g.numpy(), w, rtol=2e-5, atol=2e-5, msg=sparse)
+
+
 class ShardedMultiWorkerTest(tf.test.TestCase):
 
   def test_two_workers_of_two_equal_one_device(self):

@@ -68,7 +68,12 @@ def _clip(original, optimizer, grads):
     return list(grads)   # clipped on the reduced shards, in shard_step
   if not _reduces_before_clipping(optimizer):
     return original(optimizer, grads)
-  return original(optimizer, compression.sum_gradients(grads))
+  # The summed gradient is clipped: an embedding's rows, gathered or not, summed into
+  # its table, as FusionOptions(sparse="dense") and the sharded update give it. So the
+  # clip does not depend on the sparse choice (Keras on one device squares the rows
+  # apart; docs/sparse.md).
+  return original(optimizer, [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices)
+                              else g for g in compression.sum_gradients(grads)])
 
 
 def _all_reduce(original, optimizer, grads_and_vars):

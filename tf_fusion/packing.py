@@ -186,3 +186,20 @@ def unpack_shards(shards: Sequence[tf.Tensor], like: Sequence[tf.Tensor]) -> Lis
     flat = p[0] if len(p) == 1 else tf.concat(p, axis=0)
     out.append(_reshape_like(flat, t))
   return out
+
+
+def unpack_blocks(blocks: Sequence[tf.Tensor], size: int, block_size: int,
+                  like: Sequence[tf.Tensor]) -> List[tf.Tensor]:
+  """`unpack` of a buffer of `size` elements held as consecutive blocks of `block_size`
+  (one gathered buffer, or a list of blocks), zero padding after `size` dropped."""
+  if len(blocks) == 1:
+    return unpack(blocks[0][:size], like)
+  kept, start = [], 0
+  for b in blocks:
+    n = min(block_size, max(0, size - start))
+    if n == block_size:
+      kept.append(b)
+    elif n > 0:
+      kept.append(b[:n])
+    start += block_size
+  return unpack_shards(kept, like)

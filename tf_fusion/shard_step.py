@@ -76,8 +76,11 @@ class Step:
     Returns the finiteness decision (a bool tensor, the same on every replica).
     """
     ks = self.exchange.ks
-    dense = [{i: tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
-              for i, g in zip(self.present, replica)} for replica in grads]
+    dense = []
+    for device, replica in zip(self.exchange.devices, grads):
+      with tf.device(device):   # an IndexedSlices summed into its table on its replica
+        dense.append({i: tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+                      for i, g in zip(self.present, replica)})
     blocks = {}   # pack index -> per local replica, its reduced, unscaled block
     plan = self.plan()
     for p, entry in zip(self.state.layout.packs, plan):
@@ -106,9 +109,12 @@ class Step:
   def _reduce_scatter(self, p, dense, loss_scales):
     """Per local replica, its block of pack `p` summed over the group, unscaled."""
     wire = self.compressor.wire_dtype(p.dtype)
-    parts = [[tf.cast(d[i], p.dtype) if i in d else tf.zeros(self.state.layout.shapes[i],
-                                                              p.dtype)
-              for i in p.variables] for d in dense]
+    parts = []
+    for device, d in zip(self.exchange.devices, dense):
+      with tf.device(device):   # no gradient (frozen, unused): zeros
+        parts.append([tf.cast(d[i], p.dtype) if i in d
+                      else tf.zeros(self.state.layout.shapes[i], p.dtype)
+                      for i in p.variables])
     scales = self._range_scales(p, parts, wire)
     buffers = []
     for j, device in enumerate(self.exchange.devices):
@@ -275,7 +281,8 @@ class Step:
     values = {}
     for j, blocks in enumerate(gathered):
       with tf.device(self.exchange.devices[j]):
-        for i, v in zip(p.variables, _unpack(blocks, p, like)):
+        for i, v in zip(p.variables, packing.unpack_blocks(blocks, p.size, p.shard_size,
+                                                           like)):
           values.setdefault(i, []).append(v)
     for i, per_replica in values.items():
       if i in self.present:
@@ -290,21 +297,6 @@ class Step:
       value = tf_internal.per_replica(per_replica)
     tf.distribute.get_strategy().extended.update(
         variable, lambda v, x: v.assign(tf.cast(x, v.dtype)), args=(value,), group=False)
-
-
-def _unpack(blocks, p, like):
-  """The variables of pack `p` from its consecutive blocks (padding dropped)."""
-  if len(blocks) == 1:
-    return packing.unpack(blocks[0][:p.size], like)
-  kept, start = [], 0
-  for b in blocks:
-    n = min(p.shard_size, max(0, p.size - start))
-    if n == p.shard_size:
-      kept.append(b)
-    elif n > 0:
-      kept.append(b[:n])
-    start += p.shard_size
-  return packing.unpack_shards(kept, like)
 
 
 def _wide(dtype):

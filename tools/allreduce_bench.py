@@ -110,8 +110,8 @@ def _sharded_exchange(devices, cost_model):
       like = [per_device[0][i] for i in p.variables]
       for d, gathered in enumerate(exchange.all_gather(blocks)):
         with tf.device(exchange.devices[d]):
-          whole = tf.concat(gathered, 0) if len(gathered) > 1 else gathered[0]
-          for i, t in zip(p.variables, packing.unpack(whole[:p.size], like)):
+          for i, t in zip(p.variables, packing.unpack_blocks(gathered, p.size,
+                                                             p.shard_size, like)):
             out[d][i] = t
     # Per tensor, every replica's copy, as a distributed value (each on its device).
     return [strategy.experimental_distribute_values_from_function(

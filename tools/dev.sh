@@ -24,8 +24,9 @@ shift || true
 case "$cmd" in
   main)
     # The ImageNet recipe on generated ImageNet-format data: ResNet-50 v1.5 on 4 logical
-    # CPU replicas, LARS + warm-up + poly(2), bf16 compute, fused all-reduce with FP16 on
-    # the wire (hybrid algorithm). Extra arguments override these flags.
+    # CPU replicas, LARS + warm-up + poly(2), bf16 compute, FP16 gradients on the wire,
+    # the weight update sharded over the replicas (1.17x the replicated update on this
+    # machine, docs/sharded_update.md). Extra arguments override these flags.
     DATA=out/fake_imagenet
     if [ ! -f "$DATA/validation-00001-of-00002" ]; then
       "$VENV/bin/python" -m tools.make_fake_imagenet --out_dir "$DATA" --num_train 1024 \
@@ -37,7 +38,8 @@ case "$cmd" in
         --data_dir="$DATA" --num_classes=10 --image_size=32 --batch_size=64 --epochs=8 \
         --optimizer=lars --base_lr=4 --warmup_epochs=1 --dtype=bf16 --compression=fp16 \
         --pack_bytes=auto --autotune=measure \
-        --all_reduce_alg=auto --num_devices=4 --epochs_between_evals=2 --log_steps=16 \
+        --all_reduce_alg=auto --weight_update=sharded --num_devices=4 \
+        --epochs_between_evals=2 --log_steps=16 \
         --model_dir="$MODEL_DIR" "$@" ;;
   test)
     # The linter first (seconds): undefined or unused names fail the run.
