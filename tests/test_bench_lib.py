@@ -40,7 +40,7 @@ class WireLimitTest(tf.test.TestCase):
     """What the benchmark times is a real reduction: reduce-scatter then all-gather by
     the sharded update's layout ends with the sum on every replica (NumPy)."""
     devices = helpers.devices(4)
-    strategy, reduce = allreduce_bench._sharded_exchange(devices, None)  # pylint: disable=protected-access
+    strategy, reduce = bench_lib.sharded_exchange(devices)
     shapes = [(10, 3), (7,), (33,), (2, 2)]
     arrays = [[np.random.RandomState(10 * r + i).randn(*s).astype(np.float32)
                for i, s in enumerate(shapes)] for r in range(4)]

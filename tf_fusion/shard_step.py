@@ -214,8 +214,8 @@ class Step:
       with tf.device(self.exchange.devices[j]):
         segments = [(p, s, w) for (p, s), w in zip(part.segments, part.weights)
                     if s.variable in self.present]
-        grads = [self._clipped(blocks[p.index][j][s.offset:s.offset + s.size], s.variable,
-                               squares[j] if squares else None)
+        grads = [_clipped(self.optimizer, blocks[p.index][j][s.offset:s.offset + s.size],
+                          s.variable, squares[j] if squares else None, self.present)
                  for p, s, w in segments]
         keras_internal.decoupled_weight_decay(part.optimizer, [w for _, _, w in segments])
         if hasattr(part.optimizer, "layerwise_begin"):
@@ -225,21 +225,6 @@ class Step:
             part.optimizer.update_step(g, w.value, learning_rates[j])
     if begun:
       self._layerwise_end(begun, learning_rates)
-
-  def _clipped(self, g, variable, squares):
-    opt = self.optimizer
-    if opt.clipnorm and opt.clipnorm > 0:
-      l2sum = squares[variable]
-      norm = tf.where(l2sum > 0, tf.sqrt(tf.where(l2sum > 0, l2sum, 1.0)), l2sum)
-      return g * opt.clipnorm / tf.maximum(norm, opt.clipnorm)
-    if opt.global_clipnorm and opt.global_clipnorm > 0:
-      use_norm = tf.sqrt(tf.reduce_sum(tf.gather(squares, self.present)))
-      clip = opt.global_clipnorm
-      scale = clip * tf.minimum(1.0 / use_norm, 1.0 / clip) + (use_norm - use_norm)
-      return g * tf.cast(scale, g.dtype)
-    if opt.clipvalue and opt.clipvalue > 0:
-      return ops.clip(g, -opt.clipvalue, opt.clipvalue)
-    return g
 
   def _layerwise_begin(self, part, segments, grads):
     opt = part.optimizer
@@ -297,6 +282,23 @@ class Step:
       value = tf_internal.per_replica(per_replica)
     tf.distribute.get_strategy().extended.update(
         variable, lambda v, x: v.assign(tf.cast(x, v.dtype)), args=(value,), group=False)
+
+
+def _clipped(opt, g, variable, squares, present):
+  """`g` (a block's part of `variable`'s reduced gradient) clipped as `opt` clips, by
+  the group's sums of `squares` per variable (Keras's formulas)."""
+  if opt.clipnorm and opt.clipnorm > 0:
+    l2sum = squares[variable]
+    norm = tf.where(l2sum > 0, tf.sqrt(tf.where(l2sum > 0, l2sum, 1.0)), l2sum)
+    return g * opt.clipnorm / tf.maximum(norm, opt.clipnorm)
+  if opt.global_clipnorm and opt.global_clipnorm > 0:
+    use_norm = tf.sqrt(tf.reduce_sum(tf.gather(squares, present)))
+    clip = opt.global_clipnorm
+    scale = clip * tf.minimum(1.0 / use_norm, 1.0 / clip) + (use_norm - use_norm)
+    return g * tf.cast(scale, g.dtype)
+  if opt.clipvalue and opt.clipvalue > 0:
+    return ops.clip(g, -opt.clipvalue, opt.clipvalue)
+  return g
 
 
 def _wide(dtype):

@@ -82,44 +82,6 @@ def _fused(**option_kwargs):
   return make
 
 
-def _sharded_exchange(devices, cost_model):
-  """The strategy and its `reduce`: the sharded update's reduce-scatter and all-gather
-  (shard_exchange, in-graph on one host) of the gradients, by its layout."""
-  del cost_model
-  import tf_fusion  # pylint: disable=g-import-not-at-top
-  from tf_fusion import packing, shard_layout  # pylint: disable=g-import-not-at-top
-  from tf_fusion.collectives import Collectives  # pylint: disable=g-import-not-at-top
-  from tf_fusion.shard_exchange import Exchange  # pylint: disable=g-import-not-at-top
-  strategy = tf_fusion.strategy.tf_mirrored_strategy(devices)
-  n = len(devices)
-  exchange = Exchange(Collectives.get(devices), range(n), range(n), False)
-
-  def reduce(pairs):
-    per_device = [[strategy.experimental_local_results(v)[d] for v, _ in pairs]
-                  for d in range(n)]
-    specs = [(t.dtype, t.shape) for t in per_device[0]]
-    out = [[None] * len(specs) for _ in range(n)]
-    for p in shard_layout.plan_layout(specs, n, 32 * MIB, 1 * MIB).packs:
-      buffers = []
-      for d, device in enumerate(exchange.devices):
-        with tf.device(device):
-          flat = [tf.reshape(per_device[d][i], [-1]) for i in p.variables]
-          flat.append(tf.zeros([p.padded_size - p.size], p.dtype))
-          buffers.append(tf.concat(flat, 0))
-      blocks = exchange.reduce_scatter(buffers, p.shard_size)
-      like = [per_device[0][i] for i in p.variables]
-      for d, gathered in enumerate(exchange.all_gather(blocks)):
-        with tf.device(exchange.devices[d]):
-          for i, t in zip(p.variables, packing.unpack_blocks(gathered, p.size,
-                                                             p.shard_size, like)):
-            out[d][i] = t
-    # Per tensor, every replica's copy, as a distributed value (each on its device).
-    return [strategy.experimental_distribute_values_from_function(
-        lambda ctx, i=i: out[ctx.replica_id_in_sync_group][i]) for i in range(len(specs))]
-
-  return strategy, reduce
-
-
 def configs(sparse=False):
   """(name, kind, factory); kind "builtin", "fused", "per_tensor" or "floor". With
   `sparse` (a set with IndexedSlices), tf_fusion's auto fp16 also forcing each way."""
@@ -145,7 +107,8 @@ def configs(sparse=False):
         out.append((f"tf_fusion auto {compression} sparse={option}", "fused",
                     _fused(algorithm="auto", compression=compression, sparse=option)))
   if not sparse:
-    out.append(("tf_fusion sharded exchange", "sharded", _sharded_exchange))
+    out.append(("tf_fusion sharded exchange", "sharded",
+                lambda devices, _: bench_lib.sharded_exchange(devices)))
   for algorithm in ("ring", "reduce_to_one"):
     out.append((f"floor: one pre-packed buffer ({algorithm})", "floor",
                 _fused(algorithm=algorithm, pack_bytes=0, first_pack_bytes=0)))

@@ -223,3 +223,42 @@ def write_json(report, path):
   with open(path, "w") as f:
     json.dump(report, f, indent=2)
   return path
+
+
+def sharded_exchange(devices):
+  """(strategy, reduce) for allreduce_bench: the sharded update's reduce-scatter and
+  all-gather (shard_exchange, in-graph on one host) of the gradients, by its layout, so
+  that every replica ends with every summed tensor, as from an all-reduce."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tf_fusion  # pylint: disable=g-import-not-at-top
+  from tf_fusion import packing, shard_layout  # pylint: disable=g-import-not-at-top
+  from tf_fusion.collectives import Collectives  # pylint: disable=g-import-not-at-top
+  from tf_fusion.shard_exchange import Exchange  # pylint: disable=g-import-not-at-top
+  strategy = tf_fusion.strategy.tf_mirrored_strategy(devices)
+  n = len(devices)
+  exchange = Exchange(Collectives.get(devices), range(n), range(n), False)
+
+  def reduce(pairs):
+    per_device = [[strategy.experimental_local_results(v)[d] for v, _ in pairs]
+                  for d in range(n)]
+    specs = [(t.dtype, t.shape) for t in per_device[0]]
+    out = [[None] * len(specs) for _ in range(n)]
+    for p in shard_layout.plan_layout(specs, n, 32 * MIB, MIB).packs:
+      buffers = []
+      for d, device in enumerate(exchange.devices):
+        with tf.device(device):
+          flat = [tf.reshape(per_device[d][i], [-1]) for i in p.variables]
+          flat.append(tf.zeros([p.padded_size - p.size], p.dtype))
+          buffers.append(tf.concat(flat, 0))
+      blocks = exchange.reduce_scatter(buffers, p.shard_size)
+      like = [per_device[0][i] for i in p.variables]
+      for d, gathered in enumerate(exchange.all_gather(blocks)):
+        with tf.device(exchange.devices[d]):
+          for i, t in zip(p.variables, packing.unpack_blocks(gathered, p.size,
+                                                             p.shard_size, like)):
+            out[d][i] = t
+    # Per tensor, every replica's copy, as a distributed value (each on its device).
+    return [strategy.experimental_distribute_values_from_function(
+        lambda ctx, i=i: out[ctx.replica_id_in_sync_group][i]) for i in range(len(specs))]
+
+  return strategy, reduce

@@ -94,32 +94,27 @@ class CollectiveLauncher(_cross_device_utils.CollectiveReplicaLauncher):
     a multiple of the group size: element block i of the sum lands on group member i.
     TensorFlow implements it with NCCL only (on CPUs: "did not find collective
     implementation")."""
-    instance_key = self._next_instance_key()
-    options = self._options.merge(options)
-    ordering_token = self._get_ordering_token()
-    with tf.device(self._device):
-      return tf.raw_ops.CollectiveReduceScatterV2(
-          input=tensor, group_size=self._group_size, group_key=self._group_key,
-          instance_key=instance_key,
-          ordering_token=[ordering_token] if ordering_token is not None else [],
-          merge_op="Add", final_op="Id",
-          communication_hint=options.implementation.value.lower(),
-          timeout_seconds=options.timeout_seconds or 0.0)
+    return self._raw_collective(tf.raw_ops.CollectiveReduceScatterV2, tensor, options,
+                                merge_op="Add", final_op="Id")
 
   def all_to_all(self, tensor, options=None):
     """This device's part of an all-to-all: row i of `tensor` (its first dimension is
     the group size) goes to group member i; row i of the result came from member i.
     TensorFlow runs it on CPUs too (where it has no reduce-scatter)."""
+    return self._raw_collective(tf.raw_ops.CollectiveAllToAllV2, tensor, options)
+
+  def _raw_collective(self, op, tensor, options, **attrs):
+    """`op` (a raw V2 collective) of `tensor` on this launcher's device, group and next
+    instance key, ordered by its token, as TF's own launches are."""
     instance_key = self._next_instance_key()
     options = self._options.merge(options)
-    ordering_token = self._get_ordering_token()
+    token = self._get_ordering_token()
     with tf.device(self._device):
-      return tf.raw_ops.CollectiveAllToAllV2(
-          input=tensor, group_size=self._group_size, group_key=self._group_key,
-          instance_key=instance_key,
-          ordering_token=[ordering_token] if ordering_token is not None else [],
-          communication_hint=options.implementation.value.lower(),
-          timeout_seconds=options.timeout_seconds or 0.0)
+      return op(input=tensor, group_size=self._group_size, group_key=self._group_key,
+                instance_key=instance_key,
+                ordering_token=[token] if token is not None else [],
+                communication_hint=options.implementation.value.lower(),
+                timeout_seconds=options.timeout_seconds or 0.0, **attrs)
 
   def all_gather_rows(self, tensor, options=None):
     """All-gather of `tensor` along its first axis; every replica's `tensor` must have
