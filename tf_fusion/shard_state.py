@@ -23,7 +23,6 @@ refused at build, by name (`check_shardable`); a custom optimizer that knows its
 update is elementwise says so with a class attribute `tf_fusion_elementwise = True`.
 """
 
-import threading
 from typing import Dict, List, Optional, Tuple
 
 import keras
@@ -45,7 +44,6 @@ _ELEMENTWISE = tuple(getattr(keras.optimizers, name) for name in (
     "SGD", "Adam", "AdamW", "Adamax", "RMSprop", "Adagrad", "Adadelta", "Lion", "Ftrl"))
 _NOT_SLOTS = ("gradient_accumulator",)   # per replica, local sums: stay whole
 
-_building = threading.local()
 
 
 def check_shardable(optimizer) -> None:
