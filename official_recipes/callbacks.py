@@ -36,7 +36,8 @@ class StepLogger(keras.callbacks.Callback):
   (images, sequences), to absl logging and as TensorBoard scalars (`writer_dir`).
 
   `images_per_sec` holds one figure (of `unit`s) per logged window; the first window includes
-  tracing and start-up, `steady_images_per_sec` leaves it out. `cpu_seconds_per_step`
+  tracing and start-up, `steady_images_per_sec` leaves it out (a run shorter than two
+  windows: the rate over its steps after the first, which holds the tracing). `cpu_seconds_per_step`
   likewise: this process's CPU time (all its threads) per step, which shows how much of
   the machine a step keeps busy (a collective hidden behind compute still costs its CPU).
   """
@@ -52,12 +53,17 @@ class StepLogger(keras.callbacks.Callback):
     self.cpu_seconds_per_step = []
     self.losses = []   # the loss Keras logged at each window's end (its epoch's mean)
     self._last = None
+    self._after_first = None   # (step, time) once the first step (tracing) is done
+    self._latest = None        # (step, time) of the latest step
 
   def on_train_begin(self, logs=None):
     self._last = (step_of(self.model), time.perf_counter(), time.process_time())
 
   def on_train_batch_end(self, batch, logs=None):
     step = step_of(self.model)
+    self._latest = (step, time.perf_counter())
+    if self._after_first is None:
+      self._after_first = self._latest
     if step % self.log_steps and step != self.total_steps:
       return
     first_step, first_time, first_cpu = self._last
@@ -84,11 +90,27 @@ class StepLogger(keras.callbacks.Callback):
     logging.info("step %d/%d: %s", step, self.total_steps,
                  ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
 
+  def on_train_end(self, logs=None):
+    if len(self.images_per_sec) < 2 and self.short_run_rate:
+      logging.info("%s/s %.4g over steps %d-%d: fewer than two log windows of %d "
+                   "steps, so the rate is taken after the first step (tracing)",
+                   self.unit, self.short_run_rate, self._after_first[0],
+                   self._latest[0], self.log_steps)
+
+  @property
+  def short_run_rate(self):
+    """Images/s over the steps after this run's first (None without two steps)."""
+    if self._after_first is None:
+      return None
+    (s0, t0), (s1, t1) = self._after_first, self._latest
+    return (s1 - s0) * self.global_batch / (t1 - t0) if s1 > s0 and t1 > t0 else None
+
   @property
   def steady_images_per_sec(self):
-    """Median images/s over the logged windows after the first (None if too few)."""
+    """Median images/s over the logged windows after the first; with fewer than two
+    windows, `short_run_rate` (None if the run had one step)."""
     rates = self.images_per_sec[1:]
-    return statistics.median(rates) if rates else None
+    return statistics.median(rates) if rates else self.short_run_rate
 
   @property
   def steady_cpu_seconds_per_step(self):
