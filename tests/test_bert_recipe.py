@@ -5,6 +5,7 @@ import os
 
 from absl import flags
 from absl.testing import parameterized
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -174,6 +175,23 @@ class RecipeTest(tf.test.TestCase, parameterized.TestCase):
                                       checkpoint_steps=2, train_steps=4)))
     self.assertEqual((again["start_step"], again["final_step"]), (2, 4))
     self.assertTrue(np.isfinite(again["train_loss"]))
+
+  def test_masked_lm_loss_divides_by_the_weights_not_the_slots(self):
+    """Against NumPy on a batch with padding slots (weight 0); Keras's default
+    reduction (the control) divides by every slot."""
+    rng = np.random.RandomState(0)
+    logits = rng.randn(3, 4, 7).astype(np.float32)
+    labels = rng.randint(0, 7, size=(3, 4))
+    weights = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]], np.float32)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(log_probs, labels[..., None], -1)[..., 0]
+    want = (ce * weights).sum() / weights.sum()
+    self.assertAllClose(main.masked_lm_loss()(labels, logits, sample_weight=weights), want,
+                        rtol=1e-6)
+    diluted = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(
+        labels, logits, sample_weight=weights)
+    self.assertAllClose(diluted, (ce * weights).sum() / weights.size, rtol=1e-6)
 
   def test_bad_input_is_named(self):
     with self.assertRaisesRegex(ValueError, "does not split over 4 replicas"):

@@ -37,6 +37,16 @@ from official_recipes.bert import recipe_flags
 from official_recipes.imagenet.schedules import WarmupPolyDecay
 
 
+def masked_lm_loss():
+  """BERT's masked-LM loss: the cross-entropy at the masked positions weighted by the
+  prediction weights (0 on padding slots) and divided by their sum. Keras's default
+  reduction divides by every slot, padding included, which dilutes the loss and scales
+  the gradient by the batch's fraction of real predictions. Under a strategy each
+  replica divides by its own sum (as BERT's TPU code does per core)."""
+  return keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                    reduction="mean_with_sample_weight")
+
+
 def make_optimizer(cfg, learning_rate):
   """LAMB or AdamW (no decay on biases and LayerNorm), loss-scaled for fp16."""
   accumulate = ({"gradient_accumulation_steps": cfg.accumulation_steps}
@@ -104,7 +114,7 @@ def _run(cfg):
     schedule = WarmupPolyDecay(cfg.learning_rate, round(cfg.warmup_proportion * updates),
                                updates, power=cfg.poly_power)
     model.compile(make_optimizer(cfg, schedule),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  loss=masked_lm_loss(),
                   weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(
                       name="masked_accuracy")],
                   jit_compile=False, steps_per_execution=cfg.steps_per_execution)
