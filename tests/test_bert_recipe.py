@@ -193,6 +193,27 @@ class RecipeTest(tf.test.TestCase, parameterized.TestCase):
         labels, logits, sample_weight=weights)
     self.assertAllClose(diluted, (ce * weights).sum() / weights.size, rtol=1e-6)
 
+  def test_a_corrupt_shard_is_one_line_naming_it(self):
+    """A truncated training shard: found while training (the validation split is
+    skipped), named with TensorFlow's offset; the run stops with a ValueError, not a
+    traceback through Keras; a corrupt validation shard is named before training."""
+    d = self.create_tempdir().full_path
+    make_fake_text.make(d, vocab_size=VOCAB, seq_length=LENGTH, num_train=64,
+                        num_validation=16, log=lambda _: None)
+    train = sorted(f for f in os.listdir(d) if f.startswith("train-"))[-1]
+    path = os.path.join(d, train)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) - 40])   # its last record cut short
+    with self.assertRaisesRegex(ValueError, f"{train} is corrupt: truncated record at "
+                                r"\d+.*; training stopped at step"):
+      main.run(parse(self._argv(data_dir=d, skip_eval=True, train_steps=8)))
+    validation = sorted(f for f in os.listdir(d) if f.startswith("validation-"))[0]
+    path = os.path.join(d, validation)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) - 40])
+    with self.assertRaisesRegex(ValueError, f"{validation} is corrupt"):
+      main.run(parse(self._argv(data_dir=d, train_steps=1)))
+
   def test_bad_input_is_named(self):
     with self.assertRaisesRegex(ValueError, "does not split over 4 replicas"):
       main.run(parse(self._argv(batch_size=30)))

@@ -220,7 +220,8 @@ class RecipeTest(tf.test.TestCase, parameterized.TestCase):
       main.run(parse(self._argv(data_dir=d, train_steps=4)))
     # ... or, when the size is given, while training: the checkpoint is kept.
     model_dir = self.create_tempdir().full_path
-    with self.assertRaisesRegex(ValueError, "A TFRecord under --data_dir=.* is corrupt.*"
+    with self.assertRaisesRegex(ValueError, r"train-00000-of-00001 is corrupt: corrupted "
+                                r"record at \d+; training stopped at step \d+, "
                                 "checkpoint kept in"):
       main.run(parse(self._argv(data_dir=d, train_steps=4, num_train_examples=16,
                                 model_dir=model_dir)))

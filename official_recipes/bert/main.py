@@ -26,6 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import logging
 import keras
+import tensorflow as tf
 
 import tf_fusion
 from tf_fusion import sparse
@@ -138,9 +139,13 @@ def _run(cfg):
   history = {}
   if start_step < total:
     first = training.first_epoch(backup, start_step, loop)
-    history = model.fit(train, epochs=first + math.ceil((total - start_step) / loop),
-                        initial_epoch=first, steps_per_epoch=loop, callbacks=callbacks,
-                        verbose=1).history
+    try:
+      history = model.fit(train, epochs=first + math.ceil((total - start_step) / loop),
+                          initial_epoch=first, steps_per_epoch=loop, callbacks=callbacks,
+                          verbose=1).history
+    except tf.errors.DataLossError as e:
+      raise training.corrupt_data(e, cfg.data_dir, input_pipeline.tfrecord_files(
+          cfg.data_dir, True), model, out_dir) from None
   metrics = {k: v[-1] for k, v in history.items()}
   if validation is not None:
     metrics.update({f"eval_{k}": v for k, v in model.evaluate(

@@ -96,14 +96,8 @@ def count_examples(files, is_training):
                  "otherwise).", n, SPLITS[is_training], files[0],
                  "train" if is_training else "eval")
     return n
-  return sum(_count(f) for f in files)
-
-
-def _count(path):
-  try:
-    return int(tf.data.TFRecordDataset(path).reduce(0, lambda n, _: n + 1))
-  except tf.errors.DataLossError as e:
-    raise ValueError(f"{path} is corrupt: {e.message.splitlines()[0]}") from None
+  from official_recipes import training  # pylint: disable=g-import-not-at-top
+  return sum(training.count_records(f) for f in files)
 
 
 def crop_window(shape, bbox, image_size, is_training):

@@ -223,10 +223,8 @@ def _fit(cfg, job: _Job):
         validation_steps=job.eval_steps or None, callbacks=job.callbacks,
         verbose=1).history
   except tf.errors.DataLossError as e:
-    raise ValueError(f"A TFRecord under --data_dir={cfg.data_dir!r} is corrupt "
-                     f"({e.message.splitlines()[0]}); training stopped at step "
-                     f"{recipe_callbacks.step_of(job.model)}, checkpoint kept in "
-                     f"{job.out_dir}.") from None
+    raise training.corrupt_data(e, cfg.data_dir, input_pipeline.tfrecord_files(
+        cfg.data_dir, True), job.model, job.out_dir) from None
   return history, fit_epochs
 
 
