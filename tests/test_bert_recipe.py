@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import tf_fusion
 from official_recipes.bert import input_pipeline
 from official_recipes.bert import main
 from official_recipes.bert import model as bert_model
@@ -233,6 +234,16 @@ class RecipeTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual((phase2.batch_size, phase2.predictions), (32768, 80))
     # You et al. 2019 train the two phases in 8,599 updates; these presets in 8,601.
     self.assertEqual(cfg.train_steps + phase2.train_steps, 8601)
+    # NVIDIA's LAMB whole: its schedule, the ratio on every variable, the clip at 1.0.
+    for c in (cfg, phase2):
+      opt = main.make_optimizer(c, 1e-3)
+      opt = getattr(opt, "inner_optimizer", opt)   # fp16: loss-scaled
+      self.assertEqual(opt.get_config()["exclude_from_layer_adaptation"], [])
+      self.assertEqual(opt.get_config()["exclude_from_weight_decay"],
+                       list(tf_fusion.optimizers.lamb.DEFAULT_EXCLUSIONS))
+      self.assertEqual(opt.global_clipnorm, 1.0)
+      self.assertEqual((c.warmup_proportion, c.poly_power), (
+          (0.2843, 0.5) if c is cfg else (0.128, 0.5)))
 
   def test_two_workers(self):
     model_dir = self.create_tempdir().full_path

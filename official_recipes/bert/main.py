@@ -49,12 +49,15 @@ def masked_lm_loss():
 
 
 def make_optimizer(cfg, learning_rate):
-  """LAMB or AdamW (no decay on biases and LayerNorm), loss-scaled for fp16."""
+  """LAMB or AdamW (no decay on biases and LayerNorm; LAMB's trust ratio on all
+  variables with --lamb_adapt_all), clipped by --global_clipnorm, loss-scaled for fp16."""
   accumulate = ({"gradient_accumulation_steps": cfg.accumulation_steps}
                 if cfg.accumulation_steps > 1 else {})
-  moments = dict(beta_1=cfg.beta_1, beta_2=cfg.beta_2, epsilon=cfg.epsilon)
+  moments = dict(beta_1=cfg.beta_1, beta_2=cfg.beta_2, epsilon=cfg.epsilon,
+                 global_clipnorm=cfg.global_clipnorm)
   if cfg.optimizer == "lamb":
     opt = tf_fusion.LAMB(learning_rate, weight_decay=cfg.weight_decay, **moments,
+                         exclude_from_layer_adaptation=() if cfg.lamb_adapt_all else None,
                          **accumulate)
   else:
     opt = keras.optimizers.AdamW(learning_rate, weight_decay=cfg.weight_decay, **moments,

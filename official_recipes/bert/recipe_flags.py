@@ -12,18 +12,21 @@ from official_recipes.bert import model
 
 # LAMB at large batch for BERT (You et al. 2019, "Large Batch Optimization for Deep
 # Learning: Training BERT in 76 minutes"): phase 1 at sequence length 128, phase 2 at
-# 512. The values are NVIDIA's published LAMB configuration of that two-phase run (64K
-# then 32K, 7,038 + 1,563 updates, close to the paper's 8,599); the poly(0.5) decay is
-# its scheduler's. Run phase 2 with --model_dir of phase 1 and a corpus of length 512.
+# 512. The presets follow one reference, NVIDIA's published LAMB configuration of that
+# two-phase run (DeepLearningExamples, TensorFlow BERT; 64K then 32K, 7,038 + 1,563
+# updates, close to the paper's 8,599), whole: its schedule (peak, warm-up proportion,
+# poly(0.5) decay), and its optimizer: the trust ratio on every variable (weight decay
+# still not on biases and LayerNorm) and the gradient's global norm clipped to 1.0
+# before the update. Run phase 2 with --model_dir of phase 1 and a corpus of length 512.
+_NVIDIA_LAMB = {"optimizer": "lamb", "weight_decay": 0.01, "lamb_adapt_all": True,
+                "global_clipnorm": 1.0, "dtype": "fp16", "compression": "fp16"}
 SCHEDULE_PRESETS = {
     "lamb_64k_phase1": {"batch_size": 65536, "train_steps": 7038, "learning_rate": 6e-3,
                         "warmup_proportion": 0.2843, "poly_power": 0.5,
-                        "max_predictions": 20, "optimizer": "lamb", "weight_decay": 0.01,
-                        "dtype": "fp16", "compression": "fp16"},
+                        "max_predictions": 20, **_NVIDIA_LAMB},
     "lamb_32k_phase2": {"batch_size": 32768, "train_steps": 1563, "learning_rate": 4e-3,
                         "warmup_proportion": 0.128, "poly_power": 0.5,
-                        "max_predictions": 80, "optimizer": "lamb", "weight_decay": 0.01,
-                        "dtype": "fp16", "compression": "fp16"},
+                        "max_predictions": 80, **_NVIDIA_LAMB},
 }
 
 
@@ -51,6 +54,12 @@ def define_all(fv=flags.FLAGS):
   flags.DEFINE_float("poly_power", 1.0, "Exponent of the polynomial decay to 0 (1: "
                      "BERT's linear decay).", flag_values=fv)
   flags.DEFINE_float("weight_decay", 0.01, "Weight decay (not on biases and LayerNorm).",
+                     flag_values=fv)
+  flags.DEFINE_bool("lamb_adapt_all", False, "LAMB's trust ratio on every variable "
+                    "(NVIDIA's LAMB), not only on those with weight decay (TensorFlow "
+                    "Addons' with BERT's exclusions).", flag_values=fv)
+  flags.DEFINE_float("global_clipnorm", None, "Clip the reduced gradient's global norm "
+                     "to this before the update (NVIDIA's LAMB: 1.0); none by default.",
                      flag_values=fv)
   flags.DEFINE_float("beta_1", 0.9, "First-moment decay.", flag_values=fv)
   flags.DEFINE_float("beta_2", 0.999, "Second-moment decay.", flag_values=fv)
@@ -92,6 +101,8 @@ class BertConfig(shared_flags.SharedConfig):
   warmup_proportion: float
   poly_power: float
   weight_decay: float
+  lamb_adapt_all: bool
+  global_clipnorm: Optional[float]
   beta_1: float
   beta_2: float
   epsilon: float
