@@ -94,15 +94,17 @@ def _sharding(optimizer) -> bool:
   return not shard_state.is_shard(optimizer) and shard_step.sharded_ops() is not None
 
 
-def _add_slot(original, optimizer, reference, name=None, initializer="zeros"):
+def _add_slot(original, optimizer, reference_variable, name=None, initializer="zeros"):
+  # Keras's own parameter names: callers pass them by keyword too (Adafactor).
   if shard_state.is_shard(optimizer):
-    variable = keras_internal.add_plain_slot(optimizer, reference, name, initializer)
-    shard_state.record_slot(optimizer, reference, name, variable)
+    variable = keras_internal.add_plain_slot(optimizer, reference_variable, name,
+                                             initializer)
+    shard_state.record_slot(optimizer, reference_variable, name, variable)
     return variable
   ops = _building_sharded()
   if ops is None or not shard_state.is_slot_name(name):
-    return original(optimizer, reference, name=name, initializer=initializer)
-  return shard_state.slot_for(optimizer, reference, name, ops)
+    return original(optimizer, reference_variable, name=name, initializer=initializer)
+  return shard_state.slot_for(optimizer, reference_variable, name, ops)
 
 
 def _building_sharded():
