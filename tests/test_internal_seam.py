@@ -99,7 +99,7 @@ class TensorFlowSeamTest(tf.test.TestCase):
     self.assertEqual(int(counter.assign_add(2)), 2)
 
   def test_plain_variables_inside_a_strategy_scope(self):
-    strategy = tf.distribute.MirroredStrategy(helpers.devices(2))
+    strategy = tf_fusion.strategy.tf_mirrored_strategy(helpers.devices(2))
     with strategy.scope():
       mirrored = tf.Variable(1.0)
       with tf_internal.plain_variables(), tf.device(helpers.devices(2)[1]):
@@ -110,10 +110,11 @@ class TensorFlowSeamTest(tf.test.TestCase):
       self.assertFalse(tf_internal.is_mirrored_variable(v))
       self.assertEqual(v.device, tf_internal.canonical_device(helpers.devices(2)[1]))
 
-  def test_reduce_scatter_is_tensorflows_op_and_nccl_only(self):
-    """The launcher builds CollectiveReduceScatterV2 with the launcher's hint; on CPUs
-    TensorFlow has no implementation of it (why the sharded update adds in-graph or
-    keeps a block of the ring's all-reduce there)."""
+  def test_reduce_scatter_is_tensorflows_op(self):
+    """The launcher builds CollectiveReduceScatterV2 with the launcher's hint. It is
+    traced, not run: on CPUs TensorFlow has no implementation of it, and running it
+    aborts every later collective of the process ("did not find collective
+    implementation"; why the sharded update uses the all-to-all off NCCL)."""
     from tf_fusion.collectives import Collectives  # pylint: disable=g-import-not-at-top
     collectives = Collectives.get(helpers.devices(2))
     fn = tf.function(lambda: collectives.reduce_scatter(
@@ -122,8 +123,6 @@ class TensorFlowSeamTest(tf.test.TestCase):
            if op.type == "CollectiveReduceScatterV2"]
     self.assertLen(ops, 2)
     self.assertEqual({op.get_attr("communication_hint") for op in ops}, {b"auto"})
-    with self.assertRaisesRegex(Exception, "collective implementation"):
-      fn()
 
   def test_all_to_all_runs_on_cpus(self):
     from tf_fusion.collectives import Collectives  # pylint: disable=g-import-not-at-top
