@@ -21,11 +21,17 @@ after `timeout_seconds`, the worker:
 
 Nothing is sent while steps finish in time: the check costs a timer per batch. The first
 batch of each `fit` is not watched: it traces and compiles the step, which may take long.
+A `fit` that raises (a corrupt record, Ctrl-C in a notebook) never calls Keras's
+end-of-batch callbacks, so the timer also checks that the `fit` which armed it is still
+running: one that has left says nothing and aborts nothing, and the next `fit` or
+collective of the process is not hit by a report of a step that is long over.
 
 Usage:
     model.fit(..., callbacks=[tf_fusion.StallWatch(timeout_seconds=60)])
 """
 
+import os
+import sys
 import threading
 import time
 from typing import Optional
@@ -61,6 +67,7 @@ class StallWatch(keras.callbacks.Callback):
     self.abort = abort
     self.reports = []          # what was reported, for the caller and for tests
     self._timer: Optional[threading.Timer] = None
+    self._watched = None       # (thread id, frame of the loop that called the callback)
     self._step = 0
     self._stalls = 0
 
@@ -86,6 +93,7 @@ class StallWatch(keras.callbacks.Callback):
 
   def _arm(self):
     self._disarm()
+    self._watched = (threading.get_ident(), _training_loop_frame(self))
     self._timer = threading.Timer(self.timeout_seconds, self._stalled, args=(self._step,))
     self._timer.daemon = True
     self._timer.start()
@@ -94,8 +102,26 @@ class StallWatch(keras.callbacks.Callback):
     if self._timer is not None:
       self._timer.cancel()
       self._timer = None
+    self._watched = None
+
+  def _still_training(self):
+    """Whether the training loop that armed the timer is still on its thread's stack."""
+    if self._watched is None:
+      return False
+    thread, loop = self._watched
+    frame = sys._current_frames().get(thread)  # pylint: disable=protected-access
+    while frame is not None:
+      if frame is loop:
+        return True
+      frame = frame.f_back
+    return False
 
   def _stalled(self, step):
+    if not self._still_training():
+      self._watched = None     # the frame keeps the left fit's locals alive
+      logging.info("tf_fusion: StallWatch's timer of step %d outlived its fit (which "
+                   "raised); nothing to report.", step)
+      return
     self._stalls += 1
     worker, workers = worker_and_count(self.model)
     behind = _ask_the_others(self._stalls, worker, workers, step, self.answer_seconds)
@@ -109,6 +135,18 @@ class StallWatch(keras.callbacks.Callback):
     logging.error("%s", report)
     if self.abort:
       tf_internal.abort_collectives(report)
+
+
+def _training_loop_frame(callback):
+  """The frame that called the callbacks (Keras's `fit`, or a custom loop): the first
+  one up the stack that is neither `callback`'s own methods (a subclass's too) nor
+  Keras's callbacks package."""
+  frame = sys._getframe(1)  # pylint: disable=protected-access
+  while frame.f_back is not None and (
+      frame.f_locals.get("self") is callback
+      or f"{os.sep}callbacks{os.sep}" in frame.f_code.co_filename):
+    frame = frame.f_back
+  return frame
 
 
 def worker_and_count(model):
