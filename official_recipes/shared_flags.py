@@ -121,7 +121,15 @@ def define_output_flags(fv=flags.FLAGS):
   flags.DEFINE_integer("log_steps", 100, "Log loss and throughput every this many steps.",
                        flag_values=fv)
   flags.DEFINE_integer("seed", None, "Random seed (weights, data order).", flag_values=fv)
+  flags.DEFINE_bool("deterministic", False, "The same bits from every run with the same "
+                    "--seed and cluster shape: TensorFlow's op determinism, under which "
+                    "tf_fusion plans from its nominal cost model, with no timing "
+                    "(docs/autotune.md). Needs --seed.", flag_values=fv)
   flags.mark_flag_as_required("model_dir", flag_values=fv)
+  flags.register_multi_flags_validator(
+      ["deterministic", "seed"], lambda v: not v["deterministic"] or v["seed"] is not None,
+      message="--deterministic needs --seed: the same bits come from the same seed.",
+      flag_values=fv)
   positive("log_steps", fv, allow_none=False)
   positive("stall_seconds", fv, allow_zero=True, allow_none=False)
   flags.register_validator("profile_steps", lambda v: not v or _steps_range(v) is not None,
@@ -178,6 +186,7 @@ class SharedConfig:
   stall_seconds: float
   log_steps: int
   seed: Optional[int]
+  deterministic: bool
 
   def __post_init__(self):
     if self.dtype not in DTYPES:

@@ -103,6 +103,15 @@ def worker_dir(model_dir, strategy):
 
 
 
+def seed(cfg):
+  """--seed for Python, NumPy, TensorFlow and Keras; --deterministic: op determinism
+  too (which tf_fusion's planner honours with plans that use no timing)."""
+  if cfg.seed is not None:
+    keras.utils.set_random_seed(cfg.seed)
+  if cfg.deterministic:
+    tf.config.experimental.enable_op_determinism()
+
+
 def callbacks(cfg, model, backup, total, eval_steps, out_dir, unit="images"):
   """(step logger, preemption handler, every callback of fit in order). When `backup` is
   None (the floor), no backup, no preemption handler, no averaging of statistics:

@@ -122,8 +122,22 @@ class CostModelTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAlmostEqual(m.seconds("ring", 1000), 1e-4 + 1e-6)
     self.assertAlmostEqual(m.seconds("ring", 1000, num_tensors=3), 1e-4 + 1e-6 + 5e-7)
     # Crossover at (1e-4 - 1e-5) / (2e-9 - 1e-9) = 90,000 bytes.
-    self.assertEqual(m.best(80_000), "reduce_to_one")
+    self.assertEqual(m.best(40_000), "reduce_to_one")   # 90 us against 140 us
     self.assertEqual(m.best(100_000), "ring")
+
+  def test_near_ties_go_to_the_preferred_algorithm_not_to_the_timing(self):
+    """reduce_to_one predicted 6% faster at 80,000 bytes (170 us against 180 us) is
+    within the margin: the ring. Two launch-bound algorithms whose calibrations lean
+    10% either way: the ring every time. A clearly faster reduce_to_one still wins."""
+    m = tf_fusion.CostModel({"ring": 1e-4, "reduce_to_one": 1e-5},
+                            {"ring": 1e-9, "reduce_to_one": 2e-9})
+    self.assertLess(m.seconds("reduce_to_one", 80_000), m.seconds("ring", 80_000))
+    self.assertEqual(m.best(80_000), "ring")
+    self.assertEqual(m.best(60_000), "reduce_to_one")   # 130 us against 160 us
+    for leaning in (0.9, 0.95, 1.05, 1.1):
+      noisy = tf_fusion.CostModel({"ring": 1e-4 * leaning, "reduce_to_one": 1e-4},
+                                  {"ring": 0.0, "reduce_to_one": 0.0})
+      self.assertEqual(noisy.best(1000), "ring", leaning)
 
   def test_json_round_trip(self):
     m = helpers.fixed_cost_model()

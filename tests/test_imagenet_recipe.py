@@ -301,6 +301,7 @@ class FlagsTest(tf.test.TestCase):
         (["--synthetic"], "model_dir"),
         (base + ["--pack_bytes=64MB"], "whole number of bytes >= 0, or auto"),
         (base + ["--backward_seconds=-1"], "--backward_seconds must be >= 0"),
+        (base + ["--deterministic"], "--deterministic needs --seed"),
     ]
     for argv, message in cases:
       with self.subTest(argv=argv), self.assertRaisesRegex(flags.Error, message):

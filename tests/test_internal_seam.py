@@ -232,6 +232,15 @@ class TensorFlowSeamTest(tf.test.TestCase):
   def test_expand_tasks_per_node(self):
     self.assertEqual(tf_internal.expand_tasks_per_node("2(x3),1"), [2, 2, 2, 1])
 
+  def test_op_determinism_follows_tensorflows_switch(self):
+    self.assertFalse(tf_internal.op_determinism())
+    tf.config.experimental.enable_op_determinism()
+    try:
+      self.assertTrue(tf_internal.op_determinism())
+    finally:
+      tf_internal.disable_op_determinism()
+    self.assertFalse(tf_internal.op_determinism())
+
   def test_cluster_values_and_abort_need_a_cluster(self):
     # One process has no coordination service: both raise rather than hang.
     with self.assertRaises((tf.errors.OpError, ValueError, RuntimeError)):

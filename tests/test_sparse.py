@@ -160,6 +160,23 @@ class SparseReductionTest(tf.test.TestCase, parameterized.TestCase):
     fp16 = tf_fusion.Compression.get("fp16").wire_dtype
     self.assertEqual(small_table.dense_nbytes(fp16), 10 * 8 * 2)
 
+  def test_a_near_tie_goes_to_the_fewer_bytes_not_to_the_timing(self):
+    """A 256-byte table whose 4 replicas each bring 268 rows: gathering moves ~34 KB,
+    densifying 256 B, and both are one launch (205 us against 205 us, or 10% apart
+    either way in a noisy calibration): the table, in every case. With a large table
+    and few rows the same tie goes to the gather."""
+    wire = tf_fusion.Compression.get("none").wire_dtype
+    table = sparse.SparseSpec(tf.float32, (8,), 268, (8, 8), tf.int64)
+    for leaning in (0.9, 1.0, 1.1):
+      # The gather is priced as the ring of G·b/2; reduce_to_one prices the table.
+      model = tf_fusion.CostModel({"ring": 205e-6 * leaning, "reduce_to_one": 205e-6},
+                                  {"ring": 0.0, "reduce_to_one": 0.0})
+      choice, reason = sparse.choose(table, "auto", 4, wire, model)
+      self.assertEqual(choice, "dense", leaning)
+      self.assertIn("too close to call: the fewer bytes", reason)
+    large = sparse.SparseSpec(tf.float32, (8,), 4, (1000, 8), tf.int64)
+    self.assertEqual(sparse.choose(large, "auto", 4, wire, model)[0], "gather")
+
   def test_option_is_checked(self):
     with self.assertRaisesRegex(ValueError, "sparse='both' is not valid; valid values: "
                                 "auto, gather, dense"):

@@ -38,7 +38,7 @@ import tensorflow as tf
 
 from tf_fusion import calibration
 from tf_fusion import collectives as collectives_lib
-from tf_fusion import cost_model as cost_lib
+from tf_fusion import cost_model
 from tf_fusion import packing
 from tf_fusion import plans
 
@@ -71,31 +71,34 @@ def exposed_seconds(entries, specs, backward_seconds: Optional[float] = None) ->
   return max(clock - backward_seconds, 0.0)
 
 
-def choose(specs, wire_dtype: Callable, model: cost_lib.CostModel, algorithm: str,
+def choose(specs, wire_dtype: Callable, model: cost_model.CostModel, algorithm: str,
            backward_seconds: Optional[float] = None,
            unknown_size_algorithm: str = "reduce_to_one",
            pack_grid: Sequence[int] = PACK_BYTES_GRID,
            first_grid: Sequence[int] = FIRST_PACK_BYTES_GRID) -> Tuple[int, int, float]:
   """The (pack_bytes, first_pack_bytes) of the grids with the least exposed time.
 
-  Ties go to the larger thresholds (fewer launches when the model cannot tell).
+  Near-ties (within cost_model.MARGIN of the least, or within a microsecond: nothing
+  exposed either way) go to the largest thresholds: fewer launches when the model
+  cannot tell, and a choice that timing noise cannot move.
 
   Returns:
     (pack_bytes, first_pack_bytes, predicted exposed seconds).
   """
-  best = None
+  tried = []
   for pack_bytes in pack_grid:
     for first in first_grid:
       if first and pack_bytes and first >= pack_bytes:
         continue   # the same plan as first=0
       packs = packing.plan_packs(specs, pack_bytes, first)
       entries = plans.assign(packs, specs, wire_dtype, algorithm, model,
-                                  unknown_size_algorithm=unknown_size_algorithm)
-      seconds = exposed_seconds(entries, specs, backward_seconds)
-      key = (seconds, -_as_size(pack_bytes), -_as_size(first))
-      if best is None or key < best[0]:
-        best = (key, pack_bytes, first, seconds)
-  return best[1], best[2], best[3]
+                             unknown_size_algorithm=unknown_size_algorithm)
+      tried.append((exposed_seconds(entries, specs, backward_seconds), pack_bytes, first))
+  least = min(seconds for seconds, _, _ in tried)
+  close = [t for t in tried
+           if t[0] <= least + 1e-6 or not cost_model.clearly_faster(least, t[0])]
+  seconds, pack_bytes, first = max(close, key=lambda t: (_as_size(t[1]), _as_size(t[2])))
+  return pack_bytes, first, seconds
 
 
 MEASURED_PACK_BYTES = (0,) + tuple(1 << s for s in range(16, 29, 2))  # 0, 64 KiB x 4^k
@@ -121,14 +124,17 @@ def candidates(specs, wire_dtype, model, algorithm, backward_seconds=None,
 
 def measure(candidates, time_plan: Callable[[int, int], float],
             across: Optional[Callable] = None):
-  """(index of the fastest, seconds of each): every (pack_bytes, first_pack_bytes)
+  """(index of the one kept, seconds of each): every (pack_bytes, first_pack_bytes)
   candidate timed once by `time_plan`, which builds that plan and times it on the real
-  gradient list. With several workers, `across` averages the times over them so that
-  every worker keeps the same candidate (else their plans, and collectives, differ)."""
+  gradient list. The first candidate (the model's pick) is kept unless the fastest
+  beats it by cost_model.MARGIN, so that noise between near-equal plans does not
+  decide. With several workers, `across` averages the times over them so that every
+  worker keeps the same candidate (else their plans, and collectives, differ)."""
   seconds = [float(time_plan(pack_bytes, first)) for pack_bytes, first in candidates]
   if across is not None:
     seconds = [float(s) for s in across(np.array(seconds, np.float64))]
-  return int(np.argmin(seconds)), seconds
+  fastest = int(np.argmin(seconds))
+  return (fastest if cost_model.clearly_faster(seconds[fastest], seconds[0]) else 0), seconds
 
 
 def list_key(specs, algorithm, compression) -> str:
@@ -152,7 +158,7 @@ def topology(devices: Sequence[str], num_workers: int, algorithm_names) -> str:
 
 
 def load_or_calibrate(path: Optional[str], devices: Sequence[str], algorithm_names,
-                      timeout_seconds=None, group_size=None) -> cost_lib.CostModel:
+                      timeout_seconds=None, group_size=None) -> cost_model.CostModel:
   """The cost model from `path` if it fits this topology, else calibrated (and saved).
 
   Every worker must call this at the same point of the program (see the module doc).
@@ -180,7 +186,7 @@ def _load(path, want):
   if not tf.io.gfile.exists(path):
     return None
   try:
-    model = cost_lib.CostModel.load(path)
+    model = cost_model.CostModel.load(path)
   except (ValueError, TypeError, KeyError) as e:
     logging.warning("tf_fusion: ignoring the cost model in %s (%s); calibrating again.",
                     path, e)

@@ -3,8 +3,14 @@
 alpha + beta * S per algorithm for a pack of S bytes (the alpha-beta model of Thakur et
 al. 2005), with the measured points that `CostModel.seconds` interpolates; packing a
 pack of several tensors costs copy_beta * S more. The constants are measured by
-calibration.calibrate on the devices in use, never guessed. This module depends on no
-other part of tf_fusion.
+calibration.calibrate on the devices in use, never guessed, except in `nominal`: the
+model of a run that must not depend on any timing (op determinism), whose constants are
+round textbook figures. This module depends on no other part of tf_fusion.
+
+Repeatable decisions: a choice made from two predictions within MARGIN of each other
+(launch-bound tensors cost the same whichever way they go, and two measurements of the
+same cost differ by noise) is not left to the timing: it goes to a fixed rule, stated
+where each choice is made (here: the algorithm earlier in PREFERENCE).
 """
 
 import dataclasses
@@ -13,6 +19,11 @@ from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
+
+# One prediction must beat another by this fraction for the timing to decide.
+MARGIN = 0.15
+# Near-ties between algorithms: the bandwidth-optimal ring first.
+PREFERENCE = ("ring", "hierarchical", "reduce_to_one")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +51,10 @@ class CostModel:
     >>> m = CostModel({"ring": 1e-4, "reduce_to_one": 2e-5},
     ...               {"ring": 1e-9, "reduce_to_one": 4e-10}, copy_beta=3e-10)
     >>> m.best(1 << 20)
+    'reduce_to_one'
+    >>> m.best(0)      # 100 us against 20 us
+    'reduce_to_one'
+    >>> m.best(80_000, ["ring", "reduce_to_one"])   # 180 us against 52 us
     'reduce_to_one'
   """
 
@@ -88,10 +103,13 @@ class CostModel:
 
   def best(self, nbytes: int, algorithms: Optional[Sequence[str]] = None,
            num_tensors: int = 1) -> str:
-    """The algorithm with the lowest predicted time (ties: alphabetical)."""
-    algorithms = algorithms or self.algorithms
-    return min(sorted(algorithms),
-               key=lambda a: self.seconds(a, nbytes, num_tensors))
+    """The algorithm with the lowest predicted time; of those within MARGIN of it, the
+    one earliest in PREFERENCE (then alphabetical)."""
+    seconds = {a: self.seconds(a, nbytes, num_tensors)
+               for a in (algorithms or self.algorithms)}
+    fastest = min(seconds.values())
+    close = [a for a, t in seconds.items() if not clearly_faster(fastest, t)]
+    return min(close, key=_preference)
 
   def summary(self) -> str:
     """One line: the launch cost and bandwidth of each algorithm, and the source."""
@@ -118,6 +136,54 @@ class CostModel:
     """A model read from `path` (see save)."""
     with tf.io.gfile.GFile(path, "r") as f:
       return cls.from_json(f.read())
+
+
+def clearly_faster(seconds: float, other: float) -> bool:
+  """Whether a prediction of `seconds` beats `other` by more than MARGIN."""
+  return seconds * (1.0 + MARGIN) < other
+
+
+def _preference(algorithm):
+  rank = PREFERENCE.index(algorithm) if algorithm in PREFERENCE else len(PREFERENCE)
+  return rank, algorithm
+
+
+# The nominal model's round figures: a launch per hop, a device link in a host, and a
+# link between hosts.
+NOMINAL_HOP_SECONDS = 20e-6
+NOMINAL_LOCAL_BYTES_PER_SECOND = 10e9
+NOMINAL_NETWORK_BYTES_PER_SECOND = 2.5e9
+NOMINAL_COPY_BYTES_PER_SECOND = 20e9
+
+
+def nominal(algorithms: Sequence[str], local_devices: int, num_workers: int = 1
+            ) -> CostModel:
+  """The textbook alpha-beta model (Thakur et al. 2005) of `algorithms` on
+  `num_workers` x `local_devices`, with the round constants above instead of
+  measurements: what plans are made from when no timing may decide (op determinism).
+
+  Per byte of a device's buffer, p devices in all, l per worker, w workers: the ring
+  runs 2(p-1) hops and moves 2(p-1)/p bytes over the slowest link; reduce_to_one
+  launches twice and moves 2(l-1) bytes through one device; hierarchical does that in
+  each worker plus a ring of 2(w-1) hops over the workers.
+  """
+  l, w = int(local_devices), int(num_workers)
+  p = l * w
+  hop, copy = NOMINAL_HOP_SECONDS, 1.0 / NOMINAL_COPY_BYTES_PER_SECOND
+  local, network = 1.0 / NOMINAL_LOCAL_BYTES_PER_SECOND, 1.0 / NOMINAL_NETWORK_BYTES_PER_SECOND
+  link = network if w > 1 else local
+  shapes = {
+      "ring": (2 * (p - 1) * hop, 2 * (p - 1) / p * link),
+      "reduce_to_one": (2 * hop, 2 * (l - 1) * local),
+      "hierarchical": ((2 + 2 * (w - 1)) * hop,
+                       2 * (l - 1) * local + 2 * (w - 1) / w * network),
+  }
+  unknown = sorted(set(algorithms) - set(shapes))
+  if unknown:
+    raise ValueError(f"No nominal cost for {unknown}; known: {sorted(shapes)}.")
+  return CostModel({a: shapes[a][0] for a in algorithms},
+                   {a: shapes[a][1] for a in algorithms}, copy_beta=copy,
+                   description=f"nominal, no timing: {w} worker(s) x {l} devices")
 
 
 def _interpolate(points, nbytes):

@@ -20,10 +20,12 @@ import tensorflow as tf
 
 from tf_fusion import autotune
 from tf_fusion import calibration
+from tf_fusion import cost_model as cost_model_lib
 from tf_fusion import packing
 from tf_fusion import plans
 from tf_fusion import sparse
 from tf_fusion import stats
+from tf_fusion._internal import tf as tf_internal
 from tf_fusion.collectives import Collectives
 from tf_fusion.collectives import canonical_devices
 from tf_fusion.collectives import explain_errors
@@ -72,10 +74,19 @@ class Planner:
       logging.warning("%s.", message)
 
   def cost_model(self, devices) -> CostModel:
-    """The cost model for `devices`: given, or calibrated once and kept."""
+    """The cost model for `devices`: given, or calibrated once and kept; under op
+    determinism (`tf.config.experimental.enable_op_determinism()`) the nominal one,
+    with no timing and no file read, so that every run makes the same plan."""
     if self.given_cost_model is not None:
       return self._tuned_given or self.given_cost_model
     key = self._cost_model_key(devices)
+    if tf_internal.op_determinism():
+      self.warn_once(
+          "tf_fusion: op determinism is on: plans come from the nominal cost model "
+          "(no calibration, no cost_model_file, autotune='measure' predicts instead), "
+          "the same in every run; see docs/autotune.md")
+      return cost_model_lib.nominal(self.topology.algorithms, len(key[0]),
+                                    self.topology.num_workers)
     with _COST_MODELS_LOCK:
       if key not in self.cost_models:
         devices, group_size = key[0], key[1]
@@ -189,7 +200,7 @@ class Planner:
     gradient list (once; kept in the cost model and its file)."""
     opts = self.options
     unknown = self.topology.unknown_size_algorithm
-    if reduce_fn is None or opts.autotune == "model" or any(
+    if reduce_fn is None or opts.autotune == "model" or tf_internal.op_determinism() or any(
         packing.tensor_nbytes(*spec) is None for spec in specs):
       return autotune.choose(specs, self.wire_dtype, model, algorithm,
                              opts.backward_seconds, unknown_size_algorithm=unknown)[:2]

@@ -177,7 +177,8 @@ def assign(packs: Sequence[packing.Pack],
            model: Optional[cost_model.CostModel] = None,
            unknown_size_algorithm: str = "reduce_to_one",
            ) -> List["Assignment"]:
-  """Gives each pack an algorithm; under "auto", may split a pack into singletons.
+  """Gives each pack an algorithm; under "auto", may split a pack into singletons
+  (when the model predicts that clearly cheaper, by cost_model.MARGIN).
 
   Args:
     packs: from packing.plan_packs.
@@ -218,7 +219,8 @@ def assign(packs: Sequence[packing.Pack],
                for s in singles]
     split = [Assignment(s, a, _predict(model, a, s, specs, wire_dtype) if s.nbytes else 0.0)
              for s, a in singles]
-    if len(split) > 1 and sum(t for _, _, t in split) < fused:
+    # Split only when clearly cheaper: a near-tie keeps the one launch.
+    if len(split) > 1 and cost_model.clearly_faster(sum(t for _, _, t in split), fused):
       out.extend(split)
     else:
       out.append(Assignment(p, fused_alg, fused))

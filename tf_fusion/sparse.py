@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_fusion import compression
+from tf_fusion import cost_model
 from tf_fusion.collectives import on_device
 from tf_fusion.plans import PackPlan
 
@@ -101,7 +102,7 @@ def gather_cost(model, nbytes: int, group_size: int, allowed=(GATHER,)
   A ring all-gather of b bytes per replica moves (G-1)·b through each device, as a ring
   all-reduce of G·b/2 does. To one device and back moves (G-1)·b in and G·b to each of
   the G-1 others, as reduce_to_one of (G+1)·b/2 does (one worker, one launch for all
-  devices only).
+  devices only). Predictions within cost_model.MARGIN: the first of `allowed`.
   """
   equivalent = {GATHER: ("ring", group_size * nbytes // 2 if nbytes is not None else None),
                 GATHER_TO_ONE: ("reduce_to_one",
@@ -112,7 +113,10 @@ def gather_cost(model, nbytes: int, group_size: int, allowed=(GATHER,)
              and equivalent[a][0] in model.alpha]
   if not options:
     return allowed[-1], None
-  seconds, algorithm = min(options)
+  fastest = min(t for t, _ in options)
+  # Near-ties: the first allowed (the ring's all-gather before the trip to one device).
+  seconds, algorithm = next((t, a) for t, a in options
+                            if not cost_model.clearly_faster(fastest, t))
   return algorithm, seconds
 
 
@@ -122,8 +126,10 @@ def choose(spec: SparseSpec, option: str, group_size: int, wire_dtype, model=Non
   `option`, over `group_size` replicas.
 
   The dense table of D bytes is an all-reduce of D; the gather is priced by
-  `gather_cost`. Under "auto" the cost model (the best algorithm for each) compares
-  the two; without a model, the bytes do (the gather as the ring's G·b/2).
+  `gather_cost`. Under "auto" the cost model (the best algorithm for each) decides when
+  it predicts one clearly faster (cost_model.MARGIN); without a model, or when the two
+  are that close (small tables, where both are a launch), the bytes do: the gather as
+  the ring's G·b/2 against the table, ties to the table.
   """
   if option == GATHER:
     return GATHER, "sparse='gather'"
@@ -136,15 +142,20 @@ def choose(spec: SparseSpec, option: str, group_size: int, wire_dtype, model=Non
   if rows is None:
     return GATHER, ("gathered: rows per replica not known when traced, or not the same "
                     "on every replica")
+  fewer = GATHER if group_size * rows // 2 < dense else DENSE
+  why = f"{group_size} x {rows} B of rows vs the {dense} B table"
   _, gather_s = gather_cost(model, rows, group_size, allowed)
+  choice = fewer
   if gather_s is not None:
     dense_s = min(model.seconds(a, dense) for a in model.algorithms)
-    choice = GATHER if gather_s <= dense_s else DENSE
-    why = (f"{group_size} x {rows} B of rows ({1e6 * gather_s:.0f} us) vs the "
-           f"{dense} B table ({1e6 * dense_s:.0f} us)")
-  else:
-    choice = GATHER if group_size * rows // 2 <= dense else DENSE
-    why = f"{group_size} x {rows} B of rows vs the {dense} B table"
+    timed = (f"{group_size} x {rows} B of rows ({1e6 * gather_s:.0f} us) vs the "
+             f"{dense} B table ({1e6 * dense_s:.0f} us)")
+    if cost_model.clearly_faster(gather_s, dense_s):
+      choice, why = GATHER, timed
+    elif cost_model.clearly_faster(dense_s, gather_s):
+      choice, why = DENSE, timed
+    else:
+      why = timed + ", too close to call: the fewer bytes"
   return choice, f"{'gathered' if choice == GATHER else 'densified'}: {why}"
 
 

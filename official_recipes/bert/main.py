@@ -96,8 +96,7 @@ def run(flags_obj):
 
 def _run(cfg):
   start_time = time.perf_counter()
-  if cfg.seed is not None:
-    keras.utils.set_random_seed(cfg.seed)
+  training.seed(cfg)
   meta = input_pipeline.read_meta(cfg.data_dir)
   strategy = training.make_strategy(cfg)
   replicas = strategy.num_replicas_in_sync

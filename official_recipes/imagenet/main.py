@@ -152,8 +152,7 @@ class _Job:
 
 def _run(cfg):
   start_time = time.perf_counter()
-  if cfg.seed is not None:
-    keras.utils.set_random_seed(cfg.seed)
+  training.seed(cfg)
   job = _build(cfg)
   history, fit_epochs = _fit(cfg, job)
   return _report(cfg, job, history, fit_epochs, start_time)

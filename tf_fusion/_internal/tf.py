@@ -24,6 +24,7 @@ try:
   from tensorflow.python.distribute import values as _values
   from tensorflow.python.distribute.cluster_resolver import slurm_cluster_resolver as _slurm
   from tensorflow.python.eager import context as _context
+  from tensorflow.python.framework import config as _config
   from tensorflow.python.ops import nccl_ops as _nccl_ops
   from tensorflow.python.ops import resource_variable_ops as _resource_variable_ops
 except ImportError as e:   # pragma: no cover - only on an untested TensorFlow
@@ -201,6 +202,17 @@ class CrossDeviceOpsHooks:
 
   def _gather_implementation(self, per_replica_value, destinations, axis, options):
     return self.gather_exact(per_replica_value, destinations, axis, options)
+
+
+def op_determinism() -> bool:
+  """Whether `tf.config.experimental.enable_op_determinism()` is in force (TensorFlow
+  has no public getter)."""
+  return bool(_config.is_op_determinism_enabled())
+
+
+def disable_op_determinism() -> None:
+  """Turns op determinism off again (tests that enable it for one case)."""
+  _config.disable_op_determinism()
 
 
 def abort_collectives(message: str) -> None:
