@@ -110,6 +110,14 @@ def define_distribution_flags(fv=flags.FLAGS):
   positive("port_base", fv, allow_none=False)
 
 
+def define_input_flags(fv=flags.FLAGS):
+  flags.DEFINE_bool("skip_corrupt_records", False, "A corrupt or truncated TFRecord file "
+                    "is read up to the damage and the rest of it skipped (tf.data's "
+                    "ignore_errors, per file), instead of stopping the run. The files are "
+                    "read once before training to name and count the damaged ones in the "
+                    "log.", flag_values=fv)
+
+
 def define_output_flags(fv=flags.FLAGS):
   flags.DEFINE_string("model_dir", None, "Checkpoints and TensorBoard logs; a run in a "
                       "model_dir with a checkpoint continues from it.", flag_values=fv)
@@ -187,6 +195,7 @@ class SharedConfig:
   log_steps: int
   seed: Optional[int]
   deterministic: bool
+  skip_corrupt_records: bool
 
   def __post_init__(self):
     if self.dtype not in DTYPES:

@@ -8,7 +8,6 @@ import collections
 import json
 import math
 import os
-import re
 import sys
 import time
 
@@ -19,6 +18,7 @@ import tensorflow as tf
 
 import tf_fusion
 from official_recipes import callbacks as recipe_callbacks
+from official_recipes import records
 from official_recipes import shared_flags
 
 
@@ -139,25 +139,13 @@ def callbacks(cfg, model, backup, total, eval_steps, out_dir, unit="images"):
 
 
 
-def count_records(path) -> int:
-  """Records in the TFRecord file `path`; ValueError naming it (and where TensorFlow
-  found the damage) if it is corrupt or truncated."""
-  try:
-    return int(tf.data.TFRecordDataset(path).reduce(0, lambda n, _: n + 1))
-  except tf.errors.DataLossError as e:
-    # "{{function_node ...}} corrupted record at 45030 [Op:ReduceDataset] name: ": the
-    # words between TensorFlow's node name and its op name.
-    what = re.sub(r"\{\{.*?\}\}\s*", "", e.message.splitlines()[0]).split(" [Op:")[0]
-    raise ValueError(f"{path} is corrupt: {what}") from None
-
-
 def corrupt_data(error, data_dir, files, model, out_dir) -> ValueError:
   """The one-line error for a DataLossError met while training on `files`: TensorFlow's
   message names no file, so the files are read again to find the first damaged one."""
   where = f"a TFRecord under --data_dir={data_dir!r}"
   for path in files:
     try:
-      count_records(path)
+      records.count(path)
     except ValueError as found:
       where = str(found)
       break

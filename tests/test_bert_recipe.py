@@ -208,6 +208,13 @@ class RecipeTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, f"{train} is corrupt: truncated record at "
                                 r"\d+.*; training stopped at step"):
       main.run(parse(self._argv(data_dir=d, skip_eval=True, train_steps=8)))
+    with self.assertLogs("absl", "WARNING") as logs:   # skipped on request, and counted
+      stats = main.run(parse(self._argv(data_dir=d, skip_eval=True, train_steps=8,
+                                        skip_corrupt_records=True,
+                                        model_dir=self.create_tempdir().full_path)))
+    self.assertEqual(stats["final_step"], 8)
+    self.assertRegex("\n".join(logs.output), f"{train} is corrupt \\(truncated record at "
+                     r"\d+.*\): its first \d+ records are read(.|\n)*1 of \d+ files damaged")
     validation = sorted(f for f in os.listdir(d) if f.startswith("validation-"))[0]
     path = os.path.join(d, validation)
     data = open(path, "rb").read()

@@ -3,6 +3,7 @@ resume, bad input, presets."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -225,6 +226,18 @@ class RecipeTest(tf.test.TestCase, parameterized.TestCase):
                                 "checkpoint kept in"):
       main.run(parse(self._argv(data_dir=d, train_steps=4, num_train_examples=16,
                                 model_dir=model_dir)))
+    # --skip_corrupt_records: trained on the records before the damage, the damage
+    # named and counted in the log.
+    with self.assertLogs("absl", "WARNING") as logs:
+      stats = main.run(parse(self._argv(data_dir=d, train_steps=4, skip_corrupt_records=True,
+                                        batch_size=4,
+                                        model_dir=self.create_tempdir().full_path)))
+    self.assertEqual(stats["final_step"], 4)
+    log = "\n".join(logs.output)
+    self.assertRegex(log, r"train-00000-of-00001 is corrupt \(corrupted record at \d+\): "
+                     r"its first \d+ records are read")
+    kept = int(re.search(r"1 of 1 files damaged, (\d+) records readable", log).group(1))
+    self.assertTrue(0 < kept < 16, kept)
 
 
 class MultiWorkerRecipeTest(tf.test.TestCase, parameterized.TestCase):

@@ -11,6 +11,8 @@ import os
 
 import tensorflow as tf
 
+from official_recipes import records
+
 MASK_RATE = 0.15
 
 
@@ -38,10 +40,10 @@ def tfrecord_files(data_dir, is_training):
   return files
 
 
-def count_examples(files):
-  """Sequences in `files`; ValueError naming a corrupt or truncated file."""
-  from official_recipes import training  # pylint: disable=g-import-not-at-top
-  return sum(training.count_records(f) for f in files)
+def count_examples(files, skip_corrupt=False):
+  """Sequences in `files`; ValueError naming a corrupt or truncated file, or with
+  `skip_corrupt` those before the damage (records.count_all)."""
+  return records.count_all(files, skip_corrupt)
 
 
 def mask(ids, meta, max_predictions, seed=None):
@@ -68,7 +70,7 @@ def mask(ids, meta, max_predictions, seed=None):
 
 
 def dataset(files, meta, batch_size, max_predictions, is_training, input_context=None,
-            seed=None):
+            seed=None, skip_corrupt=False):
   """Batches of ({"input_ids", "segment_ids", "masked_positions"}, labels, weights)
   for one replica (`batch_size` per replica), sharded per input pipeline."""
   pipelines = input_context.num_input_pipelines if input_context else 1
@@ -78,7 +80,7 @@ def dataset(files, meta, batch_size, max_predictions, is_training, input_context
   by_file = len(files) >= pipelines
   if pipelines > 1 and by_file:
     ds = ds.shard(pipelines, input_context.input_pipeline_id)
-  ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=max(1, min(4, len(files))),
+  ds = ds.interleave(records.reader(skip_corrupt), cycle_length=max(1, min(4, len(files))),
                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   if pipelines > 1 and not by_file:
     ds = ds.shard(pipelines, input_context.input_pipeline_id)

@@ -71,13 +71,16 @@ def make_datasets(cfg, strategy, meta):
   def fn(is_training, files):
     return lambda ctx: input_pipeline.dataset(
         files, meta, ctx.get_per_replica_batch_size(cfg.batch_size), cfg.predictions,
-        is_training, input_context=ctx, seed=cfg.seed)
-  train = strategy.distribute_datasets_from_function(
-      fn(True, input_pipeline.tfrecord_files(cfg.data_dir, True)))
+        is_training, input_context=ctx, seed=cfg.seed,
+        skip_corrupt=cfg.skip_corrupt_records)
+  files = input_pipeline.tfrecord_files(cfg.data_dir, True)
+  if cfg.skip_corrupt_records:   # names and counts the damaged files in the log
+    input_pipeline.count_examples(files, skip_corrupt=True)
+  train = strategy.distribute_datasets_from_function(fn(True, files))
   if cfg.skip_eval:
     return train, None, 0
   files = input_pipeline.tfrecord_files(cfg.data_dir, False)
-  steps = input_pipeline.count_examples(files) // cfg.batch_size
+  steps = input_pipeline.count_examples(files, cfg.skip_corrupt_records) // cfg.batch_size
   if steps < 1:
     raise ValueError(f"The validation split has fewer sequences than one global batch "
                      f"(--batch_size={cfg.batch_size}); use --skip_eval.")

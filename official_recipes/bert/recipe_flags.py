@@ -79,7 +79,8 @@ def define_all(fv=flags.FLAGS):
   for name in ("dropout", "warmup_proportion", "beta_1", "beta_2"):
     flags.register_validator(name, lambda v: v is None or 0 <= v < 1,
                              message=f"--{name} must be in [0, 1).", flag_values=fv)
-  for define in (shared_flags.define_precision_flags, shared_flags.define_communication_flags,
+  for define in (shared_flags.define_input_flags, shared_flags.define_precision_flags,
+                 shared_flags.define_communication_flags,
                  shared_flags.define_distribution_flags, shared_flags.define_output_flags):
     define(fv)
 

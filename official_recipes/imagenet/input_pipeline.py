@@ -24,6 +24,8 @@ import os
 from absl import logging
 import tensorflow as tf
 
+from official_recipes import records
+
 IMAGENET_TRAIN_EXAMPLES = 1281167
 IMAGENET_EVAL_EXAMPLES = 50000
 MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -87,17 +89,18 @@ def check_record(path):
   raise ValueError(f"{path} is empty: no records.")
 
 
-def count_examples(files, is_training):
-  """Examples in a split's `files`: counted when they are small, else ImageNet's size."""
+def count_examples(files, is_training, skip_corrupt=False):
+  """Examples in a split's `files`: counted when they are small, else ImageNet's size.
+  With `skip_corrupt` they are always read (records.count_all): the log then names
+  every damaged file before training."""
   total = sum(tf.io.gfile.stat(f).length for f in files)
-  if total > _COUNT_LIMIT_BYTES:
+  if total > _COUNT_LIMIT_BYTES and not skip_corrupt:
     n = IMAGENET_TRAIN_EXAMPLES if is_training else IMAGENET_EVAL_EXAMPLES
     logging.info("Assuming ImageNet's %d %s examples in %s... (pass --num_%s_examples "
                  "otherwise).", n, SPLITS[is_training], files[0],
                  "train" if is_training else "eval")
     return n
-  from official_recipes import training  # pylint: disable=g-import-not-at-top
-  return sum(training.count_records(f) for f in files)
+  return records.count_all(files, skip_corrupt)
 
 
 def crop_window(shape, bbox, image_size, is_training):
@@ -162,8 +165,10 @@ def parse_tfds(example, image_size, num_classes, is_training, dtype):
 
 
 def tfrecord_dataset(files, is_training, batch_size, image_size, num_classes, dtype,
-                     input_context=None, shuffle_buffer=10000, seed=None):
-  """Batches of one input pipeline from TFRecord `files`; training repeats forever."""
+                     input_context=None, shuffle_buffer=10000, seed=None,
+                     skip_corrupt=False):
+  """Batches of one input pipeline from TFRecord `files`; training repeats forever.
+  `skip_corrupt`: a damaged file is read up to the damage (records.reader)."""
   pipelines, index = _pipelines(input_context)
   ds = tf.data.Dataset.from_tensor_slices(files)
   shard_files = pipelines > 1 and len(files) >= pipelines
@@ -172,7 +177,7 @@ def tfrecord_dataset(files, is_training, batch_size, image_size, num_classes, dt
   if is_training:
     ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
   ds = ds.repeat()
-  ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(16, len(files)),
+  ds = ds.interleave(records.reader(skip_corrupt), cycle_length=min(16, len(files)),
                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=not is_training)
   if pipelines > 1 and not shard_files:
     ds = ds.shard(pipelines, index)

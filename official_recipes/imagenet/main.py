@@ -83,10 +83,13 @@ def make_datasets(cfg, strategy, global_batch):
     def fn(is_training):
       return lambda ctx: input_pipeline.tfrecord_dataset(
           files[is_training], is_training, ctx.get_per_replica_batch_size(global_batch),
-          input_context=ctx, seed=cfg.seed, **args)
-    n_train = cfg.num_train_examples or input_pipeline.count_examples(files[True], True)
+          input_context=ctx, seed=cfg.seed, skip_corrupt=cfg.skip_corrupt_records, **args)
+    skip = cfg.skip_corrupt_records   # then always counted: the log names the damage
+    n_train = ((not skip and cfg.num_train_examples)
+               or input_pipeline.count_examples(files[True], True, skip))
+    n_train = cfg.num_train_examples or n_train
     n_eval = cfg.num_eval_examples or (
-        0 if cfg.skip_eval else input_pipeline.count_examples(files[False], False))
+        0 if cfg.skip_eval else input_pipeline.count_examples(files[False], False, skip))
   train = strategy.distribute_datasets_from_function(fn(True))
   evaluation = None if cfg.skip_eval else strategy.distribute_datasets_from_function(fn(False))
   return train, evaluation, n_train, n_eval

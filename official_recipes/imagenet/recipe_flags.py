@@ -17,6 +17,7 @@ from official_recipes.imagenet import models
 from official_recipes.shared_flags import DTYPES  # noqa: F401
 from official_recipes.shared_flags import define_communication_flags
 from official_recipes.shared_flags import define_distribution_flags
+from official_recipes.shared_flags import define_input_flags
 from official_recipes.shared_flags import define_output_flags
 from official_recipes.shared_flags import define_precision_flags
 from official_recipes.shared_flags import pack_bytes_value  # noqa: F401
@@ -128,7 +129,8 @@ def define_all(fv=flags.FLAGS):
                     flag_values=fv)
   flags.DEFINE_enum("preset", None, sorted(PRESETS), "The paper's hyperparameters; "
                     "flags given explicitly still win.", flag_values=fv)
-  for define in (define_data_flags, define_schedule_flags, define_optimizer_flags,
+  for define in (define_data_flags, define_input_flags, define_schedule_flags,
+                 define_optimizer_flags,
                  define_precision_flags, define_communication_flags,
                  define_distribution_flags, define_output_flags):
     define(fv)
