@@ -68,7 +68,6 @@ def make_strategy(cfg):
   return tf_fusion.mirrored_strategy([d.name for d in devices[:n]], options)
 
 
-
 def with_policy(dtype, fn, *args):
   """`fn(*args)` under the Keras dtype policy of --dtype `dtype`; the previous policy
   is back afterwards, whatever happens (tests run recipes one after another)."""
@@ -100,7 +99,6 @@ def worker_dir(model_dir, strategy):
   if task_type is None or strategy.extended.should_checkpoint:
     return model_dir
   return os.path.join(model_dir, f"{task_type}{resolver.task_id}")
-
 
 
 def seed(cfg):
@@ -138,7 +136,6 @@ def callbacks(cfg, model, backup, total, eval_steps, out_dir, unit="images"):
   return logger, preemption, callbacks
 
 
-
 def corrupt_data(error, data_dir, files, model, out_dir) -> ValueError:
   """The one-line error for a DataLossError met while training on `files`: TensorFlow's
   message names no file, so the files are read again to find the first damaged one."""
@@ -170,7 +167,6 @@ def save_now(model, backup):
   logging.info("Saved step %d to %s", recipe_callbacks.step_of(model), backup.backup_dir)
 
 
-
 def restore(model, strategy, backup):
   """Loads the latest checkpoint of model_dir, if any; returns its step (else 0)."""
   path = os.path.join(backup.backup_dir, "latest.weights.h5")
@@ -182,7 +178,6 @@ def restore(model, strategy, backup):
   step = recipe_callbacks.step_of(model)
   logging.info("Restored step %d from %s", step, path)
   return step
-
 
 
 def common_stats(model, strategy, logger, preemption, out_dir, start_time):
@@ -213,7 +208,6 @@ def write_report(stats):
     logging.info("All-reduce plan: %d packs (%s); the table is in %s",
                  len(stats["packs"]), ", ".join(f"{a} {n}" for a, n in counts.items()),
                  os.path.join(out_dir, "plan.txt"))
-
 
 
 def main(run):

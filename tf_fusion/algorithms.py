@@ -40,10 +40,9 @@ def _launch(group, buffers, carries_timeout, order):
                   lambda b: group.all_reduce(b, carries_timeout))
 
 
-def ring(buffers, collectives, finish=None, root=0, carries_timeout=False,
+def ring(buffers, collectives, finish=None, carries_timeout=False,
          order=None):
   """All-reduce with TF's collective ops; `finish` runs on every device's result."""
-  del root
   reduced = _launch(collectives, buffers, carries_timeout, order)
   if finish is None:
     return reduced
@@ -54,11 +53,11 @@ def ring(buffers, collectives, finish=None, root=0, carries_timeout=False,
   return out
 
 
-def nothing_to_reduce(buffers, collectives, finish=None, root=0, carries_timeout=False,
+def nothing_to_reduce(buffers, collectives, finish=None, carries_timeout=False,
                       order=None):
   """For empty packs: nothing to add, so no collective (TF's CPU collective crashes
   on zero elements); each device keeps its own, equally empty, buffer."""
-  del root, carries_timeout, order
+  del carries_timeout, order
   out = []
   for device, b in zip(collectives.devices, buffers):
     with tf.device(device):
@@ -66,7 +65,7 @@ def nothing_to_reduce(buffers, collectives, finish=None, root=0, carries_timeout
   return out
 
 
-def reduce_to_one(buffers, collectives, finish=None, root=0, carries_timeout=False,
+def reduce_to_one(buffers, collectives, finish=None, carries_timeout=False,
                   order=None):
   """Sums in device order onto one device, runs `finish` there once, copies back.
 
@@ -78,11 +77,11 @@ def reduce_to_one(buffers, collectives, finish=None, root=0, carries_timeout=Fal
   change a bit, and adds on different devices are never collapsed. On shared memory
   the chain was also faster than AddN when measured.
   """
-  del root, carries_timeout, order  # The order, so the last device, is fixed; no collective.
+  del carries_timeout, order  # The order, so the last device, is fixed; no collective.
   return _sum_then_copy(buffers, collectives.devices, finish)
 
 
-def hierarchical(buffers, collectives, finish=None, root=0, carries_timeout=False,
+def hierarchical(buffers, collectives, finish=None, carries_timeout=False,
                  order=None):
   """Jia et al. 2018, section 6: reduce inside the worker, all-reduce across workers,
   back to every device of the worker.
@@ -101,7 +100,6 @@ def hierarchical(buffers, collectives, finish=None, root=0, carries_timeout=Fals
   device, or a buffer of unknown size, the sum crosses workers from the last device
   whole, as Jia et al.'s; on one worker this is reduce_to_one.
   """
-  del root
   devices = collectives.devices
   if collectives.num_workers == 1:
     return _sum_then_copy(buffers, devices, finish)
@@ -171,7 +169,7 @@ _IMPLEMENTATIONS = {"ring": ring, "reduce_to_one": reduce_to_one,
                     "hierarchical": hierarchical, "none": nothing_to_reduce}
 
 
-def run(algorithm, buffers, collectives, finish=None, root=0, carries_timeout=False,
+def run(algorithm, buffers, collectives, finish=None, carries_timeout=False,
         order=None, sharded=False):
   """Reduces one pack with `algorithm` (a key of _IMPLEMENTATIONS); `carries_timeout`: its
   collective carries the timeout (Collectives.all_reduce); `order`: a DeviceOrder for
@@ -189,7 +187,7 @@ def run(algorithm, buffers, collectives, finish=None, root=0, carries_timeout=Fa
   if algorithm == "reduce_to_one" and collectives.num_workers > 1:
     raise ValueError("reduce_to_one stays on one worker; across workers use "
                      "hierarchical (its multi-worker form).")
-  out = fn(buffers, collectives, finish=finish, root=root, carries_timeout=carries_timeout,
+  out = fn(buffers, collectives, finish=finish, carries_timeout=carries_timeout,
            order=order)
   if sharded:
     return [list(o) if isinstance(o, list) else [o] for o in out]

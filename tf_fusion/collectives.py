@@ -269,8 +269,6 @@ class DeviceOrder:
     return tensor
 
 
-
-
 _EAGER_SWITCH = threading.Lock()
 
 

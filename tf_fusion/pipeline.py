@@ -44,8 +44,8 @@ class AllDevicesLaunch:
   def pack(self, entry, buffers, finish, carries_timeout):
     """Pack `entry` reduced: per device, the list of its reduced shards."""
     return algorithms.run(entry.algorithm, buffers, self.collectives, finish=finish,
-                          root=entry.index, carries_timeout=carries_timeout,
-                          order=self._order, sharded=True)
+                          carries_timeout=carries_timeout, order=self._order,
+                          sharded=True)
 
   def gather(self, buffers, carries_timeout=False):
     """Every device's `buffers` concatenated over the group, on every device (kept in
@@ -134,8 +134,6 @@ def _agreed_scales(entry, parts, codec, launch):
     with on_device(device):
       scales.append(compression.range_scales(b))
   return scales
-
-
 
 
 def reduce_unpacked(launcher, value, reduce_op, group_size):

@@ -58,14 +58,6 @@ class PackPlan:
   note: str = ""
   densified: Tuple[int, ...] = ()
 
-  @property
-  def num_tensors(self) -> int:
-    return self.tensor_count
-
-  @property
-  def nbytes(self) -> Optional[int]:
-    return self.bytes
-
   def as_dict(self) -> dict:
     """The entry as plain JSON-ready values (dtype names, lists)."""
     d = dataclasses.asdict(self)

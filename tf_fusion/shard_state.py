@@ -45,7 +45,6 @@ _ELEMENTWISE = tuple(getattr(keras.optimizers, name) for name in (
 _NOT_SLOTS = ("gradient_accumulator",)   # per replica, local sums: stay whole
 
 
-
 def check_shardable(optimizer) -> None:
   """Raises a ValueError naming `optimizer` and the option unless its update can be
   cut into segments (module doc)."""

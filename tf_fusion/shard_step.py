@@ -305,8 +305,6 @@ def _wide(dtype):
   return dtype if dtype.size >= 4 else tf.float32
 
 
-
-
 def sharded_ops():
   """The FusedAllReduce of the strategy in scope if it shards the weight update (and
   this is a replica context), else None."""

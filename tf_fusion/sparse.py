@@ -296,8 +296,6 @@ def _unpack(values, indices, counts, specs, like, divisor, group):
   return out
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class Arrangement:
   """How one batch reduction's tensors enter the plan: the dense ones and the

@@ -12,16 +12,11 @@ from absl import flags
 
 from official_recipes import shared_flags
 from official_recipes.imagenet import models
-# The flags every recipe shares (precision, communication, distribution, output), kept
-# under their old names here.
-from official_recipes.shared_flags import DTYPES  # noqa: F401
 from official_recipes.shared_flags import define_communication_flags
 from official_recipes.shared_flags import define_distribution_flags
 from official_recipes.shared_flags import define_input_flags
 from official_recipes.shared_flags import define_output_flags
 from official_recipes.shared_flags import define_precision_flags
-from official_recipes.shared_flags import pack_bytes_value  # noqa: F401
-from official_recipes.shared_flags import profile_range  # noqa: F401
 
 
 # Jia et al. 2018 (arXiv:1807.11205): 64K batch, LARS (eta 0.001, momentum 0.9), poly(2) decay
