@@ -1,7 +1,9 @@
 """tools/scaling_model.py: its limiting cases, its layer tables, and the paper."""
 
 import dataclasses
+import json
 import math
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -101,6 +103,25 @@ class PaperTest(tf.test.TestCase):
   def test_fitted_efficiency_is_plausible(self):
     # A fraction of the datasheet's FLOPS, not an arbitrary knob.
     self.assertBetween(sm.P40_EFFICIENCY_FITTED, 0.1, 0.8)
+
+
+class ScalingModelRunTest(tf.test.TestCase):
+
+  def test_cli_with_a_machine_profile(self):
+    out = self.create_tempdir().full_path
+    sweep = self.create_tempfile(content=json.dumps({
+        "workers": 2, "devices_per_worker": 2,
+        "cost_model": {"alpha": {"ring": 3e-4}, "beta": {"ring": 1e-9}}})).full_path
+    rows, checks = sm.main(["--models", "alexnet_bn", "--out_dir", out,
+                            "--machine_json", sweep, "--machine_images_per_sec", "100"])
+    machine = [r for r in rows if r["hardware"].startswith("this machine")]
+    self.assertLen(machine, len(sm.GPU_COUNTS) * 4)
+    # 4 replicas' ring of 3e-4 s per all-reduce = 6 steps of 5e-5 s.
+    hw = sm.machine_profile(sweep, 100, "alexnet_bn")
+    self.assertAlmostEqual(hw.intra_alpha, 5e-5)
+    self.assertAlmostEqual(sm.allreduce_seconds("ring", 0, hw, 2) / hw.intra_alpha, 2.0)
+    self.assertNotEmpty(checks)
+    self.assertTrue(os.path.exists(os.path.join(out, "scaling_model.png")))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ global batch, must end with the same weights.
 """
 
 import contextlib
+import functools
 
 import keras
 import numpy as np
@@ -156,7 +157,21 @@ def build(case, optimizer_name):
 
 
 def train(strategy, case, optimizer_name, policy="float32"):
-  """Trains `case` under `strategy` (None: one device); returns the final weights."""
+  """Trains `case` under `strategy` (None: one device); returns the final weights.
+  One device's run is computed once per test process (`one_device`)."""
+  if strategy is None:
+    return [w.copy() for w in one_device(case, optimizer_name, policy)]
+  return _train(strategy, case, optimizer_name, policy)
+
+
+@functools.lru_cache(maxsize=None)
+def one_device(case, optimizer_name, policy="float32"):
+  """The reference: `case` trained with no strategy. Deterministic (fixed seed, data
+  and order), so the suite's many comparisons against it share one run."""
+  return tuple(_train(None, case, optimizer_name, policy))
+
+
+def _train(strategy, case, optimizer_name, policy):
   x, y = token_data() if case == TRANSFORMER else data()
   with _policy(policy):
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()

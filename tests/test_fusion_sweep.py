@@ -1,5 +1,4 @@
-"""tools/fusion_sweep.py and tools/scaling_model.py end to end (small), and the sweep's
-summary by hand."""
+"""tools/fusion_sweep.py end to end (small), and the sweep's summary by hand."""
 
 import json
 import os
@@ -7,7 +6,6 @@ import os
 import tensorflow as tf
 
 from tools import fusion_sweep
-from tools import scaling_model
 
 
 class SweepSummaryTest(tf.test.TestCase):
@@ -48,27 +46,6 @@ class SweepRunTest(tf.test.TestCase):
       self.assertTrue(os.path.exists(os.path.join(out, name)), name)
     with open(os.path.join(out, "sweep_1x2.json")) as f:
       self.assertEqual(json.load(f)["results"][0]["set"], "alexnet_bn")
-
-
-class ScalingModelRunTest(tf.test.TestCase):
-
-  def test_cli_with_a_machine_profile(self):
-    out = self.create_tempdir().full_path
-    sweep = self.create_tempfile(content=json.dumps({
-        "workers": 2, "devices_per_worker": 2,
-        "cost_model": {"alpha": {"ring": 3e-4}, "beta": {"ring": 1e-9}}})).full_path
-    rows, checks = scaling_model.main(["--models", "alexnet_bn", "--out_dir", out,
-                                       "--machine_json", sweep,
-                                       "--machine_images_per_sec", "100"])
-    machine = [r for r in rows if r["hardware"].startswith("this machine")]
-    self.assertLen(machine, len(scaling_model.GPU_COUNTS) * 4)
-    # 4 replicas' ring of 3e-4 s per all-reduce = 6 steps of 5e-5 s.
-    hw = scaling_model.machine_profile(sweep, 100, "alexnet_bn")
-    self.assertAlmostEqual(hw.intra_alpha, 5e-5)
-    self.assertAlmostEqual(scaling_model.allreduce_seconds("ring", 0, hw, 2)
-                           / hw.intra_alpha, 2.0)
-    self.assertNotEmpty(checks)
-    self.assertTrue(os.path.exists(os.path.join(out, "scaling_model.png")))
 
 
 if __name__ == "__main__":
