@@ -6,8 +6,10 @@ TF's or Keras's public behaviour, so that an upgrade that moves an internal fail
 under the function's name.
 """
 
+import inspect
 import json
 import os
+import threading
 
 import keras
 import numpy as np
@@ -15,8 +17,17 @@ import tensorflow as tf
 
 import tf_fusion
 from tf_fusion._internal import keras as keras_internal
+from tf_fusion._internal import python as python_internal
 from tf_fusion._internal import tf as tf_internal
 from tests import helpers
+
+
+class PythonSeamTest(tf.test.TestCase):
+
+  def test_thread_stack_holds_the_callers_frames_while_they_run(self):
+    here = inspect.currentframe()
+    self.assertIn(here, python_internal.thread_stack(threading.get_ident()))
+    self.assertEqual(python_internal.thread_stack(-1), [])
 
 
 class TensorFlowSeamTest(tf.test.TestCase):

@@ -86,6 +86,7 @@ class LaunchTest(tf.test.TestCase):
       f.write("import json, os, signal, sys, time\n"
               "i = json.loads(os.environ['TF_CONFIG'])['task']['index']\n"
               "def on_int(*_):\n"
+              "  time.sleep(2 if i == 0 else 0)\n"   # worker 1 is done long before
               f"  open(os.path.join({tmp!r}, f'interrupted{{i}}'), 'w').close()\n"
               "  sys.exit(1)\n"
               "signal.signal(signal.SIGINT, on_int)\n"

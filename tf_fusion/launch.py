@@ -133,10 +133,14 @@ def _launch_once(command, workers, devices_per_worker, grace_seconds, out, env, 
         code = p.poll()
         if code not in (None, 0) and failure is None:
           failure = (i, code)
-          _say(out, lock, f"worker {i} {_describe_exit(code)}; stopping the others")
-          _stop(procs, grace_seconds)
+          if stopping["signal"] is None:   # else: the others are handling the signal
+            _say(out, lock, f"worker {i} {_describe_exit(code)}; stopping the others")
+            _stop(procs, grace_seconds)
       if stopping["signal"] is not None:
-        _stop(procs, grace_seconds)
+        # The workers have the signal itself: let them handle it (a Ctrl-C handler that
+        # saves) before anything harder. A SIGTERM sent at once would end a busy worker
+        # before Python ran its handler.
+        _stop(procs, grace_seconds, signalled=True)
       time.sleep(0.1)
   finally:
     for s, handler in old.items():
@@ -156,10 +160,13 @@ def _launch_once(command, workers, devices_per_worker, grace_seconds, out, env, 
   return 0, False
 
 
-def _stop(procs, grace_seconds):
-  for p in procs:
-    if p.poll() is None:
-      p.terminate()
+def _stop(procs, grace_seconds, signalled=False):
+  """Ends the workers still running: SIGTERM (unless they were just sent a signal),
+  then `grace_seconds` to exit, then SIGKILL."""
+  if not signalled:
+    for p in procs:
+      if p.poll() is None:
+        p.terminate()
   deadline = time.monotonic() + grace_seconds
   for p in procs:
     try:

@@ -30,8 +30,8 @@ Usage:
     model.fit(..., callbacks=[tf_fusion.StallWatch(timeout_seconds=60)])
 """
 
+import inspect
 import os
-import sys
 import threading
 import time
 from typing import Optional
@@ -41,6 +41,7 @@ import keras
 import tensorflow as tf
 
 from tf_fusion import strategy as strategy_lib
+from tf_fusion._internal import python as python_internal
 from tf_fusion._internal import tf as tf_internal
 
 _KEY = "tf_fusion/stall/{stall}/{worker}"
@@ -109,12 +110,7 @@ class StallWatch(keras.callbacks.Callback):
     if self._watched is None:
       return False
     thread, loop = self._watched
-    frame = sys._current_frames().get(thread)  # pylint: disable=protected-access
-    while frame is not None:
-      if frame is loop:
-        return True
-      frame = frame.f_back
-    return False
+    return any(frame is loop for frame in python_internal.thread_stack(thread))
 
   def _stalled(self, step):
     if not self._still_training():
@@ -141,7 +137,7 @@ def _training_loop_frame(callback):
   """The frame that called the callbacks (Keras's `fit`, or a custom loop): the first
   one up the stack that is neither `callback`'s own methods (a subclass's too) nor
   Keras's callbacks package."""
-  frame = sys._getframe(1)  # pylint: disable=protected-access
+  frame = inspect.currentframe().f_back
   while frame.f_back is not None and (
       frame.f_locals.get("self") is callback
       or f"{os.sep}callbacks{os.sep}" in frame.f_code.co_filename):

@@ -11,7 +11,7 @@ VENV=${TF_FUSION_VENV:-.venv}
 STAMP="$VENV/.tf_fusion-setup.cfg.sha256"
 want=$(sha256sum setup.cfg | cut -d' ' -f1)
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ] \
-    || ! "$VENV/bin/python" -c "import tf_fusion, pytest, ruff, matplotlib, sklearn, tensorboard, tensorflow_datasets, pdoc" 2>/dev/null; then
+    || ! "$VENV/bin/python" -c "import tf_fusion, pytest, xdist, ruff, matplotlib, sklearn, tensorboard, tensorflow_datasets, pdoc" 2>/dev/null; then
   echo "[dev] setting up $VENV: tf_fusion with its pinned dependencies" >&2
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
@@ -44,6 +44,13 @@ case "$cmd" in
   test)
     # The linter first (seconds): undefined or unused names fail the run.
     "$VENV/bin/ruff" check --quiet .
+    # Two test processes (pytest-xdist), a test class to a process: much of a test's
+    # time is TensorFlow tracing in one Python thread, so two processes share the
+    # cores better than one. TF_FUSION_TEST_PROCESSES=1 runs them in this process.
+    procs=${TF_FUSION_TEST_PROCESSES:-2}
+    if [ "$procs" -gt 1 ]; then
+      exec "$VENV/bin/python" -m pytest -q -n "$procs" --dist loadscope "$@"
+    fi
     exec "$VENV/bin/python" -m pytest -q "$@" ;;
   docs)
     # HTML from the docstrings of the public modules (pdoc, Google style); open
