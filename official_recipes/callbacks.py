@@ -35,8 +35,8 @@ class StepLogger(keras.callbacks.Callback):
   """Every `log_steps` steps: loss, accuracy, learning rate, loss scale and `unit`/s
   (images, sequences), to absl logging and as TensorBoard scalars (`writer_dir`).
 
-  `images_per_sec` holds one figure (of `unit`s) per logged window; the first window includes
-  tracing and start-up, `steady_images_per_sec` leaves it out (a run shorter than two
+  `rates` holds one figure (`unit`s/s) per logged window; the first window includes
+  tracing and start-up, `steady_rate` leaves it out (a run shorter than two
   windows: the rate over its steps after the first, which holds the tracing). `cpu_seconds_per_step`
   likewise: this process's CPU time (all its threads) per step, which shows how much of
   the machine a step keeps busy (a collective hidden behind compute still costs its CPU).
@@ -49,7 +49,7 @@ class StepLogger(keras.callbacks.Callback):
     self.log_steps = log_steps
     self.total_steps = total_steps
     self.writer = tf.summary.create_file_writer(writer_dir)
-    self.images_per_sec = []
+    self.rates = []
     self.cpu_seconds_per_step = []
     self.losses = []   # the loss Keras logged at each window's end (its epoch's mean)
     self._last = None
@@ -72,7 +72,7 @@ class StepLogger(keras.callbacks.Callback):
     if step <= first_step:
       return
     rate = (step - first_step) * self.global_batch / (now - first_time)
-    self.images_per_sec.append(rate)
+    self.rates.append(rate)
     self.cpu_seconds_per_step.append((cpu - first_cpu) / (step - first_step))
     opt = self.model.optimizer
     scalars = {f"{self.unit}_per_sec": rate, "lr": number(opt.learning_rate)}
@@ -91,7 +91,7 @@ class StepLogger(keras.callbacks.Callback):
                  ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
 
   def on_train_end(self, logs=None):
-    if len(self.images_per_sec) < 2 and self.short_run_rate:
+    if len(self.rates) < 2 and self.short_run_rate:
       logging.info("%s/s %.4g over steps %d-%d: fewer than two log windows of %d "
                    "steps, so the rate is taken after the first step (tracing)",
                    self.unit, self.short_run_rate, self._after_first[0],
@@ -106,10 +106,10 @@ class StepLogger(keras.callbacks.Callback):
     return (s1 - s0) * self.global_batch / (t1 - t0) if s1 > s0 and t1 > t0 else None
 
   @property
-  def steady_images_per_sec(self):
-    """Median images/s over the logged windows after the first; with fewer than two
+  def steady_rate(self):
+    """Median `unit`s/s over the logged windows after the first; with fewer than two
     windows, `short_run_rate` (None if the run had one step)."""
-    rates = self.images_per_sec[1:]
+    rates = self.rates[1:]
     return statistics.median(rates) if rates else self.short_run_rate
 
   @property

@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+from absl import app
 from absl import flags
 from absl import logging
 import keras
@@ -167,6 +168,18 @@ def save_now(model, backup):
   logging.info("Saved step %d to %s", recipe_callbacks.step_of(model), backup.backup_dir)
 
 
+def backup_and_restore(cfg, model, strategy, out_dir):
+  """(BackupAndRestore of out_dir/backup, the step restored from it). The floor
+  (--cross_device_ops=none) gets neither: its replicas drift apart, so there is
+  nothing worth saving or resuming."""
+  if cfg.cross_device_ops == "none":
+    logging.warning("--cross_device_ops=none: %s", tf_fusion.no_communication.WARNING)
+    return None, 0
+  backup = keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup"),
+                                            delete_checkpoint=False)
+  return backup, restore(model, strategy, backup)
+
+
 def restore(model, strategy, backup):
   """Loads the latest checkpoint of model_dir, if any; returns its step (else 0)."""
   path = os.path.join(backup.backup_dir, "latest.weights.h5")
@@ -197,7 +210,7 @@ def common_stats(model, strategy, logger, preemption, out_dir, start_time):
 
 def write_report(stats):
   """The full stats (with every pack) to model_dir/stats.json and the plan as a table to
-  model_dir/plan.txt: a plan of ~100 packs is no log line."""
+  model_dir/plan.txt (a plan of ~100 packs is no log line); returns `stats`."""
   out_dir = stats["model_dir"]
   with open(os.path.join(out_dir, "stats.json"), "w") as f:
     json.dump(stats, f, indent=1, default=str)
@@ -208,6 +221,14 @@ def write_report(stats):
     logging.info("All-reduce plan: %d packs (%s); the table is in %s",
                  len(stats["packs"]), ", ".join(f"{a} {n}" for a, n in counts.items()),
                  os.path.join(out_dir, "plan.txt"))
+  return stats
+
+
+def start(define_all, run):
+  """A recipe's `python -m` entry: its flags (`define_all()`), then absl's app with
+  `main(run)`."""
+  define_all()
+  app.run(lambda argv: main(run))
 
 
 def main(run):

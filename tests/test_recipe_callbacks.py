@@ -25,20 +25,20 @@ class StepLoggerTest(tf.test.TestCase):
     speed is taken over steps 1-20 after the first, and said."""
     with self.assertLogs(level="INFO") as logs:
       logger = fit(20, 100, self.create_tempdir().full_path)
-    self.assertLen(logger.images_per_sec, 1)
-    self.assertIsNotNone(logger.steady_images_per_sec)
-    self.assertGreater(logger.steady_images_per_sec, 0)
-    self.assertEqual(logger.steady_images_per_sec, logger.short_run_rate)
+    self.assertLen(logger.rates, 1)
+    self.assertIsNotNone(logger.steady_rate)
+    self.assertGreater(logger.steady_rate, 0)
+    self.assertEqual(logger.steady_rate, logger.short_run_rate)
     self.assertTrue(any("fewer than two log windows" in line for line in logs.output))
 
   def test_longer_runs_keep_the_median_of_the_windows_after_the_first(self):
     logger = fit(12, 3, self.create_tempdir().full_path)
-    self.assertLen(logger.images_per_sec, 4)
-    self.assertEqual(logger.steady_images_per_sec,
-                     float(np.median(logger.images_per_sec[1:])))
+    self.assertLen(logger.rates, 4)
+    self.assertEqual(logger.steady_rate,
+                     float(np.median(logger.rates[1:])))
 
   def test_one_step_has_no_speed(self):
-    self.assertIsNone(fit(1, 100, self.create_tempdir().full_path).steady_images_per_sec)
+    self.assertIsNone(fit(1, 100, self.create_tempdir().full_path).steady_rate)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 import keras
 import tensorflow as tf
 
-from official_recipes.imagenet import schedules
+from official_recipes import schedules
 
 
 class WarmupPolyDecayTest(tf.test.TestCase):

@@ -92,7 +92,7 @@ def train(run, seed, data, epochs, samples_per_epoch, devices, compression="fp16
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tf_fusion  # pylint: disable=g-import-not-at-top
-  from official_recipes.imagenet import schedules  # pylint: disable=g-import-not-at-top
+  from official_recipes import schedules  # pylint: disable=g-import-not-at-top
 
   x_train, x_test, y_train, y_test = data
   if samples_per_epoch % run.batch:

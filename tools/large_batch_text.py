@@ -112,7 +112,7 @@ def train(run, seed, data_dir, corpus, sequences, evals, devices, compression="f
   import tf_fusion  # pylint: disable=g-import-not-at-top
   from official_recipes.bert import input_pipeline  # pylint: disable=g-import-not-at-top
   from official_recipes.bert import model as bert_model  # pylint: disable=g-import-not-at-top
-  from official_recipes.imagenet import schedules  # pylint: disable=g-import-not-at-top
+  from official_recipes import schedules  # pylint: disable=g-import-not-at-top
 
   if sequences % (run.batch * evals):
     raise ValueError(f"sequences={sequences} is not a multiple of batch {run.batch} x "

@@ -23,7 +23,6 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import logging
 import keras
 import tensorflow as tf
@@ -35,7 +34,7 @@ from official_recipes import training
 from official_recipes.bert import input_pipeline
 from official_recipes.bert import model as bert_model
 from official_recipes.bert import recipe_flags
-from official_recipes.imagenet.schedules import WarmupPolyDecay
+from official_recipes.schedules import WarmupPolyDecay
 
 
 def masked_lm_loss():
@@ -124,13 +123,7 @@ def _run(cfg):
                   weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(
                       name="masked_accuracy")],
                   jit_compile=False, steps_per_execution=cfg.steps_per_execution)
-  if cfg.cross_device_ops == "none":
-    logging.warning("--cross_device_ops=none: %s", tf_fusion.no_communication.WARNING)
-    backup, start_step = None, 0
-  else:
-    backup = keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup"),
-                                              delete_checkpoint=False)
-    start_step = training.restore(model, strategy, backup)
+  backup, start_step = training.backup_and_restore(cfg, model, strategy, out_dir)
   total, loop = cfg.train_steps, min(cfg.checkpoint_steps, cfg.train_steps)
   if loop % cfg.steps_per_execution or (total - start_step) % cfg.steps_per_execution:
     raise ValueError(f"--steps_per_execution={cfg.steps_per_execution} must divide "
@@ -169,21 +162,15 @@ def _run(cfg):
       "train_masked_accuracy": metrics.get("masked_accuracy"),
       "eval_loss": metrics.get("eval_loss"),
       "eval_masked_accuracy": metrics.get("eval_masked_accuracy"),
-      "sequences_per_sec": logger.steady_images_per_sec,
+      "sequences_per_sec": logger.steady_rate,
       # IndexedSlices gathered / densified (none under accumulation: Keras sums the
       # gradients into dense accumulators before they are reduced).
       "gathered": sum(p.tensor_count for p in plan if p.algorithm in sparse.GATHERS),
       "densified": sum(len(p.densified) for p in plan),
       **training.common_stats(model, strategy, logger, preemption, out_dir, start_time),
   }
-  training.write_report(stats)
-  return stats
-
-
-def main(_):
-  training.main(run)
+  return training.write_report(stats)
 
 
 if __name__ == "__main__":
-  recipe_flags.define_all()
-  app.run(main)
+  training.start(recipe_flags.define_all, run)

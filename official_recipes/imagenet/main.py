@@ -25,7 +25,6 @@ from typing import Optional
 # a user of the recipe can act on; warnings and errors still show. Set before import.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import logging
 import keras
 import tensorflow as tf
@@ -36,7 +35,7 @@ from official_recipes import training
 from official_recipes.imagenet import input_pipeline
 from official_recipes.imagenet import models
 from official_recipes.imagenet import recipe_flags
-from official_recipes.imagenet.schedules import WarmupPolyDecay
+from official_recipes.schedules import WarmupPolyDecay
 
 # No weight decay (and, for LARS, no trust ratio) on biases and batch norm: Jia et al.
 NO_DECAY = tf_fusion.optimizers.lars.DEFAULT_EXCLUSIONS
@@ -187,14 +186,7 @@ def _build(cfg) -> _Job:
                   metrics=[keras.metrics.CategoricalAccuracy(name="top_1"),
                            keras.metrics.TopKCategoricalAccuracy(5, name="top_5")],
                   jit_compile=False, steps_per_execution=cfg.steps_per_execution)
-  if cfg.cross_device_ops == "none":
-    # The floor: replicas drift apart, so there is nothing worth saving or resuming.
-    logging.warning("--cross_device_ops=none: %s", tf_fusion.no_communication.WARNING)
-    backup, start_step = None, 0
-  else:
-    backup = keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup"),
-                                              delete_checkpoint=False)
-    start_step = training.restore(model, strategy, backup)
+  backup, start_step = training.backup_and_restore(cfg, model, strategy, out_dir)
   logging.info("%s on %d replicas, global batch %d (x%d per update), %d steps per "
                "epoch; steps %d..%d, peak lr %.4g after %d warm-up steps", cfg.model,
                replicas, cfg.batch_size, per_update, steps_per_epoch, start_step, total,
@@ -253,19 +245,13 @@ def _report(cfg, job: _Job, history, fit_epochs, start_time):
       "train_loss": metrics.get("loss"), "train_top_1": metrics.get("top_1"),
       "eval_loss": metrics.get("val_loss"), "eval_top_1": metrics.get("val_top_1"),
       "eval_top_5": metrics.get("val_top_5"),
-      "images_per_sec": job.logger.steady_images_per_sec,
+      "images_per_sec": job.logger.steady_rate,
       "fit_epochs": fit_epochs,
       **training.common_stats(model, job.strategy, job.logger, job.preemption, job.out_dir,
                               start_time),
   }
-  training.write_report(stats)
-  return stats
-
-
-def main(_):
-  training.main(run)
+  return training.write_report(stats)
 
 
 if __name__ == "__main__":
-  recipe_flags.define_all()
-  app.run(main)
+  training.start(recipe_flags.define_all, run)
