@@ -110,6 +110,37 @@ def define_distribution_flags(fv=flags.FLAGS):
   positive("port_base", fv, allow_none=False)
 
 
+def define_schedule_flags(fv=flags.FLAGS, *, batch_size, train_steps, learning_rate,
+                          learning_rate_default, poly_power, weight_decay, not_decayed):
+  """The flags of the training schedule and its optimizer that both recipes have, under
+  the same names; each recipe gives its defaults (and adds its own flags: epochs and
+  warm-up in epochs for ImageNet, warm-up as a proportion for BERT)."""
+  flags.DEFINE_integer("batch_size", batch_size, "Global batch size (all replicas).",
+                       flag_values=fv)
+  flags.DEFINE_integer("train_steps", train_steps, "Training steps (batches).",
+                       flag_values=fv)
+  flags.DEFINE_float("learning_rate", learning_rate, "Peak learning rate after warm-up; "
+                     f"default {learning_rate_default}.", flag_values=fv)
+  flags.DEFINE_float("poly_power", poly_power, "Exponent of the polynomial decay to 0 "
+                     "(1: linear).", flag_values=fv)
+  flags.DEFINE_float("weight_decay", weight_decay, f"Weight decay (not on {not_decayed}).",
+                     flag_values=fv)
+  flags.DEFINE_integer("accumulation_steps", 1, "Batches per optimizer update (gradient "
+                       "accumulation): each update sees batch_size x N examples and "
+                       "crosses the wire once; the learning-rate schedule counts "
+                       "updates, --train_steps and the logs count batches.",
+                       flag_values=fv)
+  flags.DEFINE_integer("steps_per_execution", 1, "Training steps run per call of the "
+                       "compiled step (Keras steps_per_execution, Model Garden's "
+                       "steps_per_loop): less Python and launch overhead per step.",
+                       flag_values=fv)
+  flags.DEFINE_bool("skip_eval", False, "Train only: no evaluation.", flag_values=fv)
+  for name in ("batch_size", "train_steps", "learning_rate", "poly_power",
+               "accumulation_steps", "steps_per_execution"):
+    positive(name, fv)
+  positive("weight_decay", fv, allow_zero=True, allow_none=False)
+
+
 def define_input_flags(fv=flags.FLAGS):
   flags.DEFINE_bool("skip_corrupt_records", False, "A corrupt or truncated TFRecord file "
                     "is read up to the damage and the rest of it skipped (tf.data's "
@@ -169,8 +200,17 @@ def profile_range(text):
 
 @dataclasses.dataclass(frozen=True)
 class SharedConfig:
-  """The shared flags of one run, typed (precision, communication, distribution,
-  output); each recipe's config adds its own fields to these."""
+  """The shared flags of one run, typed (schedule, input, precision, communication,
+  distribution, output); each recipe's config adds its own fields to these."""
+
+  batch_size: int
+  train_steps: Optional[int]
+  learning_rate: Optional[float]
+  poly_power: float
+  weight_decay: float
+  accumulation_steps: int
+  steps_per_execution: int
+  skip_eval: bool
 
   dtype: str
   loss_scale: str             # "dynamic" or a number

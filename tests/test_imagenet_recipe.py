@@ -292,6 +292,17 @@ class FlagsTest(tf.test.TestCase):
                                         f"--pack_bytes={text}"]))
       self.assertEqual(cfg.pack_bytes, want)
 
+  def test_the_old_learning_rate_name_still_works_and_says_the_new_one(self):
+    base = ["--synthetic", "--model_dir=/tmp/x"]
+    with self.assertLogs("absl", "WARNING") as logs:
+      cfg = recipe_flags.resolve(parse(base + ["--base_lr=0.5"]))
+    self.assertEqual(cfg.learning_rate, 0.5)
+    self.assertIn("--base_lr is now --learning_rate", logs.output[0])
+    self.assertEqual(recipe_flags.resolve(parse(base + ["--learning_rate=0.25"])
+                                          ).learning_rate, 0.25)
+    with self.assertRaisesRegex(flags.Error, "old name of --learning_rate: give one"):
+      parse(base + ["--base_lr=0.5", "--learning_rate=0.25"])
+
   def test_explicit_flags_beat_the_preset(self):
     cfg = recipe_flags.resolve(parse(["--preset=jia2018_resnet50_64k", "--synthetic",
                                       "--model_dir=/tmp/x", "--batch_size=1024"]))

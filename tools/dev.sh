@@ -36,7 +36,7 @@ case "$cmd" in
     echo "[dev] TensorBoard logs in $MODEL_DIR: tensorboard --logdir $MODEL_DIR" >&2
     exec "$VENV/bin/python" -m official_recipes.imagenet.main --model=resnet50 \
         --data_dir="$DATA" --num_classes=10 --image_size=32 --batch_size=64 --epochs=8 \
-        --optimizer=lars --base_lr=4 --warmup_epochs=1 --dtype=bf16 --compression=fp16 \
+        --optimizer=lars --learning_rate=4 --warmup_epochs=1 --dtype=bf16 --compression=fp16 \
         --pack_bytes=auto --autotune=measure \
         --all_reduce_alg=auto --weight_update=sharded --num_devices=4 \
         --epochs_between_evals=2 --log_steps=16 \

@@ -39,22 +39,17 @@ def define_all(fv=flags.FLAGS):
   flags.DEFINE_string("data_dir", None, "Token-id TFRecords with meta.json "
                       "(tools/make_fake_text.py).", flag_values=fv)
   flags.mark_flag_as_required("data_dir", flag_values=fv)
-  flags.DEFINE_integer("batch_size", 64, "Global batch size in sequences.", flag_values=fv)
-  flags.DEFINE_integer("train_steps", 1000, "Training steps.", flag_values=fv)
+  shared_flags.define_schedule_flags(
+      fv, batch_size=64, train_steps=1000, learning_rate=2e-3, learning_rate_default="2e-3",
+      poly_power=1.0, weight_decay=0.01, not_decayed="biases and LayerNorm")
   flags.DEFINE_integer("max_predictions", None, "Masked positions per sequence; default "
                        "5 (tiny) or 20 (bert_base).", flag_values=fv)
   flags.DEFINE_float("dropout", None, "Dropout rate; default the preset's (0.1).",
                      flag_values=fv)
   flags.DEFINE_enum("optimizer", "lamb", ["lamb", "adamw"], "tf_fusion.LAMB, or Keras's "
                     "AdamW (the small-batch baseline).", flag_values=fv)
-  flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate after warm-up.",
-                     flag_values=fv)
   flags.DEFINE_float("warmup_proportion", 0.1, "Linear warm-up, as a fraction of the "
                      "updates.", flag_values=fv)
-  flags.DEFINE_float("poly_power", 1.0, "Exponent of the polynomial decay to 0 (1: "
-                     "BERT's linear decay).", flag_values=fv)
-  flags.DEFINE_float("weight_decay", 0.01, "Weight decay (not on biases and LayerNorm).",
-                     flag_values=fv)
   flags.DEFINE_bool("lamb_adapt_all", False, "LAMB's trust ratio on every variable "
                     "(NVIDIA's LAMB), not only on those with weight decay (TensorFlow "
                     "Addons' with BERT's exclusions).", flag_values=fv)
@@ -64,18 +59,10 @@ def define_all(fv=flags.FLAGS):
   flags.DEFINE_float("beta_1", 0.9, "First-moment decay.", flag_values=fv)
   flags.DEFINE_float("beta_2", 0.999, "Second-moment decay.", flag_values=fv)
   flags.DEFINE_float("epsilon", 1e-6, "Added to the second moment's root.", flag_values=fv)
-  flags.DEFINE_integer("accumulation_steps", 1, "Batches per optimizer update.",
-                       flag_values=fv)
-  flags.DEFINE_integer("steps_per_execution", 1, "Training steps per call of the "
-                       "compiled step.", flag_values=fv)
   flags.DEFINE_integer("checkpoint_steps", 1000, "Save (and report) every this many "
                        "steps; a rerun resumes from the last save.", flag_values=fv)
-  flags.DEFINE_bool("skip_eval", False, "No masked-token accuracy on the validation "
-                    "split at the end.", flag_values=fv)
-  for name in ("batch_size", "train_steps", "max_predictions", "accumulation_steps",
-               "steps_per_execution", "checkpoint_steps", "learning_rate"):
+  for name in ("max_predictions", "checkpoint_steps"):
     shared_flags.positive(name, fv)
-  shared_flags.positive("weight_decay", fv, allow_zero=True, allow_none=False)
   for name in ("dropout", "warmup_proportion", "beta_1", "beta_2"):
     flags.register_validator(name, lambda v: v is None or 0 <= v < 1,
                              message=f"--{name} must be in [0, 1).", flag_values=fv)
@@ -93,24 +80,16 @@ class BertConfig(shared_flags.SharedConfig):
   preset: str
   schedule_preset: Optional[str]
   data_dir: str
-  batch_size: int
-  train_steps: int
   max_predictions: Optional[int]
   dropout: Optional[float]
   optimizer: str
-  learning_rate: float
   warmup_proportion: float
-  poly_power: float
-  weight_decay: float
   lamb_adapt_all: bool
   global_clipnorm: Optional[float]
   beta_1: float
   beta_2: float
   epsilon: float
-  accumulation_steps: int
-  steps_per_execution: int
   checkpoint_steps: int
-  skip_eval: bool
 
   @property
   def predictions(self) -> int:

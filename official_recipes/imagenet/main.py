@@ -173,7 +173,7 @@ def _build(cfg) -> _Job:
   # Under gradient accumulation an update sees accumulation_steps batches, and the
   # schedule runs on the optimizer's update count.
   per_update = cfg.accumulation_steps
-  base_lr = cfg.base_lr or 0.1 * cfg.batch_size * per_update / 256
+  base_lr = cfg.learning_rate or 0.1 * cfg.batch_size * per_update / 256
   out_dir = training.worker_dir(cfg.model_dir, strategy)
   with strategy.scope():
     model = models.build(cfg.model, cfg.num_classes, cfg.image_size)

@@ -9,6 +9,7 @@ import dataclasses
 from typing import Optional
 
 from absl import flags
+from absl import logging
 
 from official_recipes import shared_flags
 from official_recipes.imagenet import models
@@ -22,7 +23,7 @@ from official_recipes.shared_flags import define_precision_flags
 # Jia et al. 2018 (arXiv:1807.11205): 64K batch, LARS (eta 0.001, momentum 0.9), poly(2) decay
 # after a linear warm-up, FP16 forward/backward on FP32 master weights, FP16 on the wire,
 # hybrid all-reduce; ResNet-50 90 epochs, AlexNet-BN 95 epochs. Values the paper does not
-# give are marked "assumed" (the base learning rate follows --base_lr's default rule).
+# give are marked "assumed" (the learning rate follows --learning_rate's default rule).
 PRESETS = {
     "jia2018_resnet50_64k": {
         "model": "resnet50", "image_size": 224, "batch_size": 65536, "epochs": 90,
@@ -69,33 +70,18 @@ def define_data_flags(fv=flags.FLAGS):
 
 
 def define_schedule_flags(fv=flags.FLAGS):
-  flags.DEFINE_integer("batch_size", 256, "Global batch size (all replicas).",
-                       flag_values=fv)
+  shared_flags.define_schedule_flags(
+      fv, batch_size=256, train_steps=None, learning_rate=None,
+      learning_rate_default="0.1 x batch_size / 256 (Goyal et al.'s linear scaling)",
+      poly_power=2.0, weight_decay=5e-5, not_decayed="biases and batch norm")
+  flags.DEFINE_float("base_lr", None, "Old name of --learning_rate.", flag_values=fv)
   flags.DEFINE_float("epochs", None, "Epochs to train (default 90 unless --train_steps).",
                      flag_values=fv)
-  flags.DEFINE_integer("train_steps", None, "Steps to train, instead of --epochs.",
-                       flag_values=fv)
-  flags.DEFINE_float("base_lr", None, "Peak learning rate after warm-up; default "
-                     "0.1 x batch_size / 256 (Goyal et al.'s linear scaling).",
-                     flag_values=fv)
   flags.DEFINE_float("warmup_epochs", 5.0, "Linear warm-up, in epochs.", flag_values=fv)
-  flags.DEFINE_float("poly_power", 2.0, "Exponent of the polynomial decay.",
-                     flag_values=fv)
   flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing in [0, 1).", flag_values=fv)
   flags.DEFINE_integer("epochs_between_evals", 1, "Evaluate every this many epochs.",
                        flag_values=fv)
-  flags.DEFINE_bool("skip_eval", False, "Train only.", flag_values=fv)
-  flags.DEFINE_integer("accumulation_steps", 1, "Batches per optimizer update (gradient "
-                       "accumulation): each update sees batch_size x N examples and "
-                       "crosses the wire once; the learning-rate schedule counts "
-                       "updates, --train_steps and the logs count batches.",
-                       flag_values=fv)
-  flags.DEFINE_integer("steps_per_execution", 1, "Training steps run per call of the "
-                       "compiled step (Keras steps_per_execution, Model Garden's "
-                       "steps_per_loop): less Python and launch overhead per step.",
-                       flag_values=fv)
-  for name in ("batch_size", "epochs", "train_steps", "base_lr", "poly_power",
-               "epochs_between_evals", "accumulation_steps", "steps_per_execution"):
+  for name in ("base_lr", "epochs", "epochs_between_evals"):
     shared_flags.positive(name, fv)
   shared_flags.positive("warmup_epochs", fv, allow_zero=True)
   flags.register_validator("label_smoothing", lambda v: 0 <= v < 1,
@@ -103,16 +89,17 @@ def define_schedule_flags(fv=flags.FLAGS):
   flags.register_multi_flags_validator(
       ["epochs", "train_steps"], lambda d: d["epochs"] is None or d["train_steps"] is None,
       message="Give --epochs or --train_steps, not both.", flag_values=fv)
+  flags.register_multi_flags_validator(
+      ["learning_rate", "base_lr"],
+      lambda d: d["learning_rate"] is None or d["base_lr"] is None,
+      message="--base_lr is the old name of --learning_rate: give one.", flag_values=fv)
 
 
 def define_optimizer_flags(fv=flags.FLAGS):
   flags.DEFINE_enum("optimizer", "lars", ["lars", "sgd"], "LARS (the paper) or SGD with "
                     "momentum.", flag_values=fv)
-  flags.DEFINE_float("weight_decay", 5e-5, "Weight decay (not on biases and batch norm).",
-                     flag_values=fv)
   flags.DEFINE_float("lars_eta", 0.001, "LARS trust coefficient.", flag_values=fv)
   flags.DEFINE_float("momentum", 0.9, "Momentum.", flag_values=fv)
-  shared_flags.positive("weight_decay", fv, allow_zero=True, allow_none=False)
   shared_flags.positive("lars_eta", fv, allow_none=False)
   flags.register_validator("momentum", lambda v: 0 <= v < 1,
                            message="--momentum must be in [0, 1).", flag_values=fv)
@@ -166,22 +153,14 @@ class RecipeConfig(shared_flags.SharedConfig):
   num_classes: int
   num_train_examples: Optional[int]
   num_eval_examples: Optional[int]
-  # schedule
-  batch_size: int
+  # schedule (batch size, steps, learning rate, decay, accumulation: SharedConfig)
   epochs: Optional[float]
-  train_steps: Optional[int]
-  base_lr: Optional[float]
   warmup_epochs: float
   warmup_given: bool          # the user (or the preset) chose warmup_epochs
-  poly_power: float
   label_smoothing: float
   epochs_between_evals: int
-  skip_eval: bool
-  accumulation_steps: int
-  steps_per_execution: int
   # optimizer
   optimizer: str
-  weight_decay: float
   lars_eta: float
   momentum: float
 
@@ -190,6 +169,10 @@ def resolve(fv) -> RecipeConfig:
   """The settings of a run: flag values, with the preset's where a flag was not given."""
   preset = PRESETS.get(fv.preset, {}) if fv.preset else {}
   values = shared_flags.config_values(RecipeConfig, fv, preset, skip=("warmup_given",))
+  if fv["base_lr"].present:
+    logging.warning("--base_lr is now --learning_rate (the same in both recipes); "
+                    "the old name still works.")
+    values["learning_rate"] = fv.base_lr
   # A warm-up the user asked for must fit the run; the default may be shortened.
   values["warmup_given"] = fv["warmup_epochs"].present or "warmup_epochs" in preset
   return RecipeConfig(**values)
