@@ -19,7 +19,8 @@ from keras import ops
 
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
-  """Sizes of the encoder. `vocab_size` None: the data's vocabulary."""
+  """Sizes of the encoder. `vocab_size` None: the data's vocabulary. `max_predictions`:
+  masked positions per sequence the pre-training task asks it for by default."""
   hidden: int
   layers: int
   heads: int
@@ -27,11 +28,13 @@ class EncoderConfig:
   max_position: int
   vocab_size: int = None
   dropout: float = 0.1
+  max_predictions: int = 20
 
 
 PRESETS = {
     # For this machine's CPUs: trains in seconds per hundred steps.
-    "tiny": EncoderConfig(hidden=64, layers=2, heads=2, intermediate=256, max_position=128),
+    "tiny": EncoderConfig(hidden=64, layers=2, heads=2, intermediate=256, max_position=128,
+                          max_predictions=5),
     # BERT-base (Devlin et al. 2019): 110M parameters with the 30,522-word vocabulary.
     "bert_base": EncoderConfig(hidden=768, layers=12, heads=12, intermediate=3072,
                                max_position=512, vocab_size=30522),

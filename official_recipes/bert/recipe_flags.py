@@ -43,7 +43,7 @@ def define_all(fv=flags.FLAGS):
       fv, batch_size=64, train_steps=1000, learning_rate=2e-3, learning_rate_default="2e-3",
       poly_power=1.0, weight_decay=0.01, not_decayed="biases and LayerNorm")
   flags.DEFINE_integer("max_predictions", None, "Masked positions per sequence; default "
-                       "5 (tiny) or 20 (bert_base).", flag_values=fv)
+                       "the preset's (tiny 5, bert_base 20).", flag_values=fv)
   flags.DEFINE_float("dropout", None, "Dropout rate; default the preset's (0.1).",
                      flag_values=fv)
   flags.DEFINE_enum("optimizer", "lamb", ["lamb", "adamw"], "tf_fusion.LAMB, or Keras's "
@@ -93,7 +93,7 @@ class BertConfig(shared_flags.SharedConfig):
 
   @property
   def predictions(self) -> int:
-    return self.max_predictions or (5 if self.preset == "tiny" else 20)
+    return self.max_predictions or model.PRESETS[self.preset].max_predictions
 
 
 def resolve(fv) -> BertConfig:
