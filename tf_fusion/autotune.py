@@ -27,12 +27,9 @@ References:
 """
 
 import dataclasses
-import os
-import tempfile
 import zlib
 from typing import Callable, Optional, Sequence, Tuple
 
-from absl import logging
 import numpy as np
 import tensorflow as tf
 
@@ -166,7 +163,7 @@ def load_or_calibrate(path: Optional[str], devices: Sequence[str], algorithm_nam
   collectives = collectives_lib.Collectives.get(devices, group_size, timeout_seconds)
   devices = collectives.devices
   want = topology(devices, collectives.num_workers, algorithm_names)
-  model = _load(path, want) if path else None
+  model = cost_model.read(path, want) if path else None
   if collectives.num_workers > 1:
     have = collectives.sum_across_workers([1.0 if model else 0.0])[0]
     if have < collectives.num_workers:
@@ -178,37 +175,5 @@ def load_or_calibrate(path: Optional[str], devices: Sequence[str], algorithm_nam
                                   group_size=group_size)
     model = dataclasses.replace(model, topology=want)
     if path:
-      save(model, path)
+      cost_model.write(model, path)
   return model
-
-
-def _load(path, want):
-  if not tf.io.gfile.exists(path):
-    return None
-  try:
-    model = cost_model.CostModel.load(path)
-  except (ValueError, TypeError, KeyError) as e:
-    logging.warning("tf_fusion: ignoring the cost model in %s (%s); calibrating again.",
-                    path, e)
-    return None
-  if model.topology != want:
-    logging.warning("tf_fusion: the cost model in %s is for %r, not %r; calibrating "
-                    "again.", path, model.topology, want)
-    return None
-  logging.info("tf_fusion: cost model read from %s (%s).", path, model.description)
-  return model
-
-
-def save(model, path):
-  """Writes atomically: workers sharing a file system may write the same path."""
-  directory = os.path.dirname(path)
-  if directory:
-    tf.io.gfile.makedirs(directory)
-  if "://" in path:
-    model.save(path)
-    return
-  fd, tmp = tempfile.mkstemp(dir=directory or ".", prefix=".cost_model.")
-  os.close(fd)
-  model.save(tmp)
-  os.replace(tmp, path)
-  logging.info("tf_fusion: cost model written to %s.", path)

@@ -16,17 +16,16 @@ bytes (Jia et al. 2018, technique 8):
 
 What rides the wire: gradients. Inside a replica step of tf_fusion's strategies, a
 reduction is compressed only when an optimizer reduces its gradients
-(`gradient_reduction`); every other one there (SyncBatchNorm's moment sums, where
+(`gradient_marker.gradient_reduction`); every other one there (SyncBatchNorm's moment sums, where
 E[x^2] - E[x]^2 cancels, a user's own `all_reduce` of statistics) is exact. A direct
 call of the cross-device ops from cross-replica context is taken at its word.
 """
 
-import contextlib
 import math
-import threading
 
 import tensorflow as tf
 
+from tf_fusion import gradient_marker
 from tf_fusion import packing
 from tf_fusion._internal import tf as tf_internal
 
@@ -228,48 +227,12 @@ class PackCodec:
     return scale_from_wire(parts, 1.0 / (scales * float(self.divisor)), like)
 
 
-_gradient_reductions = [0]
-_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def gradient_reduction():
-  """Reductions made inside are an optimizer's gradients: they ride the configured
-  wire. Counted process-wide, not per thread: under merge_call the reduction runs in
-  another thread than the replica that asked for it, while every replica waits at
-  the same call."""
-  with _lock:
-    _gradient_reductions[0] += 1
-  try:
-    yield
-  finally:
-    with _lock:
-      _gradient_reductions[0] -= 1
-
-
-def sum_gradients(grads):
-  """Replica context: the SUM all-reduce of an optimizer's `grads` (None entries kept,
-  not reduced), as gradients on the wire (`gradient_reduction`)."""
-  present = [g for g in grads if g is not None]
-  if not present:
-    return list(grads)
-  with gradient_reduction():
-    reduced = iter(tf.distribute.get_replica_context().all_reduce(
-        tf.distribute.ReduceOp.SUM, present))
-  return [None if g is None else next(reduced) for g in grads]
-
-
-def reducing_gradients() -> bool:
-  """Whether a `gradient_reduction` is open."""
-  return _gradient_reductions[0] > 0
-
-
 def may_compress(compressor) -> bool:
   """Whether a reduction made now may ride `compressor`'s wire: not inside a replica
   step unless it reduces gradients. The others go exact, through TensorFlow's own
   reduction, unfused (they are few and small: SyncBN's moments, statistics)."""
   return (compressor is Compression.none or not tf_internal.in_replica_step()
-          or reducing_gradients())
+          or gradient_marker.reducing_gradients())
 
 
 class Compression:

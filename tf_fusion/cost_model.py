@@ -3,7 +3,8 @@
 alpha + beta * S per algorithm for a pack of S bytes (the alpha-beta model of Thakur et
 al. 2005), with the measured points that `CostModel.seconds` interpolates; packing a
 pack of several tensors costs copy_beta * S more. The constants are measured by
-calibration.calibrate on the devices in use, never guessed, except in `nominal`: the
+calibration.calibrate on the devices in use, never guessed (`read` and `write` keep
+them in a file), except in `nominal`: the
 model of a run that must not depend on any timing (op determinism), whose constants are
 round textbook figures. This module depends on no other part of tf_fusion.
 
@@ -15,8 +16,11 @@ where each choice is made (here: the algorithm earlier in PREFERENCE).
 
 import dataclasses
 import json
+import os
+import tempfile
 from typing import Mapping, Optional, Sequence, Tuple
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
@@ -195,3 +199,38 @@ def _interpolate(points, nbytes):
     return float(np.interp(nbytes, sizes, times))
   slope = (times[-1] - times[-2]) / max(sizes[-1] - sizes[-2], 1.0)
   return float(times[-1] + slope * (nbytes - sizes[-1]))
+
+
+def read(path: str, topology: str) -> Optional[CostModel]:
+  """The model kept in `path`, if the file is there, readable and for `topology`
+  (logged when it is not: the caller calibrates again)."""
+  if not tf.io.gfile.exists(path):
+    return None
+  try:
+    model = CostModel.load(path)
+  except (ValueError, TypeError, KeyError) as e:
+    logging.warning("tf_fusion: ignoring the cost model in %s (%s); calibrating again.",
+                    path, e)
+    return None
+  if model.topology != topology:
+    logging.warning("tf_fusion: the cost model in %s is for %r, not %r; calibrating "
+                    "again.", path, model.topology, topology)
+    return None
+  logging.info("tf_fusion: cost model read from %s (%s).", path, model.description)
+  return model
+
+
+def write(model: CostModel, path: str) -> None:
+  """Writes `model` to `path` atomically: workers sharing a file system may write the
+  same path."""
+  directory = os.path.dirname(path)
+  if directory:
+    tf.io.gfile.makedirs(directory)
+  if "://" in path:
+    model.save(path)
+    return
+  fd, tmp = tempfile.mkstemp(dir=directory or ".", prefix=".cost_model.")
+  os.close(fd)
+  model.save(tmp)
+  os.replace(tmp, path)
+  logging.info("tf_fusion: cost model written to %s.", path)

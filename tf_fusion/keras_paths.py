@@ -26,7 +26,7 @@ all-reduce-then-update on every replica.
 
 import tensorflow as tf
 
-from tf_fusion import compression
+from tf_fusion import gradient_marker
 from tf_fusion import mixed_precision
 from tf_fusion import shard_state
 from tf_fusion import shard_step
@@ -73,13 +73,13 @@ def _clip(original, optimizer, grads):
   # clip does not depend on the sparse choice (Keras on one device squares the rows
   # apart; docs/sparse.md).
   return original(optimizer, [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices)
-                              else g for g in compression.sum_gradients(grads)])
+                              else g for g in gradient_marker.sum_gradients(grads)])
 
 
 def _all_reduce(original, optimizer, grads_and_vars):
   if _reduces_before_clipping(optimizer):
     return list(grads_and_vars)   # summed in _clip, before clipping
-  with compression.gradient_reduction():
+  with gradient_marker.gradient_reduction():
     return original(optimizer, grads_and_vars)
 
 

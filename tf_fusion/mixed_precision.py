@@ -28,7 +28,7 @@ import keras
 from keras import ops
 import tensorflow as tf
 
-from tf_fusion import compression
+from tf_fusion import gradient_marker
 from tf_fusion import shard_step
 from tf_fusion._internal import keras as keras_internal
 from tf_fusion._internal import tf as tf_internal
@@ -258,7 +258,7 @@ class _ReducedFirst:
 
   def _all_reduce_scaled(self, grads):
     """SUM all-reduce of the loss-scaled gradients (None entries kept)."""
-    return compression.sum_gradients(grads)
+    return gradient_marker.sum_gradients(grads)
 
   def _unscale(self, grads, variables):
     """Divides by the loss scale once, in at least FP32, after the reduction."""

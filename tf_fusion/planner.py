@@ -248,7 +248,7 @@ class Planner:
     if self.given_cost_model is None:
       self.cost_models[self._cost_model_key(collectives.devices)] = model
       if opts.cost_model_file:
-        autotune.save(model, opts.cost_model_file)
+        cost_model_lib.write(model, opts.cost_model_file)
     else:
       self._tuned_given = model
     return model
