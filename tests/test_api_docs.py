@@ -1,5 +1,7 @@
 """The API reference renders, and every public name in it says what it is."""
 
+import pathlib
+import re
 import sys
 
 import tensorflow as tf
@@ -36,3 +38,31 @@ class ApiDocsTest(tf.test.TestCase):
       if not name.startswith("__"):
         self.assertIn(name, text["tf_fusion.html"], name)
     self.assertIn('id="FusedAllReduce"', text["cross_device_ops.html"])
+
+
+class PublicApiTest(tf.test.TestCase):
+  """The recipes are the first users: they reach tf_fusion only through its public list
+  (tools/, whose benchmarks time the library's parts, are exempt by design)."""
+
+  def test_the_recipes_use_only_the_public_modules(self):
+    root = pathlib.Path(__file__).resolve().parents[1] / "official_recipes"
+    used = set()
+    for path in root.rglob("*.py"):
+      text = path.read_text()
+      used |= {f"tf_fusion.{m}" for m in re.findall(r"from tf_fusion import (\w+)", text)}
+      used |= set(re.findall(r"from (tf_fusion[\w.]*) import", text))
+      for dotted in re.findall(r"\btf_fusion((?:\.[a-z_]+)+)", text):
+        parts = dotted.strip(".").split(".")
+        module = next((".".join(["tf_fusion", *parts[:k]]) for k in range(len(parts), 0, -1)
+                       if ".".join(["tf_fusion", *parts[:k]]) in tf_fusion.PUBLIC_MODULES),
+                      None)
+        if module is None and parts[0] not in tf_fusion.__all__:
+          used.add(f"tf_fusion.{parts[0]}")
+    self.assertEqual(sorted(m for m in used if m not in tf_fusion.PUBLIC_MODULES
+                            and m.split(".", 1)[-1] not in tf_fusion.__all__), [])
+    for name in tf_fusion.PUBLIC_MODULES:
+      __import__(name)
+
+
+if __name__ == "__main__":
+  tf.test.main()

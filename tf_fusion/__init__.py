@@ -28,6 +28,18 @@ _keras_paths.install()
 
 __version__ = "0.1.0"
 
+# The public API in one list: the names below (__all__) and the modules users import by
+# name. tools/api_docs.py renders these modules; tests/test_api_docs.py checks that the
+# recipes use nothing else of tf_fusion.
+PUBLIC_MODULES = (
+    "tf_fusion", "tf_fusion.options", "tf_fusion.strategy", "tf_fusion.cross_device_ops",
+    "tf_fusion.compression", "tf_fusion.cost_model", "tf_fusion.calibration",
+    "tf_fusion.stats", "tf_fusion.plans", "tf_fusion.optimizers",
+    "tf_fusion.optimizers.lars", "tf_fusion.optimizers.lamb", "tf_fusion.mixed_precision",
+    "tf_fusion.callbacks", "tf_fusion.cluster", "tf_fusion.stall", "tf_fusion.preemption",
+    "tf_fusion.launch", "tf_fusion.no_communication",
+)
+
 __all__ = [
     "Compression",
     "CostModel",

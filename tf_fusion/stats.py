@@ -11,6 +11,9 @@ from typing import Sequence
 import tensorflow as tf
 
 from tf_fusion.plans import PackPlan  # the plan's type; re-exported here, where it was
+from tf_fusion.sparse import GATHERS   # the algorithms of a plan's gathered entries
+
+__all__ = ["GATHERS", "PackPlan", "pack_scope", "summarize"]
 
 
 def pack_scope(entry: PackPlan) -> str:

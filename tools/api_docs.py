@@ -15,14 +15,10 @@ import pathlib
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# The public modules: the package (its __all__) and the modules users import by name.
-PUBLIC_MODULES = (
-    "tf_fusion", "tf_fusion.options", "tf_fusion.strategy", "tf_fusion.cross_device_ops",
-    "tf_fusion.compression", "tf_fusion.cost_model", "tf_fusion.calibration",
-    "tf_fusion.stats", "tf_fusion.plans", "tf_fusion.optimizers.lars",
-    "tf_fusion.mixed_precision", "tf_fusion.callbacks", "tf_fusion.cluster",
-    "tf_fusion.stall", "tf_fusion.preemption", "tf_fusion.launch",
-)
+import tf_fusion  # noqa: E402  (after the log level, which TensorFlow reads on import)
+
+# The public modules: the package's one list of them.
+PUBLIC_MODULES = tf_fusion.PUBLIC_MODULES
 
 
 def undocumented(modules=PUBLIC_MODULES):

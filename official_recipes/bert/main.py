@@ -28,7 +28,6 @@ import keras
 import tensorflow as tf
 
 import tf_fusion
-from tf_fusion import sparse
 from official_recipes import callbacks as recipe_callbacks
 from official_recipes import training
 from official_recipes.bert import input_pipeline
@@ -165,7 +164,7 @@ def _run(cfg):
       "sequences_per_sec": logger.steady_rate,
       # IndexedSlices gathered / densified (none under accumulation: Keras sums the
       # gradients into dense accumulators before they are reduced).
-      "gathered": sum(p.tensor_count for p in plan if p.algorithm in sparse.GATHERS),
+      "gathered": sum(p.tensor_count for p in plan if p.algorithm in tf_fusion.stats.GATHERS),
       "densified": sum(len(p.densified) for p in plan),
       **training.common_stats(model, strategy, logger, preemption, out_dir, start_time),
   }
