@@ -67,29 +67,11 @@ def measure(args):
   """Runs the sweep in this process (one host, or one worker); returns the report."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tf_fusion  # pylint: disable=g-import-not-at-top
-  from tf_fusion import algorithms, autotune  # pylint: disable=g-import-not-at-top
+  from tf_fusion import autotune  # pylint: disable=g-import-not-at-top
 
   tf.get_logger().setLevel("ERROR")   # one trace per configuration is the point here
   multi = bool(os.environ.get("TF_CONFIG"))
-  if multi:
-    strategy = tf_fusion.multi_worker_strategy(
-        tf_fusion.FusionOptions(timeout_seconds=600), devices_per_worker=args.devices)
-    num_workers = tf_fusion.strategy.num_workers(strategy)
-    tf_ops = tf_fusion.fused_ops_of(strategy).tf_ops
-    names = algorithms.MULTI_WORKER_ALGORITHMS
-
-    def make_ops(options, model):
-      return tf_fusion.MultiWorkerFusedAllReduce(options, tf_ops, num_workers,
-                                                 cost_model=model)
-  else:
-    devices = tf_fusion.strategy.logical_cpu_devices(args.devices)
-    strategy = tf_fusion.mirrored_strategy(devices)
-    num_workers = 1
-    names = algorithms.LOCAL_ALGORITHMS
-
-    def make_ops(options, model):
-      return tf_fusion.FusedAllReduce(options, cost_model=model)
-
+  strategy, num_workers, names, make_ops = _setup(args, multi)
   devices = strategy.extended.worker_devices
   group = len(devices) * num_workers
   start = time.perf_counter()
@@ -100,12 +82,9 @@ def measure(args):
       f"alpha {model.alpha}, beta {model.beta}, copy_beta {model.copy_beta:.3g}", flush=True)
   chosen_algorithms = (args.algorithms.split(",") if args.algorithms
                        else list(names) + ["auto"])
-  wire = tf_fusion.Compression.get(args.compression).wire_dtype
-  unknown = "hierarchical" if multi else "reduce_to_one"
   results = []
   for set_name in args.sets.split(","):
     shapes = bench_lib.gradient_shapes(set_name)
-    specs = [(tf.float32, tf.TensorShape(s)) for s in shapes]
     grads = bench_lib.per_replica(strategy, shapes, seed=1)
     configs = []
     for alg in chosen_algorithms:
@@ -117,45 +96,77 @@ def measure(args):
             algorithm=alg, compression=args.compression, timeout_seconds=600)
         configs.append(dict(algorithm=alg, pack_bytes=pack_bytes,
                             ops=make_ops(options, model)))
-    steps = []
-    for c in configs:
-      step = bench_lib.reduction_step(
-          strategy, grads, lambda pairs, ops=c["ops"]: ops.batch_reduce("SUM", pairs))
-      with strategy.scope():
-        step()   # trace
-        step()
-      steps.append(step)
-    times = [[] for _ in configs]
-    for _ in range(args.reps):
-      for i, step in enumerate(steps):
-        with strategy.scope():
-          t0 = time.perf_counter()
-          step()
-          times[i].append(time.perf_counter() - t0)
-    rows = []
-    for c, t in zip(configs, times):
-      plan = c["ops"].last_plan
-      row = dict(algorithm=c["algorithm"], pack_bytes=c["pack_bytes"],
-                 median_ms=1e3 * float(np.median(t)), min_ms=1e3 * min(t),
-                 times_ms=[1e3 * x for x in t], packs=len(plan),
-                 plan=[[p.algorithm, list(p.tensor_indices)] for p in plan],
-                 predicted_ms=1e3 * sum(p.predicted_seconds or 0.0 for p in plan))
-      alg = c["algorithm"]
-      if alg == "reduce_to_one" and multi:
-        alg = "hierarchical"
-      if c["pack_bytes"] is None:
-        row["chosen_pack_bytes"], row["chosen_first_pack_bytes"], _ = autotune.choose(
-            specs, wire, model, alg, unknown_size_algorithm=unknown)
-      elif c["pack_bytes"] == "measure":
-        tuned = c["ops"].cost_model(devices).tuned[
-            autotune.list_key(specs, alg, args.compression)]
-        row["chosen_pack_bytes"], row["chosen_first_pack_bytes"] = tuned[:2]
-      rows.append(row)
+    times = _time_round_robin(strategy, grads, configs, args.reps)
+    rows = [_row(c, t, shapes, model, devices, args.compression, multi)
+            for c, t in zip(configs, times)]
     results.append(dict(set=set_name, description=bench_lib.describe(shapes),
                         rows=rows))
   return dict(workers=num_workers, devices_per_worker=len(devices),
               compression=args.compression, cost_model=json.loads(model.to_json()),
               results=results, is_chief=not multi or strategy.cluster_resolver.task_id == 0)
+
+
+def _setup(args, multi):
+  """(strategy, workers, algorithm names, make_ops(options, model)) of this process."""
+  import tf_fusion  # pylint: disable=g-import-not-at-top
+  from tf_fusion import algorithms  # pylint: disable=g-import-not-at-top
+  if multi:
+    strategy = tf_fusion.multi_worker_strategy(
+        tf_fusion.FusionOptions(timeout_seconds=600), devices_per_worker=args.devices)
+    num_workers = tf_fusion.strategy.num_workers(strategy)
+    tf_ops = tf_fusion.fused_ops_of(strategy).tf_ops
+    return strategy, num_workers, algorithms.MULTI_WORKER_ALGORITHMS, (
+        lambda options, model: tf_fusion.MultiWorkerFusedAllReduce(
+            options, tf_ops, num_workers, cost_model=model))
+  strategy = tf_fusion.mirrored_strategy(tf_fusion.strategy.logical_cpu_devices(args.devices))
+  return strategy, 1, algorithms.LOCAL_ALGORITHMS, (
+      lambda options, model: tf_fusion.FusedAllReduce(options, cost_model=model))
+
+
+def _time_round_robin(strategy, grads, configs, reps):
+  """Every configuration traced first, then timed one call each per round: `reps`
+  seconds per configuration."""
+  steps = []
+  for c in configs:
+    step = bench_lib.reduction_step(
+        strategy, grads, lambda pairs, ops=c["ops"]: ops.batch_reduce("SUM", pairs))
+    with strategy.scope():
+      step()   # trace
+      step()
+    steps.append(step)
+  times = [[] for _ in configs]
+  for _ in range(reps):
+    for i, step in enumerate(steps):
+      with strategy.scope():
+        t0 = time.perf_counter()
+        step()
+        times[i].append(time.perf_counter() - t0)
+  return times
+
+
+def _row(c, t, shapes, model, devices, compression, multi):
+  """One configuration's line of the report: its times, its plan and, for the
+  autotuners, the thresholds they chose."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tf_fusion  # pylint: disable=g-import-not-at-top
+  from tf_fusion import autotune  # pylint: disable=g-import-not-at-top
+  plan = c["ops"].last_plan
+  row = dict(algorithm=c["algorithm"], pack_bytes=c["pack_bytes"],
+             median_ms=1e3 * float(np.median(t)), min_ms=1e3 * min(t),
+             times_ms=[1e3 * x for x in t], packs=len(plan),
+             plan=[[p.algorithm, list(p.tensor_indices)] for p in plan],
+             predicted_ms=1e3 * sum(p.predicted_seconds or 0.0 for p in plan))
+  alg = "hierarchical" if c["algorithm"] == "reduce_to_one" and multi else c["algorithm"]
+  specs = [(tf.float32, tf.TensorShape(s)) for s in shapes]
+  if c["pack_bytes"] is None:
+    wire = tf_fusion.Compression.get(compression).wire_dtype
+    row["chosen_pack_bytes"], row["chosen_first_pack_bytes"], _ = autotune.choose(
+        specs, wire, model, alg,
+        unknown_size_algorithm="hierarchical" if multi else "reduce_to_one")
+  elif c["pack_bytes"] == "measure":
+    tuned = c["ops"].cost_model(devices).tuned[autotune.list_key(specs, alg, compression)]
+    row["chosen_pack_bytes"], row["chosen_first_pack_bytes"] = tuned[:2]
+  return row
 
 
 def summarize(result):

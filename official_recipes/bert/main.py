@@ -108,20 +108,8 @@ def _run(cfg):
     raise ValueError(f"--max_predictions={cfg.predictions} exceeds the corpus's "
                      f"sequence length {meta['seq_length']}.")
   train, validation, eval_steps = make_datasets(cfg, strategy, meta)
-  updates = max(1, cfg.train_steps // cfg.accumulation_steps)
   out_dir = training.worker_dir(cfg.model_dir, strategy)
-  with strategy.scope():
-    model = bert_model.build(cfg.preset, meta["vocab_size"], cfg.dropout)
-    if meta["seq_length"] > model.config.max_position:
-      raise ValueError(f"The corpus's sequences ({meta['seq_length']} tokens) are longer "
-                       f"than the encoder's {model.config.max_position} positions.")
-    schedule = WarmupPolyDecay(cfg.learning_rate, round(cfg.warmup_proportion * updates),
-                               updates, power=cfg.poly_power)
-    model.compile(make_optimizer(cfg, schedule),
-                  loss=masked_lm_loss(),
-                  weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(
-                      name="masked_accuracy")],
-                  jit_compile=False, steps_per_execution=cfg.steps_per_execution)
+  model = _build(cfg, strategy, meta)
   backup, start_step = training.backup_and_restore(cfg, model, strategy, out_dir)
   total, loop = cfg.train_steps, min(cfg.checkpoint_steps, cfg.train_steps)
   if loop % cfg.steps_per_execution or (total - start_step) % cfg.steps_per_execution:
@@ -147,15 +135,41 @@ def _run(cfg):
   if validation is not None:
     metrics.update({f"eval_{k}": v for k, v in model.evaluate(
         validation, steps=eval_steps, verbose=0, return_dict=True).items()})
+  stats = _stats(cfg, model, strategy, meta, metrics, logger, start_step)
+  stats.update(training.common_stats(model, strategy, logger, preemption, out_dir,
+                                     start_time))
+  return training.write_report(stats)
+
+
+def _build(cfg, strategy, meta):
+  """The encoder with its masked-LM head, compiled under `strategy`."""
+  updates = max(1, cfg.train_steps // cfg.accumulation_steps)
+  with strategy.scope():
+    model = bert_model.build(cfg.preset, meta["vocab_size"], cfg.dropout)
+    if meta["seq_length"] > model.config.max_position:
+      raise ValueError(f"The corpus's sequences ({meta['seq_length']} tokens) are longer "
+                       f"than the encoder's {model.config.max_position} positions.")
+    schedule = WarmupPolyDecay(cfg.learning_rate, round(cfg.warmup_proportion * updates),
+                               updates, power=cfg.poly_power)
+    model.compile(make_optimizer(cfg, schedule),
+                  loss=masked_lm_loss(),
+                  weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(
+                      name="masked_accuracy")],
+                  jit_compile=False, steps_per_execution=cfg.steps_per_execution)
+  return model
+
+
+def _stats(cfg, model, strategy, meta, metrics, logger, start_step):
+  """The recipe's own figures of the run (training.common_stats adds the shared ones)."""
   ops = tf_fusion.fused_ops_of(strategy)
   plan = ops.last_plan if ops is not None else ()
-  stats = {
+  return {
       "preset": cfg.preset, "optimizer": cfg.optimizer,
       "cross_device_ops": cfg.cross_device_ops, "weight_update": cfg.weight_update,
-      "num_replicas": replicas,
+      "num_replicas": strategy.num_replicas_in_sync,
       "global_batch_size": cfg.batch_size, "seq_length": meta["seq_length"],
       "dtype": cfg.dtype, "parameters": model.count_params(), "start_step": start_step,
-      "final_step": recipe_callbacks.step_of(model), "total_steps": total,
+      "final_step": recipe_callbacks.step_of(model), "total_steps": cfg.train_steps,
       "updates": recipe_callbacks.updates_of(model),
       "train_loss": metrics.get("loss"), "logged_losses": logger.losses,
       "train_masked_accuracy": metrics.get("masked_accuracy"),
@@ -166,9 +180,7 @@ def _run(cfg):
       # gradients into dense accumulators before they are reduced).
       "gathered": sum(p.tensor_count for p in plan if p.algorithm in tf_fusion.stats.GATHERS),
       "densified": sum(len(p.densified) for p in plan),
-      **training.common_stats(model, strategy, logger, preemption, out_dir, start_time),
   }
-  return training.write_report(stats)
 
 
 if __name__ == "__main__":
