@@ -25,6 +25,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+from tools import large_batch_lib  # noqa: E402
+
 SMALL_BATCH = 32
 LARGE_BATCH = 1024
 
@@ -133,50 +135,15 @@ def train(run, seed, data, epochs, samples_per_epoch, devices, compression="fp16
                                if hasattr(model.optimizer, "dynamic_scale") else None)}
 
 
-def summarize(results, runs, fields=("batch", "optimizer", "policy", "lr")):
-  """Rows: run, its `fields`, steps, mean/std/min of the final accuracy over seeds."""
-  rows = []
-  for run in runs:
-    finals = [r["final_accuracy"] for r in results if r["run"] == run.name]
-    if not finals:
-      continue
-    steps = next(r["steps"] for r in results if r["run"] == run.name)
-    rows.append(dict(run=run.name, **{f: getattr(run, f) for f in fields}, steps=steps,
-                     seeds=len(finals), mean=float(np.mean(finals)),
-                     std=float(np.std(finals)), min=float(np.min(finals))))
-  return rows
+def summarize(results, runs):
+  """Rows: run, batch, optimizer, precision, lr, steps, the final accuracy over seeds."""
+  return large_batch_lib.summarize(results, runs, ("batch", "optimizer", "policy", "lr"))
 
 
 def format_table(rows):
-  base = next((r["mean"] for r in rows if r["run"] == "baseline"), None)
-  lines = ["| run | batch | optimizer | precision | peak lr | steps | test acc (mean ± std, "
-           "seeds) | vs baseline |", "|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    delta = "" if base is None else f"{100 * (r['mean'] - base):+.2f} pp"
-    lines.append(f"| {r['run']} | {r['batch']} | {r['optimizer']} | {r['policy']} | "
-                 f"{r['lr']:g} | {r['steps']} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f}"
-                 f" ({r['seeds']}) | {delta} |")
-  return "\n".join(lines)
-
-
-def plot(results, runs, path):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for run in runs:
-    curves = [r["test_accuracy"] for r in results if r["run"] == run.name]
-    if curves:
-      mean = np.mean(curves, axis=0)
-      ax.plot(np.arange(1, len(mean) + 1), 100 * mean, label=f"{run.name} (batch {run.batch})")
-  ax.set_xlabel("epoch (same samples for every run)")
-  ax.set_ylabel("test accuracy, % (mean over seeds)")
-  ax.set_ylim(50, 100)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  return large_batch_lib.format_table(
+      rows, [("batch", "batch"), ("optimizer", "optimizer"), ("precision", "policy"),
+             ("peak lr", "lr")], "test acc")
 
 
 def main(argv=None):
@@ -197,36 +164,24 @@ def main(argv=None):
   parser.add_argument("--out_dir", default="out/large_batch_digits")
   args = parser.parse_args(argv)
 
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  cpus = tf.config.list_physical_devices("CPU")
-  tf.config.set_logical_device_configuration(
-      cpus[0], [tf.config.LogicalDeviceConfiguration()] * args.replicas)
-  devices = [d.name for d in tf.config.list_logical_devices("CPU")][:args.replicas]
-
-  runs = default_runs(sgd_lr=args.sgd_lr, lars_lr=args.lars_lr, lars_eta=args.lars_eta)
-  if args.only:
-    wanted = set(args.only.split(","))
-    unknown = wanted - {r.name for r in runs}
-    if unknown:
-      parser.error(f"unknown --only {sorted(unknown)}; valid: {[r.name for r in runs]}")
-    runs = [r for r in runs if r.name in wanted]
+  devices = large_batch_lib.logical_cpus(args.replicas)
+  runs = large_batch_lib.select(parser, default_runs(
+      sgd_lr=args.sgd_lr, lars_lr=args.lars_lr, lars_eta=args.lars_eta), args.only)
   data = load_data()
   os.makedirs(args.out_dir, exist_ok=True)
-  results = []
-  seeds = range(args.first_seed, args.first_seed + args.seeds)
-  todo = [(run, seed) for seed in seeds for run in runs]
-  for i, (run, seed) in enumerate(todo, 1):
-    result = train(run, seed, data, args.epochs, args.samples_per_epoch, devices)
-    results.append(result)
-    print(f"[{i}/{len(todo)}] {run.name} seed {seed}: test accuracy "
-          f"{100 * result['final_accuracy']:.2f}% in {result['steps']} steps, "
-          f"{result['seconds']:.0f} s", flush=True)
+  results = large_batch_lib.run_all(
+      runs, range(args.first_seed, args.first_seed + args.seeds),
+      lambda run, seed: train(run, seed, data, args.epochs, args.samples_per_epoch,
+                              devices), "test accuracy")
   rows = summarize(results, runs)
   table = format_table(rows)
   print(table)
   with open(os.path.join(args.out_dir, "results.json"), "w") as f:
     json.dump({"args": vars(args), "rows": rows, "runs": results}, f, indent=1)
-  plot(results, runs, os.path.join(args.out_dir, "curves.png"))
+  large_batch_lib.plot(results, runs, "test_accuracy",
+                       os.path.join(args.out_dir, "curves.png"),
+                       "epoch (same samples for every run)",
+                       "test accuracy, % (mean over seeds)", ylim=(50, 100))
   print(f"wrote {args.out_dir}/results.json and curves.png")
   return rows
 

@@ -27,7 +27,8 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # pylint: disable=g-import-not-at-top
+
+from tools import large_batch_lib  # noqa: E402
 
 SMALL_BATCH = 32
 LARGE_BATCH = 1024
@@ -149,41 +150,14 @@ def train(run, seed, data_dir, corpus, sequences, evals, devices, compression="f
 
 
 def summarize(results, runs):
-  """Rows: run, batch, optimizer, lr, steps, mean/std/min of the final accuracy."""
-  from tools import large_batch_digits  # pylint: disable=g-import-not-at-top
-  return large_batch_digits.summarize(results, runs, fields=("batch", "optimizer", "lr"))
+  """Rows: run, batch, optimizer, lr, steps, the final accuracy over seeds."""
+  return large_batch_lib.summarize(results, runs, ("batch", "optimizer", "lr"))
 
 
 def format_table(rows):
-  base = next((r["mean"] for r in rows if r["run"] == "baseline"), None)
-  lines = ["| run | batch | optimizer | peak lr | steps | masked acc (mean ± std, seeds) "
-           "| vs baseline |", "|---|---|---|---|---|---|---|"]
-  for r in rows:
-    delta = "" if base is None else f"{100 * (r['mean'] - base):+.2f} pp"
-    lines.append(f"| {r['run']} | {r['batch']} | {r['optimizer']} | {r['lr']:g} | "
-                 f"{r['steps']} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} "
-                 f"({r['seeds']}) | {delta} |")
-  return "\n".join(lines)
-
-
-def plot(results, runs, path):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for run in runs:
-    curves = [r["masked_accuracy"] for r in results if r["run"] == run.name]
-    if curves:
-      mean = np.mean(curves, axis=0)
-      ax.plot(np.arange(1, len(mean) + 1) / len(mean), 100 * mean,
-              label=f"{run.name} (batch {run.batch})")
-  ax.set_xlabel("fraction of training (same sequences for every run)")
-  ax.set_ylabel("validation masked-token accuracy, % (mean over seeds)")
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  return large_batch_lib.format_table(
+      rows, [("batch", "batch"), ("optimizer", "optimizer"), ("peak lr", "lr")],
+      "masked acc")
 
 
 def main(argv=None):
@@ -211,39 +185,28 @@ def main(argv=None):
   parser.add_argument("--out_dir", default="out/large_batch_text")
   args = parser.parse_args(argv)
 
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  cpus = tf.config.list_physical_devices("CPU")
-  tf.config.set_logical_device_configuration(
-      cpus[0], [tf.config.LogicalDeviceConfiguration()] * args.replicas)
-  devices = [d.name for d in tf.config.list_logical_devices("CPU")][:args.replicas]
-
-  runs = default_runs(adamw_lr=args.adamw_lr, lamb_lr=args.lamb_lr,
-                      large_warmup=args.large_warmup, lamb_beta_2=args.lamb_beta_2)
-  if args.only:
-    wanted = set(args.only.split(","))
-    unknown = wanted - {r.name for r in runs}
-    if unknown:
-      parser.error(f"unknown --only {sorted(unknown)}; valid: {[r.name for r in runs]}")
-    runs = [r for r in runs if r.name in wanted]
+  devices = large_batch_lib.logical_cpus(args.replicas)
+  runs = large_batch_lib.select(parser, default_runs(
+      adamw_lr=args.adamw_lr, lamb_lr=args.lamb_lr, large_warmup=args.large_warmup,
+      lamb_beta_2=args.lamb_beta_2), args.only)
   corpus = Corpus()
   os.makedirs(args.out_dir, exist_ok=True)
   with tempfile.TemporaryDirectory() as tmp:
     data_dir = write_corpus(corpus, args.data_dir or tmp)
-    results = []
-    seeds = range(args.first_seed, args.first_seed + args.seeds)
-    todo = [(run, seed) for seed in seeds for run in runs]
-    for i, (run, seed) in enumerate(todo, 1):
-      result = train(run, seed, data_dir, corpus, args.sequences, args.evals, devices)
-      results.append(result)
-      print(f"[{i}/{len(todo)}] {run.name} seed {seed}: masked accuracy "
-            f"{100 * result['final_accuracy']:.2f}% in {result['steps']} steps, "
-            f"{result['seconds']:.0f} s", flush=True)
+    results = large_batch_lib.run_all(
+        runs, range(args.first_seed, args.first_seed + args.seeds),
+        lambda run, seed: train(run, seed, data_dir, corpus, args.sequences, args.evals,
+                                devices), "masked accuracy")
   rows = summarize(results, runs)
   print(format_table(rows))
   with open(os.path.join(args.out_dir, "results.json"), "w") as f:
     json.dump({"args": vars(args), "corpus": dataclasses.asdict(corpus), "rows": rows,
                "runs": results}, f, indent=1)
-  plot(results, runs, os.path.join(args.out_dir, "curves.png"))
+  large_batch_lib.plot(results, runs, "masked_accuracy",
+                       os.path.join(args.out_dir, "curves.png"),
+                       "fraction of training (same sequences for every run)",
+                       "validation masked-token accuracy, % (mean over seeds)",
+                       fraction=True)
   print(f"wrote {args.out_dir}/results.json and curves.png")
   return rows
 
