@@ -109,11 +109,8 @@ class CostModel:
            num_tensors: int = 1) -> str:
     """The algorithm with the lowest predicted time; of those within MARGIN of it, the
     one earliest in PREFERENCE (then alphabetical)."""
-    seconds = {a: self.seconds(a, nbytes, num_tensors)
-               for a in (algorithms or self.algorithms)}
-    fastest = min(seconds.values())
-    close = [a for a, t in seconds.items() if not clearly_faster(fastest, t)]
-    return min(close, key=_preference)
+    preferred = sorted(algorithms or self.algorithms, key=_preference)
+    return first_close([(self.seconds(a, nbytes, num_tensors), a) for a in preferred])[1]
 
   def summary(self) -> str:
     """One line: the launch cost and bandwidth of each algorithm, and the source."""
@@ -145,6 +142,13 @@ class CostModel:
 def clearly_faster(seconds: float, other: float) -> bool:
   """Whether a prediction of `seconds` beats `other` by more than MARGIN."""
   return seconds * (1.0 + MARGIN) < other
+
+
+def first_close(options):
+  """Of (seconds, choice) pairs in order of preference, the first that the fastest
+  does not beat by more than MARGIN: the one near-tie rule of every timed choice."""
+  fastest = min(t for t, _ in options)
+  return next(o for o in options if not clearly_faster(fastest, o[0]))
 
 
 def _preference(algorithm):

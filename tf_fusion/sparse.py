@@ -113,10 +113,8 @@ def gather_cost(model, nbytes: int, group_size: int, allowed=(GATHER,)
              and equivalent[a][0] in model.alpha]
   if not options:
     return allowed[-1], None
-  fastest = min(t for t, _ in options)
   # Near-ties: the first allowed (the ring's all-gather before the trip to one device).
-  seconds, algorithm = next((t, a) for t, a in options
-                            if not cost_model.clearly_faster(fastest, t))
+  seconds, algorithm = cost_model.first_close(options)
   return algorithm, seconds
 
 
@@ -142,10 +140,9 @@ def choose(spec: SparseSpec, option: str, group_size: int, wire_dtype, model=Non
   if rows is None:
     return GATHER, ("gathered: rows per replica not known when traced, or not the same "
                     "on every replica")
-  fewer = GATHER if group_size * rows // 2 < dense else DENSE
+  choice = GATHER if group_size * rows // 2 < dense else DENSE   # the fewer bytes
   why = f"{group_size} x {rows} B of rows vs the {dense} B table"
   _, gather_s = gather_cost(model, rows, group_size, allowed)
-  choice = fewer
   if gather_s is not None:
     dense_s = min(model.seconds(a, dense) for a in model.algorithms)
     timed = (f"{group_size} x {rows} B of rows ({1e6 * gather_s:.0f} us) vs the "
