@@ -20,6 +20,7 @@ import tensorflow as tf
 import tf_fusion
 from official_recipes import callbacks as recipe_callbacks
 from official_recipes import records
+from official_recipes import flag_groups
 from official_recipes import shared_flags
 
 
@@ -225,9 +226,10 @@ def write_report(stats):
 
 
 def start(define_all, run):
-  """A recipe's `python -m` entry: its flags (`define_all()`), then absl's app with
-  `main(run)`."""
+  """A recipe's `python -m` entry: its flags (`define_all()`), --helpshort by group,
+  then absl's app with `main(run)`."""
   define_all()
+  flag_groups.install_help()
   app.run(lambda argv: main(run))
 
 

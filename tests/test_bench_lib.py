@@ -151,7 +151,7 @@ class TrainBenchTest(tf.test.TestCase):
     bert_flags.define_all(fv)
     fv(["main"] + argv)
     cfg = bert_flags.resolve(fv)
-    self.assertEqual((cfg.preset, cfg.batch_size, cfg.train_steps, cfg.num_devices,
+    self.assertEqual((cfg.model, cfg.batch_size, cfg.train_steps, cfg.num_devices,
                       cfg.cross_device_ops, cfg.checkpoint_steps), ("tiny", 64, 48, 4, "tf", 48))
     self.assertTrue(os.path.exists(os.path.join(cfg.data_dir, "meta.json")))
 

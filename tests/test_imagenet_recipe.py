@@ -279,7 +279,7 @@ class FlagsTest(tf.test.TestCase):
     # wire; ResNet-50 90 epochs, AlexNet-BN 95 epochs.
     for preset, model, epochs in (("jia2018_resnet50_64k", "resnet50", 90),
                                   ("jia2018_alexnet_bn_64k", "alexnet_bn", 95)):
-      cfg = recipe_flags.resolve(parse([f"--preset={preset}", "--synthetic",
+      cfg = recipe_flags.resolve(parse([f"--schedule_preset={preset}", "--synthetic",
                                         "--model_dir=/tmp/x"]))
       self.assertEqual((cfg.model, cfg.batch_size, cfg.epochs), (model, 65536, epochs))
       self.assertEqual((cfg.optimizer, cfg.lars_eta, cfg.momentum, cfg.poly_power),
@@ -292,19 +292,8 @@ class FlagsTest(tf.test.TestCase):
                                         f"--pack_bytes={text}"]))
       self.assertEqual(cfg.pack_bytes, want)
 
-  def test_the_old_learning_rate_name_still_works_and_says_the_new_one(self):
-    base = ["--synthetic", "--model_dir=/tmp/x"]
-    with self.assertLogs("absl", "WARNING") as logs:
-      cfg = recipe_flags.resolve(parse(base + ["--base_lr=0.5"]))
-    self.assertEqual(cfg.learning_rate, 0.5)
-    self.assertIn("--base_lr is now --learning_rate", logs.output[0])
-    self.assertEqual(recipe_flags.resolve(parse(base + ["--learning_rate=0.25"])
-                                          ).learning_rate, 0.25)
-    with self.assertRaisesRegex(flags.Error, "old name of --learning_rate: give one"):
-      parse(base + ["--base_lr=0.5", "--learning_rate=0.25"])
-
   def test_explicit_flags_beat_the_preset(self):
-    cfg = recipe_flags.resolve(parse(["--preset=jia2018_resnet50_64k", "--synthetic",
+    cfg = recipe_flags.resolve(parse(["--schedule_preset=jia2018_resnet50_64k", "--synthetic",
                                       "--model_dir=/tmp/x", "--batch_size=1024"]))
     self.assertEqual((cfg.batch_size, cfg.epochs), (1024, 90))
 
@@ -320,7 +309,7 @@ class FlagsTest(tf.test.TestCase):
         (base + ["--loss_scale=big"], "'dynamic' or a number"),
         (base + ["--profile_steps=5,2"], "first,last"),
         (base + ["--label_smoothing=1.5"], r"\[0, 1\)"),
-        (base + ["--preset=jia2018_alexnet_bn_64k", "--model=resnet50"],
+        (base + ["--schedule_preset=jia2018_alexnet_bn_64k", "--model=resnet50"],
          "another --model"),
         (["--synthetic"], "model_dir"),
         (base + ["--pack_bytes=64MB"], "whole number of bytes >= 0, or auto"),

@@ -14,7 +14,7 @@ and `meta.json` (vocab_size, seq_length, counts, the special ids).
 
 Usage:
   python -m tools.make_fake_text --out_dir /tmp/fake_text
-  python -m official_recipes.bert.main --preset=tiny --data_dir=/tmp/fake_text ...
+  python -m official_recipes.bert.main --model=tiny --data_dir=/tmp/fake_text ...
 """
 
 import argparse

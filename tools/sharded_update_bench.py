@@ -85,7 +85,7 @@ def step_child(side, devices, steps):
   model_dir = tempfile.mkdtemp(prefix=f"sharded_update_bench_{side}_")
   fv = flags.FlagValues()
   recipe_flags.define_all(fv)
-  fv(["main", "--preset=bert_base", f"--data_dir={train_bench.text_corpus()}",
+  fv(["main", "--model=bert_base", f"--data_dir={train_bench.text_corpus()}",
       f"--batch_size={2 * devices}", f"--train_steps={steps}", "--log_steps=1",
       f"--num_devices={devices}", f"--weight_update={side}", "--skip_eval",
       f"--checkpoint_steps={10 * steps}", "--stall_seconds=0", "--seed=1",

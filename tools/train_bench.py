@@ -91,7 +91,7 @@ def recipe_argv(model, side, workers, devices, steps, log_steps, model_dir, extr
   m = MODELS[model]
   batch = m["batch_size"]
   if m.get("recipe") == "bert":
-    argv = ["--preset=tiny", f"--data_dir={text_corpus()}", "--skip_eval",
+    argv = ["--model=tiny", f"--data_dir={text_corpus()}", "--skip_eval",
             f"--checkpoint_steps={steps}"]
   else:
     argv = [f"--model={model}", "--synthetic", f"--image_size={m['image_size']}",

@@ -5,10 +5,10 @@ input/output embeddings, fused all-reduce with the sparse gradients in the plan.
 Examples:
   # This machine: the tiny encoder on a generated corpus, 4 logical CPUs.
   python -m tools.make_fake_text --out_dir /tmp/fake_text
-  python -m official_recipes.bert.main --preset=tiny --data_dir=/tmp/fake_text \
+  python -m official_recipes.bert.main --model=tiny --data_dir=/tmp/fake_text \
       --train_steps=200 --batch_size=64 --num_devices=4 --model_dir=/tmp/bert
   # GPUs, LAMB's 64K phase 1 (with --accumulation_steps to reach the batch):
-  python -m official_recipes.bert.main --preset=bert_base --schedule_preset=lamb_64k_phase1 \
+  python -m official_recipes.bert.main --model=bert_base --schedule_preset=lamb_64k_phase1 \
       --data_dir=/data/bert128 --model_dir=/ckpt/bert
   # Several hosts: the same command with --strategy=multi_worker (TF_CONFIG, Slurm, or
   # python -m tf_fusion.launch on one machine).
@@ -116,7 +116,7 @@ def _run(cfg):
     raise ValueError(f"--steps_per_execution={cfg.steps_per_execution} must divide "
                      f"--checkpoint_steps ({loop}) and the steps left ({total - start_step}).")
   logging.info("%s encoder (%d parameters) on %d replicas, global batch %d sequences "
-               "of %d tokens, steps %d..%d, peak lr %.4g", cfg.preset, model.count_params(),
+               "of %d tokens, steps %d..%d, peak lr %.4g", cfg.model, model.count_params(),
                replicas, cfg.batch_size, meta["seq_length"], start_step, total,
                cfg.learning_rate)
   logger, preemption, callbacks = training.callbacks(cfg, model, backup, total, 0, out_dir,
@@ -145,7 +145,7 @@ def _build(cfg, strategy, meta):
   """The encoder with its masked-LM head, compiled under `strategy`."""
   updates = max(1, cfg.train_steps // cfg.accumulation_steps)
   with strategy.scope():
-    model = bert_model.build(cfg.preset, meta["vocab_size"], cfg.dropout)
+    model = bert_model.build(cfg.model, meta["vocab_size"], cfg.dropout)
     if meta["seq_length"] > model.config.max_position:
       raise ValueError(f"The corpus's sequences ({meta['seq_length']} tokens) are longer "
                        f"than the encoder's {model.config.max_position} positions.")
@@ -164,7 +164,8 @@ def _stats(cfg, model, strategy, meta, metrics, logger, start_step):
   ops = tf_fusion.fused_ops_of(strategy)
   plan = ops.last_plan if ops is not None else ()
   return {
-      "preset": cfg.preset, "optimizer": cfg.optimizer,
+      "model": cfg.model, "preset": cfg.model,   # "preset": the stats' old key
+      "optimizer": cfg.optimizer,
       "cross_device_ops": cfg.cross_device_ops, "weight_update": cfg.weight_update,
       "num_replicas": strategy.num_replicas_in_sync,
       "global_batch_size": cfg.batch_size, "seq_length": meta["seq_length"],

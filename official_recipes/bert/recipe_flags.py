@@ -9,6 +9,7 @@ from absl import flags
 
 from official_recipes import shared_flags
 from official_recipes.bert import model
+from official_recipes.flag_groups import group
 
 # LAMB at large batch for BERT (You et al. 2019, "Large Batch Optimization for Deep
 # Learning: Training BERT in 76 minutes"): phase 1 at sequence length 128, phase 2 at
@@ -31,39 +32,33 @@ SCHEDULE_PRESETS = {
 
 
 def define_all(fv=flags.FLAGS):
-  """Every flag of the BERT recipe."""
-  flags.DEFINE_enum("preset", "tiny", sorted(model.PRESETS), "Encoder size: tiny (this "
-                    "machine) or bert_base (Devlin et al.'s 110M).", flag_values=fv)
-  flags.DEFINE_enum("schedule_preset", None, sorted(SCHEDULE_PRESETS), "LAMB's large-batch "
-                    "hyperparameters; flags given explicitly still win.", flag_values=fv)
-  flags.DEFINE_string("data_dir", None, "Token-id TFRecords with meta.json "
-                      "(tools/make_fake_text.py).", flag_values=fv)
+  """Every flag of the BERT recipe, in the groups both recipes share."""
+  with group("model", fv):
+    flags.DEFINE_enum("model", "tiny", sorted(model.PRESETS), "Encoder size: tiny (this "
+                      "machine) or bert_base (Devlin et al.'s 110M).", flag_values=fv)
+    flags.DEFINE_enum("schedule_preset", None, sorted(SCHEDULE_PRESETS), "LAMB's "
+                      "large-batch hyperparameters; flags given explicitly still win.",
+                      flag_values=fv)
+    flags.DEFINE_integer("max_predictions", None, "Masked positions per sequence; "
+                         "default the model's (tiny 5, bert_base 20).", flag_values=fv)
+    flags.DEFINE_float("dropout", None, "Dropout rate; default the model's (0.1).",
+                       flag_values=fv)
+  shared_flags.define_old_name(fv, "preset", "model")
+  with group("data", fv):
+    flags.DEFINE_string("data_dir", None, "Token-id TFRecords with meta.json "
+                        "(tools/make_fake_text.py).", flag_values=fv)
   flags.mark_flag_as_required("data_dir", flag_values=fv)
   shared_flags.define_schedule_flags(
       fv, batch_size=64, train_steps=1000, learning_rate=2e-3, learning_rate_default="2e-3",
-      poly_power=1.0, weight_decay=0.01, not_decayed="biases and LayerNorm")
-  flags.DEFINE_integer("max_predictions", None, "Masked positions per sequence; default "
-                       "the preset's (tiny 5, bert_base 20).", flag_values=fv)
-  flags.DEFINE_float("dropout", None, "Dropout rate; default the preset's (0.1).",
-                     flag_values=fv)
-  flags.DEFINE_enum("optimizer", "lamb", ["lamb", "adamw"], "tf_fusion.LAMB, or Keras's "
-                    "AdamW (the small-batch baseline).", flag_values=fv)
-  flags.DEFINE_float("warmup_proportion", 0.1, "Linear warm-up, as a fraction of the "
-                     "updates.", flag_values=fv)
-  flags.DEFINE_bool("lamb_adapt_all", False, "LAMB's trust ratio on every variable "
-                    "(NVIDIA's LAMB), not only on those with weight decay (TensorFlow "
-                    "Addons' with BERT's exclusions).", flag_values=fv)
-  flags.DEFINE_float("global_clipnorm", None, "Clip the reduced gradient's global norm "
-                     "to this before the update (NVIDIA's LAMB: 1.0); none by default.",
-                     flag_values=fv)
-  flags.DEFINE_float("beta_1", 0.9, "First-moment decay.", flag_values=fv)
-  flags.DEFINE_float("beta_2", 0.999, "Second-moment decay.", flag_values=fv)
-  flags.DEFINE_float("epsilon", 1e-6, "Added to the second moment's root.", flag_values=fv)
-  flags.DEFINE_integer("checkpoint_steps", 1000, "Save (and report) every this many "
-                       "steps; a rerun resumes from the last save.", flag_values=fv)
+      warmup_proportion=0.1, warmup_default="0.1", poly_power=1.0, weight_decay=0.01,
+      not_decayed="biases and LayerNorm")
+  _define_optimizer_flags(fv)
+  with group("output", fv):
+    flags.DEFINE_integer("checkpoint_steps", 1000, "Save (and report) every this many "
+                         "steps; a rerun resumes from the last save.", flag_values=fv)
   for name in ("max_predictions", "checkpoint_steps"):
     shared_flags.positive(name, fv)
-  for name in ("dropout", "warmup_proportion", "beta_1", "beta_2"):
+  for name in ("dropout", "beta_1", "beta_2"):
     flags.register_validator(name, lambda v: v is None or 0 <= v < 1,
                              message=f"--{name} must be in [0, 1).", flag_values=fv)
   for define in (shared_flags.define_input_flags, shared_flags.define_precision_flags,
@@ -72,18 +67,33 @@ def define_all(fv=flags.FLAGS):
     define(fv)
 
 
+def _define_optimizer_flags(fv):
+  with group("optimizer", fv):
+    flags.DEFINE_enum("optimizer", "lamb", ["lamb", "adamw"], "tf_fusion.LAMB, or Keras's "
+                      "AdamW (the small-batch baseline).", flag_values=fv)
+    flags.DEFINE_bool("lamb_adapt_all", False, "LAMB's trust ratio on every variable "
+                      "(NVIDIA's LAMB), not only on those with weight decay (TensorFlow "
+                      "Addons' with BERT's exclusions).", flag_values=fv)
+    flags.DEFINE_float("global_clipnorm", None, "Clip the reduced gradient's global norm "
+                       "to this before the update (NVIDIA's LAMB: 1.0); none by default.",
+                       flag_values=fv)
+    flags.DEFINE_float("beta_1", 0.9, "First-moment decay.", flag_values=fv)
+    flags.DEFINE_float("beta_2", 0.999, "Second-moment decay.", flag_values=fv)
+    flags.DEFINE_float("epsilon", 1e-6, "Added to the second moment's root.",
+                       flag_values=fv)
+
+
 @dataclasses.dataclass(frozen=True)
 class BertConfig(shared_flags.SharedConfig):
   """The settings of one run: the recipe's own flags and the shared ones, typed, after
   the schedule preset."""
 
-  preset: str
+  model: str
   schedule_preset: Optional[str]
   data_dir: str
   max_predictions: Optional[int]
   dropout: Optional[float]
   optimizer: str
-  warmup_proportion: float
   lamb_adapt_all: bool
   global_clipnorm: Optional[float]
   beta_1: float
@@ -93,10 +103,15 @@ class BertConfig(shared_flags.SharedConfig):
 
   @property
   def predictions(self) -> int:
-    return self.max_predictions or model.PRESETS[self.preset].max_predictions
+    return self.max_predictions or model.PRESETS[self.model].max_predictions
+
+
+# Flags renamed so that both recipes say the same concept the same way: (old, new).
+RENAMED = (("preset", "model"),)
 
 
 def resolve(fv) -> BertConfig:
   """The settings of a run: flag values, the schedule preset's where none was given."""
   preset = SCHEDULE_PRESETS.get(fv.schedule_preset, {}) if fv.schedule_preset else {}
-  return BertConfig(**shared_flags.config_values(BertConfig, fv, preset))
+  values = shared_flags.config_values(BertConfig, fv, preset)
+  return BertConfig(**shared_flags.take_old_names(fv, values, RENAMED))

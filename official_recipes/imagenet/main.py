@@ -4,7 +4,7 @@ FP16 wire.
 
 Examples:
   # 8 GPUs, the paper's ResNet-50 hyperparameters scaled to 8K batch:
-  python -m official_recipes.imagenet.main --preset=jia2018_resnet50_64k \
+  python -m official_recipes.imagenet.main --schedule_preset=jia2018_resnet50_64k \
       --batch_size=8192 --data_dir=/data/imagenet --model_dir=/tmp/r50
   # Several hosts: the same command on each, with TF_CONFIG, --strategy=multi_worker.
   # Offline, on CPU: tools/make_fake_imagenet.py, then --data_dir there (README).
@@ -103,11 +103,16 @@ def plan_steps(cfg, n_train, n_eval, global_batch):
                      f"batch (--batch_size={global_batch}).")
   epochs = cfg.epochs if cfg.epochs is not None else (None if cfg.train_steps else 90)
   total = cfg.train_steps or max(1, round(epochs * steps_per_epoch))
-  warmup = round(cfg.warmup_epochs * steps_per_epoch)
+  if cfg.warmup_proportion is not None:
+    warmup, asked = round(cfg.warmup_proportion * total), (
+        f"--warmup_proportion={cfg.warmup_proportion}")
+  else:
+    warmup, asked = round(cfg.warmup_epochs * steps_per_epoch), (
+        f"--warmup_epochs={cfg.warmup_epochs}")
   if warmup >= total:
     if cfg.warmup_given:
-      raise ValueError(f"--warmup_epochs={cfg.warmup_epochs} is {warmup} steps, not fewer "
-                       f"than the run's {total} steps ({steps_per_epoch} steps per epoch).")
+      raise ValueError(f"{asked} is {warmup} steps, not fewer than the run's {total} "
+                       f"steps ({steps_per_epoch} steps per epoch).")
     logging.warning("The default warm-up (%g epochs, %d steps) is not shorter than this "
                     "run's %d steps: warming up for %d steps instead (--warmup_epochs "
                     "sets it).", cfg.warmup_epochs, warmup, total, total // 10)

@@ -2,16 +2,16 @@
 
 Each define_* helper takes the FlagValues to define into (default: absl's global FLAGS),
 so tests build their own and never touch global state. Flags are never mutated: a
---preset supplies values for the flags the user did not give, in `resolve`.
+--schedule_preset supplies values for the flags the user did not give, in `resolve`.
 """
 
 import dataclasses
 from typing import Optional
 
 from absl import flags
-from absl import logging
 
 from official_recipes import shared_flags
+from official_recipes.flag_groups import group
 from official_recipes.imagenet import models
 from official_recipes.shared_flags import define_communication_flags
 from official_recipes.shared_flags import define_distribution_flags
@@ -43,6 +43,11 @@ PRESETS = {
 
 
 def define_data_flags(fv=flags.FLAGS):
+  with group("data", fv):
+    _define_data_flags(fv)
+
+
+def _define_data_flags(fv):
   flags.DEFINE_string("data_dir", None, "Directory of ImageNet TFRecord shards "
                       "(train-*, validation-*).", flag_values=fv)
   flags.DEFINE_string("tfds_data_dir", None, "TFDS data dir holding imagenet2012.",
@@ -73,15 +78,22 @@ def define_schedule_flags(fv=flags.FLAGS):
   shared_flags.define_schedule_flags(
       fv, batch_size=256, train_steps=None, learning_rate=None,
       learning_rate_default="0.1 x batch_size / 256 (Goyal et al.'s linear scaling)",
+      warmup_proportion=None, warmup_default="--warmup_epochs",
       poly_power=2.0, weight_decay=5e-5, not_decayed="biases and batch norm")
-  flags.DEFINE_float("base_lr", None, "Old name of --learning_rate.", flag_values=fv)
+  shared_flags.define_old_name(fv, "base_lr", "learning_rate")
+  with group("schedule", fv):
+    _define_epoch_flags(fv)
+
+
+def _define_epoch_flags(fv):
   flags.DEFINE_float("epochs", None, "Epochs to train (default 90 unless --train_steps).",
                      flag_values=fv)
-  flags.DEFINE_float("warmup_epochs", 5.0, "Linear warm-up, in epochs.", flag_values=fv)
+  flags.DEFINE_float("warmup_epochs", 5.0, "Linear warm-up, in epochs (or give "
+                     "--warmup_proportion).", flag_values=fv)
   flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing in [0, 1).", flag_values=fv)
   flags.DEFINE_integer("epochs_between_evals", 1, "Evaluate every this many epochs.",
                        flag_values=fv)
-  for name in ("base_lr", "epochs", "epochs_between_evals"):
+  for name in ("epochs", "epochs_between_evals"):
     shared_flags.positive(name, fv)
   shared_flags.positive("warmup_epochs", fv, allow_zero=True)
   flags.register_validator("label_smoothing", lambda v: 0 <= v < 1,
@@ -90,16 +102,17 @@ def define_schedule_flags(fv=flags.FLAGS):
       ["epochs", "train_steps"], lambda d: d["epochs"] is None or d["train_steps"] is None,
       message="Give --epochs or --train_steps, not both.", flag_values=fv)
   flags.register_multi_flags_validator(
-      ["learning_rate", "base_lr"],
-      lambda d: d["learning_rate"] is None or d["base_lr"] is None,
-      message="--base_lr is the old name of --learning_rate: give one.", flag_values=fv)
+      ["warmup_epochs", "warmup_proportion"],
+      lambda d: not (fv["warmup_epochs"].present and d["warmup_proportion"] is not None),
+      message="Give --warmup_epochs or --warmup_proportion, not both.", flag_values=fv)
 
 
 def define_optimizer_flags(fv=flags.FLAGS):
-  flags.DEFINE_enum("optimizer", "lars", ["lars", "sgd"], "LARS (the paper) or SGD with "
-                    "momentum.", flag_values=fv)
-  flags.DEFINE_float("lars_eta", 0.001, "LARS trust coefficient.", flag_values=fv)
-  flags.DEFINE_float("momentum", 0.9, "Momentum.", flag_values=fv)
+  with group("optimizer", fv):
+    flags.DEFINE_enum("optimizer", "lars", ["lars", "sgd"], "LARS (the paper) or SGD with "
+                      "momentum.", flag_values=fv)
+    flags.DEFINE_float("lars_eta", 0.001, "LARS trust coefficient.", flag_values=fv)
+    flags.DEFINE_float("momentum", 0.9, "Momentum.", flag_values=fv)
   shared_flags.positive("lars_eta", fv, allow_none=False)
   flags.register_validator("momentum", lambda v: 0 <= v < 1,
                            message="--momentum must be in [0, 1).", flag_values=fv)
@@ -107,10 +120,12 @@ def define_optimizer_flags(fv=flags.FLAGS):
 
 def define_all(fv=flags.FLAGS):
   """Every flag of the recipe."""
-  flags.DEFINE_enum("model", "resnet50", sorted(models.MODELS), "Network.",
-                    flag_values=fv)
-  flags.DEFINE_enum("preset", None, sorted(PRESETS), "The paper's hyperparameters; "
-                    "flags given explicitly still win.", flag_values=fv)
+  with group("model", fv):
+    flags.DEFINE_enum("model", "resnet50", sorted(models.MODELS), "Network.",
+                      flag_values=fv)
+    flags.DEFINE_enum("schedule_preset", None, sorted(PRESETS), "The paper's "
+                      "hyperparameters; flags given explicitly still win.", flag_values=fv)
+  shared_flags.define_old_name(fv, "preset", "schedule_preset")
   for define in (define_data_flags, define_input_flags, define_schedule_flags,
                  define_optimizer_flags,
                  define_precision_flags, define_communication_flags,
@@ -119,19 +134,24 @@ def define_all(fv=flags.FLAGS):
 
   def size_fits(d):
     model = d["model"]
-    if d["preset"] and not fv["model"].present:
-      model = PRESETS[d["preset"]]["model"]
+    if _preset(d) and not fv["model"].present:
+      model = PRESETS[_preset(d)]["model"]
     return d["image_size"] is None or d["image_size"] >= models.MIN_IMAGE_SIZE[model]
   flags.register_multi_flags_validator(
-      ["model", "image_size", "preset"], size_fits,
+      ["model", "image_size", "schedule_preset", "preset"], size_fits,
       message="--image_size too small for the model: "
       + ", ".join(f"{m} needs >= {s}" for m, s in sorted(models.MIN_IMAGE_SIZE.items())),
       flag_values=fv)
   flags.register_multi_flags_validator(
-      ["model", "preset"],
-      lambda d: not (d["preset"] and fv["model"].present
-                     and PRESETS[d["preset"]]["model"] != d["model"]),
-      message="--preset is for another --model.", flag_values=fv)
+      ["model", "schedule_preset", "preset"],
+      lambda d: not (_preset(d) and fv["model"].present
+                     and PRESETS[_preset(d)]["model"] != d["model"]),
+      message="--schedule_preset is for another --model.", flag_values=fv)
+
+
+def _preset(values):
+  """The preset's name under its name or its old one (--preset)."""
+  return values["schedule_preset"] or values["preset"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +163,7 @@ class RecipeConfig(shared_flags.SharedConfig):
   """
 
   model: str
-  preset: Optional[str]
+  schedule_preset: Optional[str]
   # data
   data_dir: Optional[str]
   tfds_data_dir: Optional[str]
@@ -156,7 +176,7 @@ class RecipeConfig(shared_flags.SharedConfig):
   # schedule (batch size, steps, learning rate, decay, accumulation: SharedConfig)
   epochs: Optional[float]
   warmup_epochs: float
-  warmup_given: bool          # the user (or the preset) chose warmup_epochs
+  warmup_given: bool          # the user (or the preset) chose the warm-up
   label_smoothing: float
   epochs_between_evals: int
   # optimizer
@@ -165,14 +185,17 @@ class RecipeConfig(shared_flags.SharedConfig):
   momentum: float
 
 
+# Flags renamed so that both recipes say the same concept the same way: (old, new).
+RENAMED = (("base_lr", "learning_rate"), ("preset", "schedule_preset"))
+
+
 def resolve(fv) -> RecipeConfig:
   """The settings of a run: flag values, with the preset's where a flag was not given."""
-  preset = PRESETS.get(fv.preset, {}) if fv.preset else {}
+  name = _preset({"schedule_preset": fv.schedule_preset, "preset": fv.preset})
+  preset = PRESETS.get(name, {}) if name else {}
   values = shared_flags.config_values(RecipeConfig, fv, preset, skip=("warmup_given",))
-  if fv["base_lr"].present:
-    logging.warning("--base_lr is now --learning_rate (the same in both recipes); "
-                    "the old name still works.")
-    values["learning_rate"] = fv.base_lr
+  shared_flags.take_old_names(fv, values, RENAMED)
   # A warm-up the user asked for must fit the run; the default may be shortened.
-  values["warmup_given"] = fv["warmup_epochs"].present or "warmup_epochs" in preset
+  values["warmup_given"] = (fv["warmup_epochs"].present or "warmup_epochs" in preset
+                            or values["warmup_proportion"] is not None)
   return RecipeConfig(**values)
