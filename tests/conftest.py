@@ -22,3 +22,16 @@ def pytest_collection_modifyitems(items):
   # tf.test.TestCase.test_session is a deprecated helper, not a test; pytest would
   # list it as skipped in every class.
   items[:] = [item for item in items if item.name != "test_session"]
+
+
+import keras  # noqa: E402  pylint: disable=g-import-not-at-top,g-bad-import-order
+import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,g-bad-import-order
+
+
+@pytest.fixture(autouse=True, scope="class")
+def _keras_state_per_class():
+  """Each test class leaves Keras's global state (names, the dtype policy, graphs) as it
+  found it: two long-lived processes run the whole suite, and what one class leaves
+  behind would otherwise grow and be collected by every later one."""
+  yield
+  keras.backend.clear_session(free_memory=True)

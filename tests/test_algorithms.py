@@ -5,7 +5,7 @@ import tensorflow as tf
 import tf_fusion
 from tf_fusion import plans
 from tf_fusion import packing
-from tests import helpers
+from tests.harness import helpers
 
 F32 = tf.float32
 

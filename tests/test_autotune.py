@@ -17,7 +17,7 @@ from tf_fusion import autotune
 from tf_fusion import cost_model as cost_lib
 from tf_fusion import packing
 from tf_fusion._internal import tf as tf_internal
-from tests import helpers
+from tests.harness import helpers
 
 F32 = tf.float32
 

@@ -9,7 +9,7 @@ import tensorflow as tf
 from absl import flags
 
 from official_recipes.imagenet import recipe_flags
-from tests import helpers
+from tests.harness import helpers
 from tools import allreduce_bench
 from tools import bench_lib
 from tools import profile_step

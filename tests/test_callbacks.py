@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf_fusion
-from tests import helpers
+from tests.harness import helpers
 
 
 def _bn_model():

@@ -9,7 +9,7 @@ from unittest import mock
 import portpicker
 import tensorflow as tf
 
-from tests import multi_worker
+from tests.harness import multi_worker
 from tf_fusion import cluster
 
 NO_CLUSTER = {k: v for k, v in os.environ.items()

@@ -15,11 +15,11 @@ import threading
 from absl.testing import parameterized
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.distribute import values as values_lib
 
 import tf_fusion
 from tf_fusion import collectives as collectives_lib
-from tests import helpers
+from tf_fusion._internal import tf as tf_internal
+from tests.harness import helpers
 
 SUM, MEAN = tf.distribute.ReduceOp.SUM, tf.distribute.ReduceOp.MEAN
 CONFIGS = {
@@ -41,7 +41,7 @@ def _per_replica(devices, make):
   for r, d in enumerate(devices):
     with tf.device(d):
       out.append(make(r))
-  return values_lib.PerReplica(out)
+  return tf_internal.per_replica(out)
 
 
 def _dense(devices, shape=(5,), seed=0):
@@ -68,16 +68,16 @@ def _destination(kind, value, devices):
   if kind == "device":
     return devices[-1]
   with tf.device(devices[0]):   # a Mirrored variable-like value on every device
-    return values_lib.Mirrored([tf.identity(v) for v in value.values])
+    return tf_internal.mirrored([tf.identity(v) for v in value.values])
 
 
 def _devices_of(result):
-  parts = result.values if isinstance(result, values_lib.DistributedValues) else (result,)
+  parts = result.values if isinstance(result, tf.distribute.DistributedValues) else (result,)
   return [collectives_lib.canonical_devices([p.device])[0] for p in parts]
 
 
 def _numpy(result):
-  parts = result.values if isinstance(result, values_lib.DistributedValues) else (result,)
+  parts = result.values if isinstance(result, tf.distribute.DistributedValues) else (result,)
   out = []
   for p in parts:
     if isinstance(p, tf.IndexedSlices):
@@ -157,7 +157,7 @@ class ContractTest(tf.test.TestCase, parameterized.TestCase):
       def zeros():
         return tuple(tf.zeros_like(v) for v in value.values)
       outs = tf.cond(tf.constant(True), reduced, zeros)
-      return [values_lib.Mirrored(outs)]
+      return [tf_internal.mirrored(outs)]
     ours, theirs = self._both(fn, "function")
     for g, w in zip(ours[0][0], theirs[0][0]):
       self.assertAllEqual(g, w)

@@ -18,7 +18,7 @@ from tf_fusion import planner
 from tf_fusion import autotune
 from tf_fusion import cost_model as cost_lib
 from tf_fusion import packing
-from tests import helpers
+from tests.harness import helpers
 
 F32 = tf.float32
 

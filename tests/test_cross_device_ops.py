@@ -7,7 +7,8 @@ import numpy as np
 import tensorflow as tf
 
 import tf_fusion
-from tests import helpers
+from tf_fusion._internal import tf as tf_internal
+from tests.harness import helpers
 
 SUM, MEAN = tf.distribute.ReduceOp.SUM, tf.distribute.ReduceOp.MEAN
 
@@ -170,7 +171,6 @@ class FusedAllReduceTest(tf.test.TestCase, parameterized.TestCase):
   def test_unknown_shapes(self):
     ops = self._ops(pack_bytes=1 << 20, algorithm="ring")
     strategy = tf.distribute.MirroredStrategy(self.devices, cross_device_ops=ops)
-    from tensorflow.python.distribute import values as values_lib  # pylint: disable=g-import-not-at-top
     arrays = [np.full([3, 2], r + 1.0, np.float32) for r in range(4)]
 
     @tf.function(input_signature=[tf.TensorSpec([None, 2])] * 4)
@@ -179,8 +179,8 @@ class FusedAllReduceTest(tf.test.TestCase, parameterized.TestCase):
       for device, x in zip(self.devices, per_device):
         with tf.device(device):
           parts.append(tf.identity(x))
-      known = values_lib.PerReplica(tuple(tf.ones([2]) for _ in self.devices))
-      results = ops.batch_reduce(MEAN, [(values_lib.PerReplica(tuple(parts)),) * 2,
+      known = tf_internal.per_replica(tuple(tf.ones([2]) for _ in self.devices))
+      results = ops.batch_reduce(MEAN, [(tf_internal.per_replica(tuple(parts)),) * 2,
                                         (known, known)])
       return [r.values for r in results]
 

@@ -8,7 +8,7 @@ from absl.testing import parameterized
 import tensorflow as tf
 
 import tf_fusion
-from tests import helpers
+from tests.harness import helpers
 from tools import gpu_check
 
 GPUS = tuple(f"/job:localhost/replica:0/task:0/device:GPU:{i}" for i in range(2))

@@ -19,7 +19,7 @@ import tf_fusion
 from tf_fusion._internal import keras as keras_internal
 from tf_fusion._internal import python as python_internal
 from tf_fusion._internal import tf as tf_internal
-from tests import helpers
+from tests.harness import helpers
 
 
 class PythonSeamTest(tf.test.TestCase):

@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf_fusion
-from tests import helpers
+from tests.harness import helpers
 
 
 def _train(cross_device_ops, steps=8, initial=None):

@@ -21,7 +21,7 @@ import unittest
 
 import keras
 
-from tests import multi_worker
+from tests.harness import multi_worker
 
 KERAS = pathlib.Path(keras.__file__).parent / "src"
 FILES = ("optimizers/optimizer_test.py", "optimizers/sgd_test.py",
@@ -42,7 +42,7 @@ class KerasOptimizerSuiteTest(unittest.TestCase):
                TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "-p", "tests.keras_retarget", "-k", " and ".join(f"not {t}" for t in LEFT_OUT),
+         "-p", "tests.harness.keras_retarget", "-k", " and ".join(f"not {t}" for t in LEFT_OUT),
          *[str(KERAS / f) for f in FILES]],
         capture_output=True, text=True, timeout=900, cwd=tempfile.gettempdir(), env=env)
     tail = proc.stdout[-3000:]

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf_fusion
-from tests import helpers
+from tests.harness import helpers
 
 
 def _fused(compression="none"):

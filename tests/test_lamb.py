@@ -9,8 +9,8 @@ import numpy as np
 import tensorflow as tf
 
 import tf_fusion
-from tests import helpers
-from tests import training_cases
+from tests.harness import helpers
+from tests.harness import training_cases
 
 
 def numpy_lamb(weights, grads_per_step, lr, beta_1, beta_2, eps, wd, no_decay=(),
@@ -228,7 +228,7 @@ class LambKerasTest(tf.test.TestCase, parameterized.TestCase):
                                                     algorithm="ring"),
         cost_model=helpers.fixed_cost_model())
     got = training_cases.train(strategy, case, "lamb")
-    with training_cases._policy("float32"):  # pylint: disable=protected-access
+    with training_cases.dtype_policy("float32"):
       initial = [v.numpy() for v in training_cases.build(case, "lamb").weights]
     for g, w, i in zip(got, want, initial):
       moved = np.linalg.norm(w - i)

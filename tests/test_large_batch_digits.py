@@ -2,7 +2,7 @@
 
 import tensorflow as tf
 
-from tests import helpers
+from tests.harness import helpers
 from tools import large_batch_digits
 
 

@@ -5,7 +5,7 @@ import tempfile
 
 import tensorflow as tf
 
-from tests import helpers
+from tests.harness import helpers
 from tools import large_batch_text
 
 

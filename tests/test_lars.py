@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf_fusion
-from tests import helpers
+from tests.harness import helpers
 
 
 def numpy_lars(weights, grads_per_step, lr, momentum, wd, eta, eps, nesterov, excluded):

@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf_fusion
-from tests import helpers
+from tests.harness import helpers
 
 
 def _step(n, per_replica_grads, compression="none", keras_lso=False, scale=2.0**15,

@@ -13,9 +13,9 @@ import numpy as np
 import tensorflow as tf
 
 import tf_fusion
-from tests import helpers
-from tests import multi_worker
-from tests import training_cases
+from tests.harness import helpers
+from tests.harness import multi_worker
+from tests.harness import training_cases
 
 
 # --- what each worker runs (the tests below assert on it) ---------------------------
@@ -296,7 +296,7 @@ MULTI_WORKER_CASES = (("accumulation", "sgd"), ("accumulation", "loss_scaled_lar
 @multi_worker.worker(algorithm="hierarchical")
 def cases_in_worker(strategy):
   """Trains each of MULTI_WORKER_CASES; this worker's final weights of each."""
-  from tests import training_cases  # pylint: disable=g-import-not-at-top
+  from tests.harness import training_cases  # pylint: disable=g-import-not-at-top
   return {"weights": [[w.tolist() for w in training_cases.train(strategy, case, opt)]
                       for case, opt in MULTI_WORKER_CASES]}
 
@@ -304,7 +304,7 @@ def cases_in_worker(strategy):
 def transformer_in_worker(strategy):
   """The transformer case with LAMB, its IndexedSlices gathered across the workers
   beside the fp16 dense packs; this worker's final weights and its plan's algorithms."""
-  from tests import training_cases  # pylint: disable=g-import-not-at-top
+  from tests.harness import training_cases  # pylint: disable=g-import-not-at-top
   weights = training_cases.train(strategy, training_cases.TRANSFORMER, "lamb")
   return {"weights": [w.tolist() for w in weights],
           "algorithms": [e.algorithm for e in tf_fusion.fused_ops_of(strategy).last_plan]}

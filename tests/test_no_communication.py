@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import tf_fusion
 from tf_fusion.no_communication import NoCommunication
-from tests import helpers
+from tests.harness import helpers
 
 
 class NoCommunicationTest(tf.test.TestCase):

@@ -13,8 +13,8 @@ import portpicker
 import tensorflow as tf
 
 import tf_fusion
-from tests import helpers
-from tests import multi_worker
+from tests.harness import helpers
+from tests.harness import multi_worker
 from tf_fusion import launch
 
 

@@ -25,9 +25,9 @@ import tensorflow as tf
 
 import tf_fusion
 from tf_fusion import shard_state
-from tests import helpers
-from tests import multi_worker
-from tests import training_cases
+from tests.harness import helpers
+from tests.harness import multi_worker
+from tests.harness import training_cases
 
 # float32: replicas add their gradients in another order than one device's batch sum.
 TOLERANCE = 1e-4

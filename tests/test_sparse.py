@@ -11,8 +11,8 @@ import tensorflow as tf
 import tf_fusion
 from tf_fusion import sparse
 from tf_fusion import stats
-from tests import helpers
-from tests import training_cases
+from tests.harness import helpers
+from tests.harness import training_cases
 
 SUM, MEAN = tf.distribute.ReduceOp.SUM, tf.distribute.ReduceOp.MEAN
 TABLES = ((6, (3,)), (4, (2, 2)), (5, (3,)))   # (rows of the table, shape of a row)

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 import tf_fusion
 from tests import conftest
-from tests import helpers
+from tests.harness import helpers
 
 
 def _all_reduce_in_a_cond(strategy):

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf_fusion
-from tests import helpers
+from tests.harness import helpers
 
 SUM, MEAN = tf.distribute.ReduceOp.SUM, tf.distribute.ReduceOp.MEAN
 TOLERANCE = {"fp16": 1e-2, "bf16": 2e-2, "none": 1e-6}

@@ -173,7 +173,7 @@ def one_device(case, optimizer_name, policy="float32"):
 
 def _train(strategy, case, optimizer_name, policy):
   x, y = token_data() if case == TRANSFORMER else data()
-  with _policy(policy):
+  with dtype_policy(policy):
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
       model = build(case, optimizer_name)
@@ -198,7 +198,8 @@ def _train(strategy, case, optimizer_name, policy):
 
 
 @contextlib.contextmanager
-def _policy(name):
+def dtype_policy(name):
+  """Keras's global dtype policy `name` inside the block, the previous one after."""
   old = keras.config.dtype_policy()
   keras.config.set_dtype_policy(name)
   try:

@@ -7,7 +7,7 @@ SGD: v = m v + lr g, w -= v, as Keras's SGD (v = m v - lr g, w += v). What the t
 then check is LARS's contract as a Keras optimizer: clipping, EMA, gradient
 accumulation, loss scaling, saving, naming, raw tf.Variables, sparse gradients, under
 tf.distribute too. Used by tests/test_keras_optimizer_suite.py:
-    python -m pytest -p tests.keras_retarget <keras test files>
+    python -m pytest -p tests.harness.keras_retarget <keras test files>
 """
 
 import keras
