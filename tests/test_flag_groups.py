@@ -103,6 +103,24 @@ class NamesTest(tf.test.TestCase):
       parse("imagenet", ["--warmup_proportion=0.1", "--warmup_epochs=2"])
 
 
+class PresetsTest(tf.test.TestCase):
+
+  def test_every_preset_value_is_a_flag_value_that_parses(self):
+    """A preset is a set of flag values: each key a flag of its recipe, each value one
+    its flag (and the flag's validators) accepts, given on the command line."""
+    presets = {"imagenet": imagenet_flags.PRESETS, "bert": bert_flags.SCHEDULE_PRESETS}
+    for recipe, table in presets.items():
+      for name, values in table.items():
+        fv = defined(recipe)
+        for key, value in values.items():
+          self.assertIn(key, fv, f"{recipe} preset {name}: no flag --{key}")
+        argv = [f"--{k}={str(v).lower() if isinstance(v, bool) else v}"
+                for k, v in values.items()]
+        fv(["main"] + BASE[recipe] + argv)   # raises on a value the flag refuses
+        for key, value in values.items():
+          self.assertEqual(fv[key].value, value, f"{recipe} preset {name}: --{key}")
+
+
 class HelpshortTest(tf.test.TestCase):
 
   def test_both_recipes_list_the_same_groups_in_the_same_order(self):

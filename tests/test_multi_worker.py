@@ -339,9 +339,20 @@ def resume_in_worker(strategy):
 # --- the tests -------------------------------------------------------------------------
 
 class MultiWorkerReduceTest(tf.test.TestCase):
+  """The worker functions that leave the cluster healthy, in one pair of processes
+  (each pair costs TensorFlow's start-up twice); the retrace last, as worker 1 then
+  sleeps through it."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.workers = dict(zip(
+        ("reduce", "mismatch", "plan_mismatch", "retrace"),
+        multi_worker.run_workers((reduce_in_worker, mismatch_in_worker,
+                                  plan_mismatch_in_worker, retrace_alone_in_worker))))
 
   def test_every_algorithm_compression_and_op_against_numpy(self):
-    workers = multi_worker.run_workers(reduce_in_worker)
+    workers = self.workers["reduce"]
     self.assertEqual([w["task"] for w in workers], [0, 1])
     for w in workers:
       self.assertEqual(w["num_replicas"], 4)
@@ -367,19 +378,8 @@ class MultiWorkerReduceTest(tf.test.TestCase):
       for replica in w["moving_statistics"]:
         self.assertAllClose(replica, [1.5, 2.0, 1.75], rtol=1e-7)
 
-  def test_dead_peer_is_an_error_not_a_hang(self):
-    # Worker 1 is SIGKILLed after one reduction; worker 0's next one (timeout 10 s)
-    # fails, saying what that means; TF adds the dead task when its heartbeats
-    # stopped before the timeout ran out.
-    workers = multi_worker.run_workers(dead_peer_in_worker, may_die=(1,))
-    self.assertIsNone(workers[1])
-    self.assertIsNotNone(workers[0]["error"])
-    self.assertIn("an all-reduce across 2 worker(s) did not complete (timeout_seconds=10)"
-                  ": a peer worker died", workers[0]["error"])
-    self.assertLess(workers[0]["seconds"], 90)
-
   def test_different_plans_are_named_on_every_worker(self):
-    workers = multi_worker.run_workers(plan_mismatch_in_worker)
+    workers = self.workers["plan_mismatch"]
     for w in workers:
       algorithm, packs = w["cases"]
       self.assertIn("different all-reduce plans", algorithm["error"])
@@ -391,11 +391,34 @@ class MultiWorkerReduceTest(tf.test.TestCase):
   def test_a_retrace_on_one_worker_runs_no_collective(self):
     # autotune="measure" agreed once; a later trace on worker 0 alone must not ask
     # worker 1 anything (it would wait out the 10 s timeout and fail).
-    first, _ = multi_worker.run_workers(retrace_alone_in_worker)
+    first, _ = self.workers["retrace"]
     self.assertIsNone(first["error"])
     self.assertEqual(first["collectives"], 0)
     self.assertLess(first["seconds"], 5)
     self.assertEqual(first["first"], 4.0)   # 2 workers x 2 devices x ones
+
+  def test_mismatched_gradients_are_named_on_every_worker(self):
+    workers = self.workers["mismatch"]
+    for w, mine in zip(workers, ("float32[7]", "float32[8]")):
+      self.assertIsNotNone(w["error"])
+      self.assertIn("shapes or dtypes differ", w["error"])
+      self.assertIn(mine, w["error"])
+
+
+class MultiWorkerFailureTest(tf.test.TestCase):
+  """A peer that dies, stops or never joins: each in processes of its own, as TF's
+  collectives fail for the rest of the process after a timeout."""
+
+  def test_dead_peer_is_an_error_not_a_hang(self):
+    # Worker 1 is SIGKILLed after one reduction; worker 0's next one (timeout 10 s)
+    # fails, saying what that means; TF adds the dead task when its heartbeats
+    # stopped before the timeout ran out.
+    workers = multi_worker.run_workers(dead_peer_in_worker, may_die=(1,))
+    self.assertIsNone(workers[1])
+    self.assertIsNotNone(workers[0]["error"])
+    self.assertIn("an all-reduce across 2 worker(s) did not complete (timeout_seconds=10)"
+                  ": a peer worker died", workers[0]["error"])
+    self.assertLess(workers[0]["seconds"], 90)
 
   def test_a_stopped_worker_is_named_within_the_stall_timeout(self):
     # Worker 1 SIGSTOPs itself at batch 3; worker 0's StallWatch has 4 s + 2 s to answer.
@@ -414,13 +437,6 @@ class MultiWorkerReduceTest(tf.test.TestCase):
     self.assertStartsWith(first["error"], "DeadlineExceededError")
     self.assertIn("did not complete (timeout_seconds=1)", first["error"])
     self.assertLess(first["seconds"], 8)
-
-  def test_mismatched_gradients_are_named_on_every_worker(self):
-    workers = multi_worker.run_workers(mismatch_in_worker)
-    for w, mine in zip(workers, ("float32[7]", "float32[8]")):
-      self.assertIsNotNone(w["error"])
-      self.assertIn("shapes or dtypes differ", w["error"])
-      self.assertIn(mine, w["error"])
 
 
 class MultiWorkerFitTest(tf.test.TestCase):

@@ -11,9 +11,12 @@ A test module defines what each worker runs as a function of the strategy, marke
     def test_fit(self):
       first, second = multi_worker.run_workers(fit_in_worker)
 
-Each worker process runs `python -m tests.harness.multi_worker MODULE:FUNCTION OUT`: it builds
-`tf_fusion.multi_worker_strategy` with the function's options (TF_FUSION_* variables
-apply), calls the function and writes its result, with the worker's "task", to OUT.
+Each worker process runs `python -m tests.harness.multi_worker MODULE:FUNCTION OUT`: it
+builds `tf_fusion.multi_worker_strategy` with the function's options (TF_FUSION_*
+variables apply), calls the function and writes its result, with the worker's "task",
+to OUT. Worker functions with the same options that leave the cluster healthy can share
+one pair of processes (TensorFlow's start-up and the cluster's are seconds each):
+`run_workers((first_in_worker, second_in_worker))` runs them in turn.
 """
 
 import importlib
@@ -57,22 +60,26 @@ def _resolve(spec):
 
 
 def main(argv):
-  """One worker: `python -m tests.harness.multi_worker MODULE:FUNCTION OUT`."""
+  """One worker: `python -m tests.harness.multi_worker MODULE:FUNCTION[,...] OUT`."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import tf_fusion  # pylint: disable=g-import-not-at-top
-  fn = _resolve(argv[1])
+  fns = [_resolve(spec) for spec in argv[1].split(",")]
   strategy = tf_fusion.multi_worker_strategy(
-      tf_fusion.FusionOptions.from_env(**fn.strategy_options))
-  result = fn(strategy)
-  result["task"] = strategy.cluster_resolver.task_id
-  with open(argv[2].replace("{task}", str(result["task"])), "w") as f:
-    json.dump(result, f)
+      tf_fusion.FusionOptions.from_env(**fns[0].strategy_options))
+  task = strategy.cluster_resolver.task_id
+  results = []
+  for fn in fns:
+    results.append(dict(fn(strategy), task=task))
+  with open(argv[2].replace("{task}", str(task)), "w") as f:
+    json.dump(results[0] if len(fns) == 1 else {"results": results}, f)
 
 
 def run_workers(fn, num_workers=2, local_devices=2, timeout=240, extra_env=None,
                 may_die=(), may_hang=()):
   """Runs worker function `fn` in `num_workers` processes with `local_devices` logical
-  CPUs each; waits (bounded) and returns each worker's JSON result.
+  CPUs each; waits (bounded) and returns each worker's JSON result. With a tuple of
+  worker functions (the same options), runs them in turn in the same processes and
+  returns, for each function, each worker's result.
 
   Workers in `may_die` may end by a signal; their result is None. Workers in `may_hang`
   are not waited for: killed once the others are done, their result is None.
@@ -80,7 +87,11 @@ def run_workers(fn, num_workers=2, local_devices=2, timeout=240, extra_env=None,
   Raises:
     RuntimeError: naming the worker that failed or timed out, with its stderr tail.
   """
-  spec = _spec(fn)
+  fns = fn if isinstance(fn, tuple) else (fn,)
+  spec = ",".join(_spec(f) for f in fns)
+  if any(f.strategy_options != fns[0].strategy_options for f in fns):
+    raise ValueError("worker functions sharing processes need the same options: "
+                     + ", ".join(f"{f.__name__} {f.strategy_options}" for f in fns))
   ports = [portpicker.pick_unused_port() for _ in range(num_workers)]
   tmp = tempfile.mkdtemp(prefix="tf_fusion_mw_")
   procs = []
@@ -120,6 +131,8 @@ def run_workers(fn, num_workers=2, local_devices=2, timeout=240, extra_env=None,
       continue
     with open(path) as f:
       out.append(json.load(f))
+  if isinstance(fn, tuple):
+    return [[w["results"][i] for w in out] for i in range(len(fns))]
   return out
 
 
