@@ -24,17 +24,8 @@ def pytest_collection_modifyitems(items):
   items[:] = [item for item in items if item.name != "test_session"]
 
 
-import gc  # noqa: E402  pylint: disable=g-import-not-at-top,g-bad-import-order
-
 import keras  # noqa: E402  pylint: disable=g-import-not-at-top,g-bad-import-order
 import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,g-bad-import-order
-
-# TensorFlow's and Keras's import-time objects live as long as the process: out of the
-# collector's sight (gc.freeze), they no longer make each full collection long, nor
-# delay it until the garbage of many tests has piled up (Python runs a full collection
-# when the objects that survived since the last one reach 25% of those that survived
-# before). Measured in the suite: tests that take 1-15 s alone took 85-170 s.
-gc.freeze()
 
 
 @pytest.fixture(autouse=True, scope="class")
