@@ -1,5 +1,6 @@
-"""The cost model: its predictions and interpolation, calibration on the devices, the
-cost model file, and timings that wait for the devices."""
+"""tf_fusion.cost_model: its predictions, interpolation and near-tie rule; the cost model
+file (tf_fusion.autotune reads or calibrates it). Calibration itself: test_calibration.py;
+one calibration per process and devices: test_planner.py."""
 
 import json
 import os
@@ -14,7 +15,6 @@ from tf_fusion import algorithms
 from tf_fusion import collectives as collectives_lib
 from tf_fusion import plans
 from tf_fusion import calibration
-from tf_fusion import planner
 from tf_fusion import autotune
 from tf_fusion import cost_model as cost_lib
 from tf_fusion import packing
@@ -31,25 +31,6 @@ def _specs(*elements):
   return [(F32, tf.TensorShape([n])) for n in elements]
 
 
-class TimingTest(tf.test.TestCase):
-
-  def test_every_call_is_timed_until_the_devices_are_done(self):
-    """On GPUs a call returns before its work is done: each timed call must end with a
-    device sync (else calibration and the measured autotuner time the enqueue)."""
-    calls = []
-    with mock.patch.object(calibration, "wait_for",
-                           side_effect=lambda result: calls.append(("wait", result))):
-      _, times = calibration.time_calls(lambda: calls.append("call") or "out", repeats=3,
-                                     warmup=2)
-    self.assertLen(times, 3)
-    self.assertEqual(calls, ["call", ("wait", "out")] * 5)
-
-  def test_wait_for_syncs_the_devices(self):
-    with mock.patch.object(tf.test.experimental, "sync_devices") as sync:
-      calibration.wait_for([tf.constant(1.0)])
-    sync.assert_called_once()
-
-
 class CostModelFileTest(tf.test.TestCase):
 
   def test_calibrates_once_then_reads_the_file(self):
@@ -62,19 +43,6 @@ class CostModelFileTest(tf.test.TestCase):
                            side_effect=AssertionError("calibrated again")):
       again = autotune.load_or_calibrate(path, devices, algorithms.LOCAL_ALGORITHMS)
     self.assertEqual(again, first)
-
-  def test_a_new_fused_all_reduce_for_the_same_devices_does_not_calibrate_again(self):
-    devices = collectives_lib.canonical_devices(helpers.devices(3))
-    with mock.patch.dict(planner._COST_MODELS, clear=True), mock.patch.object(  # pylint: disable=protected-access
-        calibration, "calibrate", wraps=calibration.calibrate) as measured:
-      first = tf_fusion.FusedAllReduce().cost_model(devices)
-      again = tf_fusion.FusedAllReduce(tf_fusion.FusionOptions(compression="fp16")
-                                       ).cost_model(devices)
-      self.assertEqual(measured.call_count, 1)
-      tf_fusion.FusedAllReduce().cost_model(devices[1:])   # other devices: measured
-      self.assertEqual(measured.call_count, 2)
-    self.assertIs(again, first)
-    self.assertIn(f"TensorFlow {tf.__version__}", first.topology)
 
   def test_a_file_for_another_topology_or_unreadable_is_replaced(self):
     devices = helpers.devices(2)
@@ -173,44 +141,6 @@ class CostModelTest(tf.test.TestCase, parameterized.TestCase):
   def test_bad_constants(self, alpha, beta, points=None):
     with self.assertRaises(ValueError):
       tf_fusion.CostModel(alpha, beta, points=points or {})
-
-
-class CalibrateTest(tf.test.TestCase):
-
-  def test_calibration_measures_finite_constants_at_every_size(self):
-    """What a calibration returns, not what it measures: on a busy machine a difference
-    of two timings may come out 0 (the constants are kept >= 0), so no value is
-    required to be positive."""
-    sizes = (4 << 10, 64 << 10, 1 << 20)
-    model = tf_fusion.calibrate(helpers.devices(2), sizes=sizes, repeats=2)
-    self.assertEqual(model.algorithms, ("reduce_to_one", "ring"))
-    for alg in model.algorithms:
-      self.assertTrue(np.isfinite(model.alpha[alg]) and model.alpha[alg] >= 0)
-      self.assertTrue(np.isfinite(model.beta[alg]) and model.beta[alg] >= 0)
-      self.assertEqual([n for n, _ in model.points[alg]], list(sizes))
-      self.assertTrue(all(np.isfinite(t) and t >= 0 for _, t in model.points[alg]))
-    self.assertTrue(np.isfinite(model.copy_beta) and model.copy_beta >= 0)
-    self.assertStartsWith(model.description, "calibrated on 1 worker(s) x 2 devices")
-
-  def test_auto_calibrates_once_on_first_use(self):
-    ops = tf_fusion.FusedAllReduce(tf_fusion.FusionOptions(algorithm="auto"))
-    devices = helpers.devices(2)
-    strategy = tf.distribute.MirroredStrategy(devices, cross_device_ops=ops)
-    value = helpers.per_replica(strategy, [np.full([64], r + 1.0, np.float32)
-                                           for r in range(2)])
-
-    @tf.function
-    def reduce():
-      return ops.batch_reduce(tf.distribute.ReduceOp.SUM, [(value, value)])[0].values
-
-    with strategy.scope():
-      first = reduce()
-      model = ops.cost_model(devices)
-      reduce()  # Same trace: no second calibration.
-    self.assertAllEqual(first[1], np.full([64], 3.0))
-    self.assertIs(ops.cost_model(devices), model)
-    self.assertIn(ops.last_plan[0].algorithm, model.algorithms)
-    self.assertIsNotNone(ops.last_plan[0].predicted_seconds)
 
 
 if __name__ == "__main__":

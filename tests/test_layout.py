@@ -24,12 +24,31 @@ TESTS_REACHING_INTERNALS = {
     "tests/test_internal_seam.py": "the seam's contract: what it takes from TF and Keras",
     "tests/test_layout.py": "this rule's own pattern",
     "tests/harness/keras_retarget.py": "Keras's own optimizer tests, run on LARS",
-    "tests/test_callbacks.py": "StallWatch's timer, which a raised fit must leave unarmed",
-    "tests/test_cost_model.py": "an empty per-process cache of calibrated cost models",
+    "tests/test_stall.py": "StallWatch's timer, which a raised fit must leave unarmed",
+    "tests/test_planner.py": "an empty per-process cache of calibrated cost models",
     "tests/test_cross_device_ops.py": "the eager functions a copy must not share",
     "tests/test_keras_fit.py": "each replica's copy of a mirrored variable",
     "tests/test_lamb.py": "Keras's moving averages of the weights (use_ema)",
     "tests/test_mixed_precision.py": "the gradient accumulators under loss scaling",
+}
+
+# Tests mirror the library: tf_fusion/X.py is tested in tests/test_X.py, except the
+# modules below, tested where what they serve is tested.
+TESTED_ELSEWHERE = {
+    "__init__": "test_api_docs.py (the public API, one list)",
+    "algorithms": "test_cross_device_ops.py (ring, reduce_to_one against NumPy, bit for "
+                  "bit) and test_multi_worker.py (hierarchical across workers)",
+    "agreement": "test_multi_worker.py (workers that differ, on every worker)",
+    "gradient_marker": "test_keras_paths.py and test_callbacks.py (only gradients ride "
+                       "the 16-bit wire)",
+    "stats": "test_sparse.py and test_cross_device_ops.py (the plan a reduction shows)",
+    "shard_exchange": "test_sharded_update.py (one device's weights and state)",
+    "shard_state": "test_sharded_update.py (the state read through the views, saved)",
+    "shard_step": "test_sharded_update.py (every optimizer, 1 host and 2 workers)",
+    "optimizers/layerwise": "test_lars.py and test_lamb.py (its two optimizers)",
+    "_internal/keras": "test_internal_seam.py (the seam's contract)",
+    "_internal/python": "test_internal_seam.py",
+    "_internal/tf": "test_internal_seam.py",
 }
 
 
@@ -131,6 +150,19 @@ class LayoutTest(unittest.TestCase):
     reaching = {str(p.relative_to(ROOT)) for p in sorted((ROOT / "tests").rglob("*.py"))
                 if INTERNALS.search(p.read_text())}
     self.assertEqual(sorted(reaching), sorted(TESTS_REACHING_INTERNALS))
+
+  def test_tests_mirror_the_library(self):
+    """tests/test_X.py for tf_fusion/X.py (sub-packages: X's own name), or a named
+    exception; and no exception for a module that has its own test file or is gone."""
+    tests = {p.stem[len("test_"):] for p in (ROOT / "tests").glob("test_*.py")}
+    modules = {str(p.relative_to(PACKAGE).with_suffix("")) for p in PACKAGE.rglob("*.py")}
+    modules -= {m for m in modules if m.endswith("__init__") and m != "__init__"}
+    untested = sorted(m for m in modules
+                      if m.split("/")[-1] not in tests and m not in TESTED_ELSEWHERE)
+    self.assertEqual(untested, [])
+    stale = sorted(m for m in TESTED_ELSEWHERE
+                   if m not in modules or m.split("/")[-1] in tests)
+    self.assertEqual(stale, [])
 
 
 if __name__ == "__main__":

@@ -194,7 +194,7 @@ def run_tests(out_dir):
   junit = os.path.abspath(os.path.join(out_dir, "gpu_tests.xml"))
   proc = subprocess.run(
       [sys.executable, "-m", "pytest", "-q", "tests/test_training_equivalence.py",
-       "tests/test_wire_range.py", "tests/test_gpu_graph.py",
+       "tests/test_pipeline.py", "tests/test_gpu_graph.py",
        "tests/test_sharded_update.py", f"--junitxml={junit}"],
       cwd=bench_lib.ROOT, env=env, capture_output=True, text=True, check=False)
   lines = (proc.stdout + proc.stderr).strip().splitlines()

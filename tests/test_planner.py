@@ -1,4 +1,5 @@
-"""Repeatable plans: under `tf.config.experimental.enable_op_determinism()` two runs of
+"""tf_fusion.planner: one calibration per process and devices, shared by every
+FusedAllReduce; and repeatable plans: under `tf.config.experimental.enable_op_determinism()` two runs of
 one fit, in two processes, make the same plan and end with the same bits, whatever a
 calibration would have measured in each.
 
@@ -14,8 +15,16 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
+import numpy as np
 import tensorflow as tf
+
+import tf_fusion
+from tf_fusion import calibration
+from tf_fusion import collectives as collectives_lib
+from tf_fusion import planner
+from tests.harness import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,6 +97,43 @@ def _runs(*cheap):
   return out
 
 
+class CostModelPerProcessTest(tf.test.TestCase):
+  """Calibration runs seconds of collectives: once per process and devices."""
+
+  def test_a_new_fused_all_reduce_for_the_same_devices_does_not_calibrate_again(self):
+    devices = collectives_lib.canonical_devices(helpers.devices(3))
+    with mock.patch.dict(planner._COST_MODELS, clear=True), mock.patch.object(  # pylint: disable=protected-access
+        calibration, "calibrate", wraps=calibration.calibrate) as measured:
+      first = tf_fusion.FusedAllReduce().cost_model(devices)
+      again = tf_fusion.FusedAllReduce(tf_fusion.FusionOptions(compression="fp16")
+                                       ).cost_model(devices)
+      self.assertEqual(measured.call_count, 1)
+      tf_fusion.FusedAllReduce().cost_model(devices[1:])   # other devices: measured
+      self.assertEqual(measured.call_count, 2)
+    self.assertIs(again, first)
+    self.assertIn(f"TensorFlow {tf.__version__}", first.topology)
+
+  def test_auto_calibrates_once_on_first_use(self):
+    ops = tf_fusion.FusedAllReduce(tf_fusion.FusionOptions(algorithm="auto"))
+    devices = helpers.devices(2)
+    strategy = tf.distribute.MirroredStrategy(devices, cross_device_ops=ops)
+    value = helpers.per_replica(strategy, [np.full([64], r + 1.0, np.float32)
+                                           for r in range(2)])
+
+    @tf.function
+    def reduce():
+      return ops.batch_reduce(tf.distribute.ReduceOp.SUM, [(value, value)])[0].values
+
+    with strategy.scope():
+      first = reduce()
+      model = ops.cost_model(devices)
+      reduce()  # Same trace: no second calibration.
+    self.assertAllEqual(first[1], np.full([64], 3.0))
+    self.assertIs(ops.cost_model(devices), model)
+    self.assertIn(ops.last_plan[0].algorithm, model.algorithms)
+    self.assertIsNotNone(ops.last_plan[0].predicted_seconds)
+
+
 class RepeatablePlanTest(tf.test.TestCase):
 
   def test_two_processes_same_plan_and_bits_under_op_determinism(self):
@@ -97,3 +143,7 @@ class RepeatablePlanTest(tf.test.TestCase):
     self.assertNotEqual(ring_day["measured"]["bits"], one_day["measured"]["bits"])
     self.assertEqual(ring_day["deterministic"]["plan"], one_day["deterministic"]["plan"])
     self.assertEqual(ring_day["deterministic"]["bits"], one_day["deterministic"]["bits"])
+
+
+if __name__ == "__main__":
+  tf.test.main()

@@ -1,4 +1,5 @@
-"""Cost model, hybrid assignment and calibration."""
+"""tf_fusion.plans: the hybrid assignment of an algorithm to each pack (Jia et al. 2018),
+against a fixed cost model."""
 
 import tensorflow as tf
 
