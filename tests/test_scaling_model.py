@@ -63,11 +63,23 @@ class LimitingCasesTest(tf.test.TestCase):
     self.assertAlmostEqual(sm.allreduce_seconds("ring", 100e6, hw, 32),
                            2 * 31 / 32 * 100e6 / 12.5e9)
 
-  def test_auto_takes_the_cheaper_per_pack(self):
-    for nbytes in (1 << 10, 1 << 28):
-      self.assertEqual(sm.allreduce_seconds("auto", nbytes, P40, 256),
-                       min(sm.allreduce_seconds(s, nbytes, P40, 256)
-                           for s in ("ring", "hierarchical")))
+  def test_auto_is_tf_fusions_pick(self):
+    # tf_fusion's hybrid rule: the cheaper scheme, unless the ring is within 15% of it
+    # (a near-tie goes to the ring). The two lines by hand, 256 P40s, 32 nodes of 8.
+    def ring(s):
+      return 2 * 255 * P40.inter_alpha + 2 * 255 / 256 * s / P40.inter_bw
+
+    def hierarchical(s):
+      return (2 * 7 * P40.intra_alpha + 2 * 7 / 8 * s / P40.intra_bw
+              + 2 * 31 * P40.inter_alpha + 2 * 31 / 32 * s / P40.inter_bw)
+
+    near_ties = 0
+    for s in np.geomspace(1 << 10, 1 << 30, 200):
+      want = ring(s) if ring(s) <= 1.15 * hierarchical(s) else hierarchical(s)
+      near_ties += hierarchical(s) < ring(s) <= 1.15 * hierarchical(s)
+      self.assertAlmostEqual(sm.allreduce_seconds("auto", s, P40, 256), want,
+                             delta=want * 1e-12)
+    self.assertGreater(near_ties, 0)    # the rule was exercised
 
   def test_packs_and_overlap(self):
     layers = sm.resnet50_layers()

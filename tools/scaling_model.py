@@ -19,8 +19,9 @@ What one step costs (`step_seconds`):
                   its slowest hop is the network once there are several nodes)
     hierarchical  2 [(k-1) alpha_intra + (k-1)/k S / B_intra] + ring over the N/k node
                   masters (reduce in the node, all-reduce across nodes, broadcast back)
-    auto          the cheaper of the two, per pack: the hybrid all-reduce of Jia et
-                  al. 2018 (FusionOptions(algorithm="auto"))
+    auto          per pack, the one tf_fusion's hybrid all-reduce (Jia et al. 2018,
+                  FusionOptions(algorithm="auto")) picks: both lines as tf_fusion's
+                  CostModel, its `best` (the cheaper, the ring on a near-tie)
   with k GPUs per node. On one node the ring uses the intra-node constants.
 - time to train = steps x step time, steps = epochs x 1,281,167 / global batch.
 
@@ -38,11 +39,13 @@ References:
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
 from typing import Dict, List, Sequence, Tuple
 
+from tf_fusion.cost_model import CostModel
 from tools.scaling_inputs import HARDWARE
 from tools.scaling_inputs import MODELS
 from tools.scaling_inputs import Hardware
@@ -60,28 +63,46 @@ SCHEMES = ("ring", "hierarchical", "auto")
 PER_TENSOR = 1
 
 
-def _ring(n, alpha, bw, nbytes):
+def _ring_line(n, alpha, bw):
+  """(launch seconds, seconds per byte) of a ring all-reduce over n members."""
   if n <= 1:
-    return 0.0
-  return 2 * (n - 1) * alpha + 2 * (n - 1) / n * nbytes / bw
+    return 0.0, 0.0
+  return 2 * (n - 1) * alpha, 2 * (n - 1) / n / bw
+
+
+@functools.lru_cache(maxsize=None)
+def _cost_model(gpus_per_node, intra_alpha, intra_bw, inter_alpha, inter_bw, gpus):
+  k = min(gpus_per_node, gpus)
+  nodes = math.ceil(gpus / k)
+  if nodes == 1:
+    ring = hierarchical = _ring_line(gpus, intra_alpha, intra_bw)
+  else:
+    ring = _ring_line(gpus, inter_alpha, inter_bw)
+    local = _ring_line(k, intra_alpha, intra_bw)     # reduce in the node + broadcast back
+    across = _ring_line(nodes, inter_alpha, inter_bw)
+    hierarchical = (local[0] + across[0], local[1] + across[1])
+  return CostModel({"ring": ring[0], "hierarchical": hierarchical[0]},
+                   {"ring": ring[1], "hierarchical": hierarchical[1]},
+                   description=f"alpha-beta model: {gpus} GPUs, {k} per node")
+
+
+def cost_model(hw: Hardware, gpus: int) -> CostModel:
+  """The all-reduce of `gpus` GPUs on `hw` as tf_fusion's own CostModel (see the module
+  doc): both schemes are lines in the pack's bytes, so the library's predictions and
+  its hybrid pick (CostModel.best, with its near-tie rule) are the model's."""
+  return _cost_model(hw.gpus_per_node, hw.intra_alpha, hw.intra_bw, hw.inter_alpha,
+                     hw.inter_bw, gpus)
 
 
 def allreduce_seconds(scheme: str, nbytes: float, hw: Hardware, gpus: int) -> float:
-  """One all-reduce of `nbytes` per GPU over `gpus` GPUs (see the module doc)."""
+  """One all-reduce of `nbytes` per GPU over `gpus` GPUs (see the module doc); "auto"
+  is the scheme tf_fusion's hybrid all-reduce picks from the same cost model."""
+  if scheme not in SCHEMES:
+    raise ValueError(f"scheme={scheme!r}; valid: {', '.join(SCHEMES)}")
   if gpus <= 1:
     return 0.0
-  k = min(hw.gpus_per_node, gpus)
-  nodes = math.ceil(gpus / k)
-  if scheme == "auto":
-    return min(allreduce_seconds(s, nbytes, hw, gpus) for s in ("ring", "hierarchical"))
-  if nodes == 1:
-    return _ring(gpus, hw.intra_alpha, hw.intra_bw, nbytes)
-  if scheme == "ring":
-    return _ring(gpus, hw.inter_alpha, hw.inter_bw, nbytes)
-  if scheme == "hierarchical":
-    local = (k - 1) * hw.intra_alpha + (k - 1) / k * nbytes / hw.intra_bw
-    return 2 * local + _ring(nodes, hw.inter_alpha, hw.inter_bw, nbytes)
-  raise ValueError(f"scheme={scheme!r}; valid: {', '.join(SCHEMES)}")
+  model = cost_model(hw, gpus)
+  return model.seconds(model.best(nbytes) if scheme == "auto" else scheme, nbytes)
 
 
 def packs(layers: Sequence[Layer], pack_bytes: int, wire_bytes: int,
