@@ -5,6 +5,7 @@ FlagValues to define into, so tests build their own.
 """
 
 import dataclasses
+import typing
 from typing import Optional
 
 from absl import flags
@@ -290,11 +291,38 @@ class SharedConfig:
       raise ValueError(f"loss_scale={self.loss_scale!r} must be 'dynamic' or a number > 0.")
 
 
-def config_values(config_class, fv, preset, skip=()):
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """A named set of flag values: a paper's or a reference's settings of a run.
+
+  Subclasses are frozen dataclasses whose fields are flags of their recipe, typed as
+  their flags are, so that a preset is checked when it is written (an int where a
+  float flag is meant is taken as that float; anything else of another type is a
+  TypeError naming the field). `resolve` fills in `as_flags()` for the flags the user
+  did not give; tests/test_flag_groups.py parses every value under its flag.
+  """
+
+  def __post_init__(self):
+    hints = typing.get_type_hints(type(self))
+    for field in dataclasses.fields(self):
+      want, value = hints[field.name], getattr(self, field.name)
+      if want is float and type(value) is int:   # pylint: disable=unidiomatic-typecheck
+        object.__setattr__(self, field.name, float(value))
+      elif type(value) is not want:   # pylint: disable=unidiomatic-typecheck
+        raise TypeError(f"{type(self).__name__}.{field.name}={value!r}: the flag "
+                        f"--{field.name} takes a {want.__name__}.")
+
+  def as_flags(self) -> dict:
+    """{flag name: value} of every field."""
+    return dataclasses.asdict(self)
+
+
+def config_values(config_class, fv, preset: Optional[Preset], skip=()):
   """{field: value} of `config_class` from the parsed flags `fv`, with the `preset`'s
   values where a flag was not given; --pack_bytes as FusionOptions wants it."""
   values = {f.name: fv[f.name].value for f in dataclasses.fields(config_class)
             if f.name not in skip}
-  values.update({k: v for k, v in preset.items() if not fv[k].present})
+  given = preset.as_flags() if preset is not None else {}
+  values.update({k: v for k, v in given.items() if not fv[k].present})
   values["pack_bytes"] = pack_bytes_value(values["pack_bytes"])
   return values

@@ -110,7 +110,8 @@ class PresetsTest(tf.test.TestCase):
     its flag (and the flag's validators) accepts, given on the command line."""
     presets = {"imagenet": imagenet_flags.PRESETS, "bert": bert_flags.SCHEDULE_PRESETS}
     for recipe, table in presets.items():
-      for name, values in table.items():
+      for name, preset in table.items():
+        values = preset.as_flags()
         fv = defined(recipe)
         for key, value in values.items():
           self.assertIn(key, fv, f"{recipe} preset {name}: no flag --{key}")
@@ -119,6 +120,16 @@ class PresetsTest(tf.test.TestCase):
         fv(["main"] + BASE[recipe] + argv)   # raises on a value the flag refuses
         for key, value in values.items():
           self.assertEqual(fv[key].value, value, f"{recipe} preset {name}: --{key}")
+
+
+  def test_a_value_of_another_type_is_refused_when_the_preset_is_written(self):
+    with self.assertRaisesRegex(TypeError, r"JiaSchedule.epochs='90': the flag --epochs "
+                                "takes a float"):
+      imagenet_flags.JiaSchedule("resnet50", epochs="90", weight_decay=5e-5)
+    with self.assertRaisesRegex(TypeError, "LambSchedule.lamb_adapt_all=1"):
+      bert_flags.LambSchedule(512, 10, 1e-3, 0.1, 20, lamb_adapt_all=1)
+    # An int where a float flag is meant is that float.
+    self.assertEqual(imagenet_flags.JiaSchedule("resnet50", 90, 1).weight_decay, 1.0)
 
 
 class HelpshortTest(tf.test.TestCase):

@@ -17,18 +17,14 @@ Examples:
 dict as JSON (`train_loss`, `sequences_per_sec`, ...).
 """
 
-import math
 import os
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-from absl import logging
 import keras
-import tensorflow as tf
 
 import tf_fusion
-from official_recipes import callbacks as recipe_callbacks
+from official_recipes import runner
 from official_recipes import training
 from official_recipes.bert import input_pipeline
 from official_recipes.bert import model as bert_model
@@ -86,102 +82,71 @@ def make_datasets(cfg, strategy, meta):
 
 
 def run(flags_obj):
-  """Trains as the flags say; returns a dict of stats.
-
-  Raises:
-    ValueError: for input or settings that cannot work, naming them.
-  """
-  cfg = recipe_flags.resolve(flags_obj)
-  return training.with_policy(cfg.dtype, _run, cfg)
+  """Trains as the flags say; returns the stats (ValueError for input or settings that
+  cannot work, naming them)."""
+  return runner.run(BertTask(), recipe_flags.resolve(flags_obj))
 
 
-def _run(cfg):
-  start_time = time.perf_counter()
-  training.seed(cfg)
-  meta = input_pipeline.read_meta(cfg.data_dir)
-  strategy = training.make_strategy(cfg)
-  replicas = strategy.num_replicas_in_sync
-  if cfg.batch_size % replicas:
-    raise ValueError(f"--batch_size={cfg.batch_size} does not split over {replicas} "
-                     "replicas.")
-  if cfg.predictions > meta["seq_length"]:
-    raise ValueError(f"--max_predictions={cfg.predictions} exceeds the corpus's "
-                     f"sequence length {meta['seq_length']}.")
-  train, validation, eval_steps = make_datasets(cfg, strategy, meta)
-  out_dir = training.worker_dir(cfg.model_dir, strategy)
-  model = _build(cfg, strategy, meta)
-  backup, start_step = training.backup_and_restore(cfg, model, strategy, out_dir)
-  total, loop = cfg.train_steps, min(cfg.checkpoint_steps, cfg.train_steps)
-  if loop % cfg.steps_per_execution or (total - start_step) % cfg.steps_per_execution:
-    raise ValueError(f"--steps_per_execution={cfg.steps_per_execution} must divide "
-                     f"--checkpoint_steps ({loop}) and the steps left ({total - start_step}).")
-  logging.info("%s encoder (%d parameters) on %d replicas, global batch %d sequences "
-               "of %d tokens, steps %d..%d, peak lr %.4g", cfg.model, model.count_params(),
-               replicas, cfg.batch_size, meta["seq_length"], start_step, total,
-               cfg.learning_rate)
-  logger, preemption, callbacks = training.callbacks(cfg, model, backup, total, 0, out_dir,
-                                                     unit="sequences")
-  history = {}
-  if start_step < total:
-    first = training.first_epoch(backup, start_step, loop)
-    try:
-      history = model.fit(train, epochs=first + math.ceil((total - start_step) / loop),
-                          initial_epoch=first, steps_per_epoch=loop, callbacks=callbacks,
-                          verbose=1).history
-    except tf.errors.DataLossError as e:
-      raise training.corrupt_data(e, cfg.data_dir, input_pipeline.tfrecord_files(
-          cfg.data_dir, True), model, out_dir) from None
-  metrics = {k: v[-1] for k, v in history.items()}
-  if validation is not None:
-    metrics.update({f"eval_{k}": v for k, v in model.evaluate(
-        validation, steps=eval_steps, verbose=0, return_dict=True).items()})
-  stats = _stats(cfg, model, strategy, meta, metrics, logger, start_step)
-  stats.update(training.common_stats(model, strategy, logger, preemption, out_dir,
-                                     start_time))
-  return training.write_report(stats)
+class BertTask:
+  """The recipe's part of a run (runner.Task): a masked-LM corpus, --train_steps in
+  Keras epochs of --checkpoint_steps, the encoder with its masked-LM head and LAMB (or
+  AdamW), evaluated once at the end."""
 
+  unit = "sequences"
 
-def _build(cfg, strategy, meta):
-  """The encoder with its masked-LM head, compiled under `strategy`."""
-  updates = max(1, cfg.train_steps // cfg.accumulation_steps)
-  with strategy.scope():
-    model = bert_model.build(cfg.model, meta["vocab_size"], cfg.dropout)
-    if meta["seq_length"] > model.config.max_position:
-      raise ValueError(f"The corpus's sequences ({meta['seq_length']} tokens) are longer "
-                       f"than the encoder's {model.config.max_position} positions.")
-    schedule = WarmupPolyDecay(cfg.learning_rate, round(cfg.warmup_proportion * updates),
-                               updates, power=cfg.poly_power)
-    model.compile(make_optimizer(cfg, schedule),
-                  loss=masked_lm_loss(),
-                  weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(
-                      name="masked_accuracy")],
-                  jit_compile=False, steps_per_execution=cfg.steps_per_execution)
-  return model
+  def data(self, cfg, strategy) -> runner.Data:
+    meta = input_pipeline.read_meta(cfg.data_dir)
+    if cfg.predictions > meta["seq_length"]:
+      raise ValueError(f"--max_predictions={cfg.predictions} exceeds the corpus's "
+                       f"sequence length {meta['seq_length']}.")
+    train, validation, eval_steps = make_datasets(cfg, strategy, meta)
+    return runner.Data(train, validation, cfg.train_steps,
+                       min(cfg.checkpoint_steps, cfg.train_steps), eval_steps,
+                       evaluate_in_fit=False,
+                       train_files=input_pipeline.tfrecord_files(cfg.data_dir, True),
+                       unit=self.unit, meta=meta)
 
+  def build(self, cfg, strategy, data: runner.Data) -> keras.Model:
+    """The encoder with its masked-LM head, compiled under `strategy`."""
+    meta = data.meta
+    updates = max(1, cfg.train_steps // cfg.accumulation_steps)
+    with strategy.scope():
+      model = bert_model.build(cfg.model, meta["vocab_size"], cfg.dropout)
+      if meta["seq_length"] > model.config.max_position:
+        raise ValueError(f"The corpus's sequences ({meta['seq_length']} tokens) are "
+                         f"longer than the encoder's {model.config.max_position} "
+                         "positions.")
+      schedule = WarmupPolyDecay(cfg.learning_rate, round(cfg.warmup_proportion * updates),
+                                 updates, power=cfg.poly_power)
+      model.compile(make_optimizer(cfg, schedule),
+                    loss=masked_lm_loss(),
+                    weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(
+                        name="masked_accuracy")],
+                    jit_compile=False, steps_per_execution=cfg.steps_per_execution)
+    return model
 
-def _stats(cfg, model, strategy, meta, metrics, logger, start_step):
-  """The recipe's own figures of the run (training.common_stats adds the shared ones)."""
-  ops = tf_fusion.fused_ops_of(strategy)
-  plan = ops.last_plan if ops is not None else ()
-  return {
-      "model": cfg.model, "preset": cfg.model,   # "preset": the stats' old key
-      "optimizer": cfg.optimizer,
-      "cross_device_ops": cfg.cross_device_ops, "weight_update": cfg.weight_update,
-      "num_replicas": strategy.num_replicas_in_sync,
-      "global_batch_size": cfg.batch_size, "seq_length": meta["seq_length"],
-      "dtype": cfg.dtype, "parameters": model.count_params(), "start_step": start_step,
-      "final_step": recipe_callbacks.step_of(model), "total_steps": cfg.train_steps,
-      "updates": recipe_callbacks.updates_of(model),
-      "train_loss": metrics.get("loss"), "logged_losses": logger.losses,
-      "train_masked_accuracy": metrics.get("masked_accuracy"),
-      "eval_loss": metrics.get("eval_loss"),
-      "eval_masked_accuracy": metrics.get("eval_masked_accuracy"),
-      "sequences_per_sec": logger.steady_rate,
-      # IndexedSlices gathered / densified (none under accumulation: Keras sums the
-      # gradients into dense accumulators before they are reduced).
-      "gathered": sum(p.tensor_count for p in plan if p.algorithm in tf_fusion.stats.GATHERS),
-      "densified": sum(len(p.densified) for p in plan),
-  }
+  def describe(self, cfg, model, strategy, data, start_step) -> str:
+    return (f"{cfg.model} encoder ({model.count_params()} parameters) on "
+            f"{strategy.num_replicas_in_sync} replicas, global batch {cfg.batch_size} "
+            f"sequences of {data.meta['seq_length']} tokens, steps {start_step}.."
+            f"{data.total}, peak lr {cfg.learning_rate:.4g}")
+
+  def stats(self, cfg, model, strategy, data, metrics, logger) -> dict:
+    ops = tf_fusion.fused_ops_of(strategy)
+    plan = ops.last_plan if ops is not None else ()
+    return {
+        "preset": cfg.model,   # the stats' old key of "model"
+        "optimizer": cfg.optimizer, "seq_length": data.meta["seq_length"],
+        "parameters": model.count_params(), "logged_losses": logger.losses,
+        "train_masked_accuracy": metrics.get("masked_accuracy"),
+        "eval_masked_accuracy": metrics.get("val_masked_accuracy"),
+        "sequences_per_sec": logger.steady_rate,
+        # IndexedSlices gathered / densified (none under accumulation: Keras sums the
+        # gradients into dense accumulators before they are reduced).
+        "gathered": sum(p.tensor_count for p in plan
+                        if p.algorithm in tf_fusion.stats.GATHERS),
+        "densified": sum(len(p.densified) for p in plan),
+    }
 
 
 if __name__ == "__main__":

@@ -19,15 +19,28 @@ from official_recipes.flag_groups import group
 # poly(0.5) decay), and its optimizer: the trust ratio on every variable (weight decay
 # still not on biases and LayerNorm) and the gradient's global norm clipped to 1.0
 # before the update. Run phase 2 with --model_dir of phase 1 and a corpus of length 512.
-_NVIDIA_LAMB = {"optimizer": "lamb", "weight_decay": 0.01, "lamb_adapt_all": True,
-                "global_clipnorm": 1.0, "dtype": "fp16", "compression": "fp16"}
+@dataclasses.dataclass(frozen=True)
+class LambSchedule(shared_flags.Preset):
+  """One phase of NVIDIA's LAMB run (flag values): its schedule, and its optimizer."""
+  batch_size: int
+  train_steps: int
+  learning_rate: float
+  warmup_proportion: float
+  max_predictions: int
+  poly_power: float = 0.5
+  optimizer: str = "lamb"
+  weight_decay: float = 0.01
+  lamb_adapt_all: bool = True
+  global_clipnorm: float = 1.0
+  dtype: str = "fp16"
+  compression: str = "fp16"
+
+
 SCHEDULE_PRESETS = {
-    "lamb_64k_phase1": {"batch_size": 65536, "train_steps": 7038, "learning_rate": 6e-3,
-                        "warmup_proportion": 0.2843, "poly_power": 0.5,
-                        "max_predictions": 20, **_NVIDIA_LAMB},
-    "lamb_32k_phase2": {"batch_size": 32768, "train_steps": 1563, "learning_rate": 4e-3,
-                        "warmup_proportion": 0.128, "poly_power": 0.5,
-                        "max_predictions": 80, **_NVIDIA_LAMB},
+    "lamb_64k_phase1": LambSchedule(65536, 7038, learning_rate=6e-3,
+                                    warmup_proportion=0.2843, max_predictions=20),
+    "lamb_32k_phase2": LambSchedule(32768, 1563, learning_rate=4e-3,
+                                    warmup_proportion=0.128, max_predictions=80),
 }
 
 
@@ -112,6 +125,6 @@ RENAMED = (("preset", "model"),)
 
 def resolve(fv) -> BertConfig:
   """The settings of a run: flag values, the schedule preset's where none was given."""
-  preset = SCHEDULE_PRESETS.get(fv.schedule_preset, {}) if fv.schedule_preset else {}
+  preset = SCHEDULE_PRESETS[fv.schedule_preset] if fv.schedule_preset else None
   values = shared_flags.config_values(BertConfig, fv, preset)
   return BertConfig(**shared_flags.take_old_names(fv, values, RENAMED))

@@ -15,11 +15,7 @@ References:
   Jia et al. 2018, arXiv:1807.11205; Goyal et al. 2017, arXiv:1706.02677.
 """
 
-import dataclasses
-import math
 import os
-import time
-from typing import Optional
 
 # TensorFlow's C++ start-up INFO lines (oneDNN, CUDA stubs, CPU features) say nothing
 # a user of the recipe can act on; warnings and errors still show. Set before import.
@@ -27,10 +23,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from absl import logging
 import keras
-import tensorflow as tf
 
 import tf_fusion
-from official_recipes import callbacks as recipe_callbacks
+from official_recipes import runner
 from official_recipes import training
 from official_recipes.imagenet import input_pipeline
 from official_recipes.imagenet import models
@@ -129,133 +124,62 @@ def plan_steps(cfg, n_train, n_eval, global_batch):
 
 
 def run(flags_obj):
-  """Trains and evaluates as the flags say; returns a dict of stats.
-
-  Raises:
-    ValueError: for input or settings that cannot work, naming them.
-  """
-  cfg = recipe_flags.resolve(flags_obj)
-  return training.with_policy(cfg.dtype, _run, cfg)
+  """Trains and evaluates as the flags say; returns the stats (ValueError for input or settings that
+  cannot work, naming them)."""
+  return runner.run(ImagenetTask(), recipe_flags.resolve(flags_obj))
 
 
-@dataclasses.dataclass
-class _Job:
-  """What `_build` makes of a config, for `_fit` and `_report`."""
-  strategy: tf.distribute.Strategy
-  model: keras.Model
-  backup: Optional[keras.callbacks.BackupAndRestore]   # None: --cross_device_ops=none
-  logger: recipe_callbacks.StepLogger
-  preemption: Optional[tf_fusion.SaveOnPreemption]
-  callbacks: list
-  train: object
-  evaluation: object
-  steps_per_epoch: int
-  total: int
-  eval_steps: int
-  loop: int          # steps between evaluations: one Keras "epoch"
-  start_step: int
-  out_dir: str
+class ImagenetTask:
+  """The recipe's part of a run (runner.Task): ImageNet-format data, the step plan in
+  epochs, ResNet-50 v1.5 or AlexNet-BN with LARS (or SGD) and a warm-up + poly decay,
+  evaluated every --epochs_between_evals."""
+
+  unit = "images"
+
+  def data(self, cfg, strategy) -> runner.Data:
+    train, evaluation, n_train, n_eval = make_datasets(cfg, strategy, cfg.batch_size)
+    steps_per_epoch, total, warmup, eval_steps = plan_steps(cfg, n_train, n_eval,
+                                                            cfg.batch_size)
+    files = input_pipeline.tfrecord_files(cfg.data_dir, True) if cfg.data_dir else ()
+    return runner.Data(train, evaluation, total, steps_per_epoch * cfg.epochs_between_evals,
+                       eval_steps, evaluate_in_fit=True, train_files=files, unit=self.unit,
+                       meta={"steps_per_epoch": steps_per_epoch, "warmup": warmup})
+
+  def build(self, cfg, strategy, data: runner.Data) -> keras.Model:
+    # Under gradient accumulation an update sees accumulation_steps batches, and the
+    # schedule runs on the optimizer's update count.
+    per_update = cfg.accumulation_steps
+    with strategy.scope():
+      model = models.build(cfg.model, cfg.num_classes, cfg.image_size)
+      schedule = WarmupPolyDecay(_peak_lr(cfg), data.meta["warmup"] // per_update,
+                                 max(1, data.total // per_update), power=cfg.poly_power)
+      # No XLA: with XLA on GPUs, MirroredStrategy ignores custom cross-device ops.
+      model.compile(make_optimizer(cfg, schedule),
+                    loss=keras.losses.CategoricalCrossentropy(
+                        from_logits=True, label_smoothing=cfg.label_smoothing),
+                    metrics=[keras.metrics.CategoricalAccuracy(name="top_1"),
+                             keras.metrics.TopKCategoricalAccuracy(5, name="top_5")],
+                    jit_compile=False, steps_per_execution=cfg.steps_per_execution)
+    return model
+
+  def describe(self, cfg, model, strategy, data, start_step) -> str:
+    del model
+    return (f"{cfg.model} on {strategy.num_replicas_in_sync} replicas, global batch "
+            f"{cfg.batch_size} (x{cfg.accumulation_steps} per update), "
+            f"{data.meta['steps_per_epoch']} steps per epoch; steps {start_step}.."
+            f"{data.total}, peak lr {_peak_lr(cfg):.4g} after {data.meta['warmup']} "
+            "warm-up steps")
+
+  def stats(self, cfg, model, strategy, data, metrics, logger) -> dict:
+    del cfg, model, strategy
+    return {"steps_per_epoch": data.meta["steps_per_epoch"],
+            "train_top_1": metrics.get("top_1"), "eval_top_1": metrics.get("val_top_1"),
+            "eval_top_5": metrics.get("val_top_5"), "images_per_sec": logger.steady_rate}
 
 
-def _run(cfg):
-  start_time = time.perf_counter()
-  training.seed(cfg)
-  job = _build(cfg)
-  history, fit_epochs = _fit(cfg, job)
-  return _report(cfg, job, history, fit_epochs, start_time)
-
-
-def _build(cfg) -> _Job:
-  """The strategy, data, model (compiled, restored from model_dir) and callbacks."""
-  strategy = training.make_strategy(cfg)
-  replicas = strategy.num_replicas_in_sync
-  if cfg.batch_size % replicas:
-    raise ValueError(f"--batch_size={cfg.batch_size} does not split over {replicas} "
-                     "replicas.")
-  train, evaluation, n_train, n_eval = make_datasets(cfg, strategy, cfg.batch_size)
-  steps_per_epoch, total, warmup, eval_steps = plan_steps(cfg, n_train, n_eval,
-                                                          cfg.batch_size)
-  # Under gradient accumulation an update sees accumulation_steps batches, and the
-  # schedule runs on the optimizer's update count.
-  per_update = cfg.accumulation_steps
-  base_lr = cfg.learning_rate or 0.1 * cfg.batch_size * per_update / 256
-  out_dir = training.worker_dir(cfg.model_dir, strategy)
-  with strategy.scope():
-    model = models.build(cfg.model, cfg.num_classes, cfg.image_size)
-    schedule = WarmupPolyDecay(base_lr, warmup // per_update,
-                               max(1, total // per_update), power=cfg.poly_power)
-    # No XLA: with XLA on GPUs, MirroredStrategy ignores custom cross-device ops.
-    model.compile(make_optimizer(cfg, schedule),
-                  loss=keras.losses.CategoricalCrossentropy(
-                      from_logits=True, label_smoothing=cfg.label_smoothing),
-                  metrics=[keras.metrics.CategoricalAccuracy(name="top_1"),
-                           keras.metrics.TopKCategoricalAccuracy(5, name="top_5")],
-                  jit_compile=False, steps_per_execution=cfg.steps_per_execution)
-  backup, start_step = training.backup_and_restore(cfg, model, strategy, out_dir)
-  logging.info("%s on %d replicas, global batch %d (x%d per update), %d steps per "
-               "epoch; steps %d..%d, peak lr %.4g after %d warm-up steps", cfg.model,
-               replicas, cfg.batch_size, per_update, steps_per_epoch, start_step, total,
-               base_lr, warmup)
-  loop = steps_per_epoch * cfg.epochs_between_evals
-  if loop % cfg.steps_per_execution or (total - start_step) % cfg.steps_per_execution:
-    # The data repeats, so each call runs all its steps: it would overshoot the
-    # evaluation points and the end of the run.
-    raise ValueError(
-        f"--steps_per_execution={cfg.steps_per_execution} must divide the steps between "
-        f"evaluations ({loop}) and the steps left to run ({total - start_step}).")
-  logger, preemption, callbacks = training.callbacks(cfg, model, backup, total,
-                                                      eval_steps, out_dir)
-  return _Job(strategy, model, backup, logger, preemption, callbacks, train, evaluation,
-              steps_per_epoch, total, eval_steps, loop, start_step, out_dir)
-
-
-def _fit(cfg, job: _Job):
-  """Trains from the restored step to the end; (Keras history, [first, last] epoch)."""
-  if job.start_step >= job.total:
-    return {}, None
-  first_epoch = training.first_epoch(job.backup, job.start_step, job.loop)
-  fit_epochs = [first_epoch, first_epoch + math.ceil((job.total - job.start_step) / job.loop)]
-  try:
-    history = job.model.fit(
-        job.train, epochs=fit_epochs[1], initial_epoch=first_epoch,
-        steps_per_epoch=job.loop, validation_data=job.evaluation,
-        validation_steps=job.eval_steps or None, callbacks=job.callbacks,
-        verbose=1).history
-  except tf.errors.DataLossError as e:
-    raise training.corrupt_data(e, cfg.data_dir, input_pipeline.tfrecord_files(
-        cfg.data_dir, True), job.model, job.out_dir) from None
-  return history, fit_epochs
-
-
-def _report(cfg, job: _Job, history, fit_epochs, start_time):
-  """The run's stats (written to model_dir/stats.json and plan.txt too)."""
-  model = job.model
-  metrics = {k: v[-1] for k, v in history.items()}
-  if job.evaluation is not None and "val_top_1" not in metrics:
-    metrics.update({f"val_{k}": v for k, v in model.evaluate(
-        job.evaluation, steps=job.eval_steps, verbose=0, return_dict=True,
-        callbacks=[c for c in job.callbacks
-                   if isinstance(c, recipe_callbacks.EvalProgress)]).items()})
-  stats = {
-      "model": cfg.model, "cross_device_ops": cfg.cross_device_ops,
-      "weight_update": cfg.weight_update,
-      "num_replicas": job.strategy.num_replicas_in_sync,
-      "global_batch_size": cfg.batch_size, "dtype": cfg.dtype,
-      "start_step": job.start_step, "final_step": recipe_callbacks.step_of(model),
-      "total_steps": job.total, "eval_steps": job.eval_steps,
-      "accumulation_steps": cfg.accumulation_steps,
-      "updates": recipe_callbacks.updates_of(model),
-      "steps_per_execution": cfg.steps_per_execution,
-      "steps_per_epoch": job.steps_per_epoch,
-      "train_loss": metrics.get("loss"), "train_top_1": metrics.get("top_1"),
-      "eval_loss": metrics.get("val_loss"), "eval_top_1": metrics.get("val_top_1"),
-      "eval_top_5": metrics.get("val_top_5"),
-      "images_per_sec": job.logger.steady_rate,
-      "fit_epochs": fit_epochs,
-      **training.common_stats(model, job.strategy, job.logger, job.preemption, job.out_dir,
-                              start_time),
-  }
-  return training.write_report(stats)
+def _peak_lr(cfg):
+  """--learning_rate, or Goyal et al.'s 0.1 per 256 images of an update."""
+  return cfg.learning_rate or 0.1 * cfg.batch_size * cfg.accumulation_steps / 256
 
 
 if __name__ == "__main__":

@@ -24,21 +24,31 @@ from official_recipes.shared_flags import define_precision_flags
 # after a linear warm-up, FP16 forward/backward on FP32 master weights, FP16 on the wire,
 # hybrid all-reduce; ResNet-50 90 epochs, AlexNet-BN 95 epochs. Values the paper does not
 # give are marked "assumed" (the learning rate follows --learning_rate's default rule).
+@dataclasses.dataclass(frozen=True)
+class JiaSchedule(shared_flags.Preset):
+  """Jia et al. 2018's settings of one network (flag values)."""
+  model: str
+  epochs: float
+  weight_decay: float
+  image_size: int = 224
+  batch_size: int = 65536
+  optimizer: str = "lars"
+  lars_eta: float = 0.001
+  momentum: float = 0.9
+  poly_power: float = 2.0
+  dtype: str = "fp16"
+  compression: str = "fp16"
+  all_reduce_alg: str = "auto"
+  warmup_epochs: float = 5.0     # assumed: Goyal et al. 2017
+
+
 PRESETS = {
-    "jia2018_resnet50_64k": {
-        "model": "resnet50", "image_size": 224, "batch_size": 65536, "epochs": 90,
-        "optimizer": "lars", "lars_eta": 0.001, "momentum": 0.9, "poly_power": 2.0,
-        "dtype": "fp16", "compression": "fp16", "all_reduce_alg": "auto",
-        "weight_decay": 5e-5,     # assumed: tf_fusion.LARS's default
-        "warmup_epochs": 5.0,     # assumed: Goyal et al. 2017
-    },
-    "jia2018_alexnet_bn_64k": {
-        "model": "alexnet_bn", "image_size": 224, "batch_size": 65536, "epochs": 95,
-        "optimizer": "lars", "lars_eta": 0.001, "momentum": 0.9, "poly_power": 2.0,
-        "dtype": "fp16", "compression": "fp16", "all_reduce_alg": "auto",
-        "weight_decay": 5e-4,     # assumed: You et al. 2017's AlexNet-BN
-        "warmup_epochs": 5.0,     # assumed
-    },
+    "jia2018_resnet50_64k": JiaSchedule(
+        "resnet50", epochs=90,
+        weight_decay=5e-5),       # assumed: tf_fusion.LARS's default
+    "jia2018_alexnet_bn_64k": JiaSchedule(
+        "alexnet_bn", epochs=95,
+        weight_decay=5e-4),       # assumed: You et al. 2017's AlexNet-BN
 }
 
 
@@ -135,7 +145,7 @@ def define_all(fv=flags.FLAGS):
   def size_fits(d):
     model = d["model"]
     if _preset(d) and not fv["model"].present:
-      model = PRESETS[_preset(d)]["model"]
+      model = PRESETS[_preset(d)].model
     return d["image_size"] is None or d["image_size"] >= models.MIN_IMAGE_SIZE[model]
   flags.register_multi_flags_validator(
       ["model", "image_size", "schedule_preset", "preset"], size_fits,
@@ -145,7 +155,7 @@ def define_all(fv=flags.FLAGS):
   flags.register_multi_flags_validator(
       ["model", "schedule_preset", "preset"],
       lambda d: not (_preset(d) and fv["model"].present
-                     and PRESETS[_preset(d)]["model"] != d["model"]),
+                     and PRESETS[_preset(d)].model != d["model"]),
       message="--schedule_preset is for another --model.", flag_values=fv)
 
 
@@ -192,10 +202,10 @@ RENAMED = (("base_lr", "learning_rate"), ("preset", "schedule_preset"))
 def resolve(fv) -> RecipeConfig:
   """The settings of a run: flag values, with the preset's where a flag was not given."""
   name = _preset({"schedule_preset": fv.schedule_preset, "preset": fv.preset})
-  preset = PRESETS.get(name, {}) if name else {}
+  preset = PRESETS[name] if name else None
   values = shared_flags.config_values(RecipeConfig, fv, preset, skip=("warmup_given",))
   shared_flags.take_old_names(fv, values, RENAMED)
   # A warm-up the user asked for must fit the run; the default may be shortened.
-  values["warmup_given"] = (fv["warmup_epochs"].present or "warmup_epochs" in preset
+  values["warmup_given"] = (fv["warmup_epochs"].present or preset is not None
                             or values["warmup_proportion"] is not None)
   return RecipeConfig(**values)
