@@ -262,7 +262,7 @@ class RecipeTest(tf.test.TestCase, parameterized.TestCase):
          f"--data_dir={self.data_dir}", "--batch_size=16", "--train_steps=3",
          "--max_predictions=3", f"--model_dir={model_dir}", "--compression=fp16",
          "--sparse=gather", "--seed=1", "--log_steps=1", "--stall_seconds=0",
-         "--all_reduce_alg=ring"],   # no calibration: the ImageNet recipe's two workers have it
+         "--all_reduce_alg=ring"],   # no calibration: test_multi_worker's fit has it
         timeout=300)
     stats = multi_worker.launched_stats(code, out)
     for s in stats:

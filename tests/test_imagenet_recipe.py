@@ -258,7 +258,10 @@ class MultiWorkerRecipeTest(tf.test.TestCase, parameterized.TestCase):
          "--model=alexnet_bn", "--image_size=64", f"--data_dir={data_dir}",
          f"--num_classes={NUM_CLASSES}", "--batch_size=16", "--train_steps=3",
          "--warmup_epochs=0", f"--model_dir={model_dir}", "--compression=fp16",
-         "--seed=1", f"--cross_device_ops={cross_device_ops}", "--tf_bytes_per_pack=65536"],
+         "--seed=1", f"--cross_device_ops={cross_device_ops}", "--tf_bytes_per_pack=65536",
+         # One algorithm: "auto" would calibrate across the workers first (~20-40 s);
+         # test_multi_worker.py's fit keeps that path.
+         "--all_reduce_alg=ring"],
         timeout=300)
     stats = multi_worker.launched_stats(code, out)
     for s in stats:
