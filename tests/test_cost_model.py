@@ -45,13 +45,14 @@ class CostModelFileTest(tf.test.TestCase):
     self.assertEqual(again, first)
 
   def test_a_file_for_another_topology_or_unreadable_is_replaced(self):
-    devices = helpers.devices(2)
-    for content in (helpers.fixed_cost_model().to_json(), "{not json"):
+    # Neither is read (each alike: the caller calibrates); one calibration replaces it.
+    for content in (helpers.fixed_cost_model().to_json(), "{not json", "{}"):
       path = self.create_tempfile(content=content).full_path
-      model = autotune.load_or_calibrate(path, devices, algorithms.LOCAL_ALGORITHMS)
-      self.assertEqual(model.algorithms, ("reduce_to_one", "ring"))
-      with open(path) as f:
-        self.assertEqual(json.load(f)["topology"], model.topology)
+      self.assertIsNone(cost_lib.read(path, "1 worker(s) x 2 CPU device(s)"), content)
+    model = autotune.load_or_calibrate(path, helpers.devices(2), algorithms.LOCAL_ALGORITHMS)
+    self.assertEqual(model.algorithms, ("reduce_to_one", "ring"))
+    with open(path) as f:
+      self.assertEqual(json.load(f)["topology"], model.topology)
 
   def test_fused_all_reduce_uses_the_file_and_autotunes(self):
     path = self.create_tempfile().full_path
