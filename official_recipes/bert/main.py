@@ -92,8 +92,6 @@ class BertTask:
   Keras epochs of --checkpoint_steps, the encoder with its masked-LM head and LAMB (or
   AdamW), evaluated once at the end."""
 
-  unit = "sequences"
-
   def data(self, cfg, strategy) -> runner.Data:
     meta = input_pipeline.read_meta(cfg.data_dir)
     if cfg.predictions > meta["seq_length"]:
@@ -104,7 +102,7 @@ class BertTask:
                        min(cfg.checkpoint_steps, cfg.train_steps), eval_steps,
                        evaluate_in_fit=False,
                        train_files=input_pipeline.tfrecord_files(cfg.data_dir, True),
-                       unit=self.unit, meta=meta)
+                       unit="sequences", meta=meta)
 
   def build(self, cfg, strategy, data: runner.Data) -> keras.Model:
     """The encoder with its masked-LM head, compiled under `strategy`."""

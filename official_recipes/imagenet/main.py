@@ -134,15 +134,13 @@ class ImagenetTask:
   epochs, ResNet-50 v1.5 or AlexNet-BN with LARS (or SGD) and a warm-up + poly decay,
   evaluated every --epochs_between_evals."""
 
-  unit = "images"
-
   def data(self, cfg, strategy) -> runner.Data:
     train, evaluation, n_train, n_eval = make_datasets(cfg, strategy, cfg.batch_size)
     steps_per_epoch, total, warmup, eval_steps = plan_steps(cfg, n_train, n_eval,
                                                             cfg.batch_size)
     files = input_pipeline.tfrecord_files(cfg.data_dir, True) if cfg.data_dir else ()
     return runner.Data(train, evaluation, total, steps_per_epoch * cfg.epochs_between_evals,
-                       eval_steps, evaluate_in_fit=True, train_files=files, unit=self.unit,
+                       eval_steps, evaluate_in_fit=True, train_files=files, unit="images",
                        meta={"steps_per_epoch": steps_per_epoch, "warmup": warmup})
 
   def build(self, cfg, strategy, data: runner.Data) -> keras.Model:
