@@ -153,30 +153,21 @@ class RecipeTest(tf.test.TestCase, parameterized.TestCase):
     with open(os.path.join(stats["model_dir"], "plan.txt")) as f:
       self.assertIn("float32", f.read())
 
-  def test_sparse_options_and_resume(self):
-    """The embedding gradients gathered, then densified in the resumed run (a run may
-    resume under another --sparse: the weights and state are the same)."""
+  def test_dense_embedding_gradients_then_a_sharded_resume(self):
+    """--sparse=dense densifies the position and segment tables' IndexedSlices (gather:
+    test_two_workers); the run resumes under --weight_update=sharded, LAMB's state read
+    from the backup into shards (sharded to sharded: the ImageNet recipe's test). Under
+    the sharded update an embedding's rows are summed into its table, as any gradient."""
     model_dir = self.create_tempdir().full_path
-    first = main.run(parse(self._argv(model_dir=model_dir, sparse="gather",
+    first = main.run(parse(self._argv(model_dir=model_dir, sparse="dense",
                                       checkpoint_steps=2, train_steps=2)))
-    # The position and segment tables' IndexedSlices, one way or the other.
-    self.assertEqual((first["gathered"], first["densified"]), (2, 0))
-    again = main.run(parse(self._argv(model_dir=model_dir, sparse="dense",
-                                      checkpoint_steps=2, train_steps=4)))
-    self.assertEqual((again["gathered"], again["densified"]), (0, 2))
-    self.assertEqual((again["start_step"], again["final_step"]), (2, 4))
-
-  def test_sharded_update_and_resume(self):
-    """--weight_update=sharded: LAMB's state in shards; the backup holds it whole and a
-    resumed run continues from it."""
-    model_dir = self.create_tempdir().full_path
-    first = main.run(parse(self._argv(model_dir=model_dir, weight_update="sharded",
-                                      checkpoint_steps=2, train_steps=2)))
-    self.assertEqual(first["weight_update"], "sharded")
-    with open(os.path.join(model_dir, "plan.txt")) as f:
-      self.assertIn("sharded_in_graph", f.read())
+    self.assertEqual((first["gathered"], first["densified"]), (0, 2))
     again = main.run(parse(self._argv(model_dir=model_dir, weight_update="sharded",
                                       checkpoint_steps=2, train_steps=4)))
+    self.assertEqual(again["weight_update"], "sharded")
+    with open(os.path.join(model_dir, "plan.txt")) as f:
+      self.assertIn("sharded_in_graph", f.read())
+    self.assertEqual((again["gathered"], again["densified"]), (0, 0))
     self.assertEqual((again["start_step"], again["final_step"]), (2, 4))
     self.assertTrue(np.isfinite(again["train_loss"]))
 
@@ -262,7 +253,7 @@ class RecipeTest(tf.test.TestCase, parameterized.TestCase):
          f"--data_dir={self.data_dir}", "--batch_size=16", "--train_steps=3",
          "--max_predictions=3", f"--model_dir={model_dir}", "--compression=fp16",
          "--sparse=gather", "--seed=1", "--log_steps=1", "--stall_seconds=0",
-         "--all_reduce_alg=ring"],   # no calibration: test_multi_worker's fit has it
+         "--all_reduce_alg=ring"],   # no calibration: test_multi_worker's kill-and-resume has it
         timeout=300)
     stats = multi_worker.launched_stats(code, out)
     for s in stats:

@@ -86,16 +86,22 @@ class ClusterRecipeTest(tf.test.TestCase):
 
   def test_kubernetes_tfjob_with_a_chief(self):
     """The TF_CONFIG a TFJob with a Chief and a Worker replica sets (its services
-    replaced by 127.0.0.1 ports); --cluster_resolver=auto finds it."""
+    replaced by 127.0.0.1 ports); --cluster_resolver=auto finds it. The baseline run,
+    --cross_device_ops=tf: TF's own reduction across the workers, with no tf_fusion
+    plan in the stats."""
     ports = [portpicker.pick_unused_port() for _ in range(2)]
     cluster_spec = {"chief": [f"127.0.0.1:{ports[0]}"], "worker": [f"127.0.0.1:{ports[1]}"]}
     envs = [(dict(NO_CLUSTER, CUDA_VISIBLE_DEVICES="", TF_CONFIG=json.dumps(
         {"cluster": cluster_spec, "task": {"type": t, "index": 0}, "environment": "cloud"})),
              ["--num_devices=1"]) for t in ("chief", "worker")]
     model_dir = self.create_tempdir().full_path
-    stats = multi_worker.run_recipe(envs, model_dir, flags=["--train_steps=2"])
+    stats = multi_worker.run_recipe(envs, model_dir,
+                                    flags=["--train_steps=2", "--cross_device_ops=tf"])
     for s in stats:
       self.assertEqual((s["num_replicas"], s["final_step"]), (2, 2))
+      self.assertEqual(s["cross_device_ops"], "tf")
+      with open(os.path.join(s["model_dir"], "stats.json")) as f:
+        self.assertEqual(json.load(f)["packs"], [])
     self.assertEqual(stats[0]["train_loss"], stats[1]["train_loss"])
     # The chief keeps the model_dir; the worker writes beside it, not over it.
     self.assertEqual((stats[0]["model_dir"], stats[1]["model_dir"]),

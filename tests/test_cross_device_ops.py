@@ -49,12 +49,15 @@ def _reduce(strategy, ops, reduce_op, arrays, mode):
   return [[t.numpy() for t in per_device] for per_device in out]
 
 
+# Pack sizes (none fused, some, the large tensor alone, all in one) x wire x algorithm
+# x op x tf.function or eager: every pair of two settings (12 runs, not the product's 96).
+_FACTORS = dict(pack_bytes=[0, 1024, 4 << 20, 1 << 40], compression=["none", "fp16"],
+                algorithm=["ring", "reduce_to_one", "auto"], reduce_op=[SUM, MEAN],
+                mode=["graph", "eager"])
 _PARAMS = [
-    dict(testcase_name=f"_{p}_{c}_{a}_{o.name}_{m}", pack_bytes=p, compression=c,
-         algorithm=a, reduce_op=o, mode=m)
-    for p, c, a, o, m in itertools.product(
-        [0, 1024, 4 << 20, 1 << 40], ["none", "fp16"], ["ring", "reduce_to_one", "auto"],
-        [SUM, MEAN], ["graph", "eager"])
+    dict(testcase_name=f"_{s['pack_bytes']}_{s['compression']}_{s['algorithm']}_"
+         f"{s['reduce_op'].name}_{s['mode']}", **s)
+    for s in helpers.all_pairs(**_FACTORS)
 ]
 
 
@@ -83,6 +86,12 @@ class FusedAllReduceTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(value.dtype, want.dtype)
         self.assertAllEqual(value, want)
     self._check_plan(ops.last_plan, algorithm)
+
+  def test_the_matrix_meets_every_pair_of_settings(self):
+    for a, b in itertools.combinations(_FACTORS, 2):
+      met = {(p[a], p[b]) for p in _PARAMS}
+      self.assertEqual(met, set(itertools.product(_FACTORS[a], _FACTORS[b])), msg=(a, b))
+    self.assertLen({p["testcase_name"] for p in _PARAMS}, len(_PARAMS))
 
   def _check_plan(self, plan, algorithm):
     fused = [i for i, (_, d) in enumerate(SHAPES_AND_DTYPES) if d != np.int32]

@@ -278,18 +278,6 @@ def fit_problem(steps=8, batch=64):
   y = rng.randint(0, 4, batch * steps)
   return model, tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
 
-@multi_worker.worker(algorithm="auto")
-def fit_in_worker(strategy):
-  """Keras model.fit across workers; the final weights of this worker."""
-  with strategy.scope():
-    model, ds = fit_problem()
-  history = model.fit(ds, epochs=1, verbose=0)
-  plan = tf_fusion.fused_ops_of(strategy).last_plan
-  return {"weights": [w.numpy().tolist() for w in model.weights],
-          "loss": history.history["loss"], "packs": len(plan),
-          "cost_model": tf_fusion.fused_ops_of(strategy).cost_model(
-              strategy.extended.worker_devices).to_json()}
-
 # The differential cases run across workers (tests/training_cases.py): the no-merge-call
 # path (accumulation), the cond-in-loop path (steps_per_execution) and a retrace.
 MULTI_WORKER_CASES = (("accumulation", "sgd"), ("accumulation", "loss_scaled_lars"),
@@ -335,8 +323,10 @@ def resume_in_worker(strategy):
   model.fit(ds, epochs=4, verbose=0, callbacks=[
       keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False),
       keras.callbacks.LambdaCallback(on_epoch_begin=maybe_die)])
+  fused = tf_fusion.fused_ops_of(strategy)
   return {"weights": [w.numpy().tolist() for w in model.weights],
-          "iterations": int(model.optimizer.iterations.numpy()), "epochs_run": epochs_run}
+          "iterations": int(model.optimizer.iterations.numpy()), "epochs_run": epochs_run,
+          "cost_model": fused.cost_model(strategy.extended.worker_devices).to_json()}
 
 
 # --- the tests -------------------------------------------------------------------------
@@ -469,31 +459,14 @@ class MultiWorkerFitTest(tf.test.TestCase):
         self.assertAllClose(np.array(got, np.float32), w, rtol=2e-5, atol=2e-5,
                             msg=f"worker {worker['task']}")
 
-  def test_fit_equals_one_process_with_four_replicas(self):
-    workers = multi_worker.run_workers(fit_in_worker)
-    # The calibrated cost model was averaged across workers: identical on both.
-    models = [json.loads(w["cost_model"]) for w in workers]
-    self.assertIn("2 worker(s) x 2 devices", models[0].pop("description"))
-    models[1].pop("description")
-    self.assertEqual(models[0], models[1])
-    # The reference is TF's own reduction on one process, not tf_fusion's.
-    strategy = tf.distribute.MirroredStrategy(
-        helpers.devices(4), cross_device_ops=tf.distribute.ReductionToOneDevice())
-    with strategy.scope():
-      model, ds = fit_problem()
-    model.fit(ds, epochs=1, verbose=0)
-    for i, want in enumerate(model.weights):
-      w0, w1 = (np.array(w["weights"][i], np.float32) for w in workers)
-      self.assertAllEqual(w0, w1)          # the workers agree to the bit
-      # Another summation order over 8 steps of SGD with momentum: float32 rounding.
-      self.assertAllClose(w0, want.numpy(), rtol=1e-5, atol=1e-6, msg=want.path)
-
 
 class KillAndResumeTest(tf.test.TestCase):
 
   def test_sigkill_one_worker_and_the_launcher_restarts_the_job(self):
-    """Worker 1 SIGKILLs itself at the start of epoch 2 (of 4, 4 steps each); the
-    launcher (--max_restarts 1) starts both again and BackupAndRestore resumes."""
+    """Keras model.fit across workers under "auto" (the cost model calibrated across
+    them): worker 1 SIGKILLs itself at the start of epoch 2 (of 4, 4 steps each); the
+    launcher (--max_restarts 1) starts both again and BackupAndRestore resumes; both
+    end with the weights of one process that was never stopped."""
     tmp = self.create_tempdir().full_path
     cost_model_file = os.path.join(tmp, "cost_model.json")
     marker = os.path.join(tmp, "killed")
@@ -520,14 +493,22 @@ class KillAndResumeTest(tf.test.TestCase):
     for w in workers:
       self.assertEqual(w["epochs_run"], [2, 3])     # resumed, not restarted
       self.assertEqual(w["iterations"], 16)         # 4 epochs x 4 steps in all
-    strategy = tf_fusion.mirrored_strategy(
-        helpers.devices(4), tf_fusion.FusionOptions(algorithm="reduce_to_one"))
+    # The restarted workers hold the same cost model (read back, not measured again).
+    models = [json.loads(w["cost_model"]) for w in workers]
+    self.assertIn("2 worker(s) x 2 devices", models[0].pop("description"))
+    models[1].pop("description")
+    self.assertEqual(models[0], models[1])
+    # The reference: the same job, never interrupted, on one process with 4 replicas
+    # reduced by TF's own ReductionToOneDevice, not by tf_fusion.
+    strategy = tf.distribute.MirroredStrategy(
+        helpers.devices(4), cross_device_ops=tf.distribute.ReductionToOneDevice())
     with strategy.scope():
       model, ds = fit_problem(steps=4)
-    model.fit(ds, epochs=4, verbose=0)               # the same job, never interrupted
+    model.fit(ds, epochs=4, verbose=0)
     for i, want in enumerate(model.weights):
       w0, w1 = (np.array(w["weights"][i], np.float32) for w in workers)
-      self.assertAllEqual(w0, w1)
+      self.assertAllEqual(w0, w1)          # the workers agree to the bit
+      # Another summation order over 16 steps of SGD with momentum: float32 rounding.
       self.assertAllClose(w0, want.numpy(), rtol=1e-5, atol=1e-6, msg=want.path)
 
 

@@ -59,12 +59,12 @@ def optimizer(name):
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "lars", "lamb", "loss_scaled_lamb",
               "lars_accumulation", "sgd_global_clipnorm", "sgd_clipnorm")
-# Across workers, one of each thing the shards must agree on over the network: an
-# elementwise update, layer-wise norms summed over the shards (LARS, LAMB), the loss
-# scale's finiteness, accumulation, the global norm of clipping. Adam(W) and per-variable
-# clipping add nothing there that one host x 4 (all of OPTIMIZERS) does not check.
-MULTI_WORKER_OPTIMIZERS = ("sgd", "lars", "lamb", "loss_scaled_lamb", "lars_accumulation",
-                           "sgd_global_clipnorm")
+# Across workers, one of each thing the shards must agree on over the network:
+# layer-wise norms summed over the shards (LAMB, LARS), the loss scale's finiteness
+# (LAMB's), accumulation with momentum's state (LARS), the global norm of clipping (SGD,
+# an elementwise update). Plain SGD, LARS and LAMB, Adam(W) and per-variable clipping add
+# nothing there that one host x 4 (all of OPTIMIZERS) does not check.
+MULTI_WORKER_OPTIMIZERS = ("loss_scaled_lamb", "lars_accumulation", "sgd_global_clipnorm")
 
 
 @contextlib.contextmanager

@@ -1,6 +1,8 @@
-"""Shared test helpers: devices, per-replica values, the NumPy reference reduction."""
+"""Shared test helpers: devices, per-replica values, the NumPy reference reduction,
+all-pairs test matrices."""
 
 import functools
+import itertools
 import os
 
 import numpy as np
@@ -59,3 +61,24 @@ def reference(arrays, reduce_op, compression="none"):
     else:
       total = total / len(arrays)
   return total
+
+
+def all_pairs(**factors):
+  """Settings (dicts) from the product of `factors` such that every pair of values of
+  any two factors is in at least one of them: a fault that needs two settings together
+  is met, as in the full product, in a fraction of its runs. Greedy and deterministic:
+  each next setting is the first of the product that adds the most pairs not yet met."""
+  names = list(factors)
+  wanted = {((a, x), (b, y)) for a, b in itertools.combinations(names, 2)
+            for x in factors[a] for y in factors[b]}
+  candidates = [dict(zip(names, values)) for values in itertools.product(*factors.values())]
+
+  def pairs(setting):
+    return {((a, setting[a]), (b, setting[b])) for a, b in itertools.combinations(names, 2)}
+
+  chosen = []
+  while wanted:
+    best = max(candidates, key=lambda s: len(pairs(s) & wanted))
+    chosen.append(best)
+    wanted -= pairs(best)
+  return chosen

@@ -187,7 +187,7 @@ def read_results(out_dir, workers=2):
 
 
 # One algorithm: "auto" would first calibrate its cost model across the processes (~20 s
-# here); test_multi_worker's fit keeps that path.
+# here); test_multi_worker's kill-and-resume keeps that path.
 RECIPE = ["-m", "official_recipes.imagenet.main", "--strategy=multi_worker", "--synthetic",
           "--model=alexnet_bn", "--image_size=64", "--num_classes=6", "--batch_size=8",
           "--num_train_examples=32", "--num_eval_examples=8", "--warmup_epochs=0",
