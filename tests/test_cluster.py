@@ -87,8 +87,8 @@ class ClusterRecipeTest(tf.test.TestCase):
   def test_kubernetes_tfjob_with_a_chief(self):
     """The TF_CONFIG a TFJob with a Chief and a Worker replica sets (its services
     replaced by 127.0.0.1 ports); --cluster_resolver=auto finds it. The baseline run,
-    --cross_device_ops=tf: TF's own reduction across the workers, with no tf_fusion
-    plan in the stats."""
+    --cross_device_ops=tf: TF's own reduction across the workers (in packs of
+    --tf_bytes_per_pack), with no tf_fusion plan in the stats."""
     ports = [portpicker.pick_unused_port() for _ in range(2)]
     cluster_spec = {"chief": [f"127.0.0.1:{ports[0]}"], "worker": [f"127.0.0.1:{ports[1]}"]}
     envs = [(dict(NO_CLUSTER, CUDA_VISIBLE_DEVICES="", TF_CONFIG=json.dumps(
@@ -96,7 +96,8 @@ class ClusterRecipeTest(tf.test.TestCase):
              ["--num_devices=1"]) for t in ("chief", "worker")]
     model_dir = self.create_tempdir().full_path
     stats = multi_worker.run_recipe(envs, model_dir,
-                                    flags=["--train_steps=2", "--cross_device_ops=tf"])
+                                    flags=["--train_steps=2", "--cross_device_ops=tf",
+                                           "--tf_bytes_per_pack=65536"])
     for s in stats:
       self.assertEqual((s["num_replicas"], s["final_step"]), (2, 2))
       self.assertEqual(s["cross_device_ops"], "tf")

@@ -257,7 +257,7 @@ class MultiWorkerRecipeTest(tf.test.TestCase):
          "--model=alexnet_bn", "--image_size=64", f"--data_dir={data_dir}",
          f"--num_classes={NUM_CLASSES}", "--batch_size=16", "--train_steps=3",
          "--warmup_epochs=0", f"--model_dir={model_dir}", "--compression=fp16",
-         "--seed=1", "--tf_bytes_per_pack=65536",
+         "--seed=1",
          # One algorithm: "auto" would calibrate across the workers first (~20-40 s);
          # test_multi_worker.py's kill-and-resume keeps that path.
          "--all_reduce_alg=ring"],

@@ -140,7 +140,7 @@ class TrainingEquivalenceTest(tf.test.TestCase, parameterized.TestCase):
       for case, alg, comp in (("accumulation", "reduce_to_one", "fp16"),
                               ("retrace", "auto", "none"),
                               ("steps_per_execution", "ring", "none")))
-  def test_every_algorithm_and_compression(self, case, algorithm, compression):
+  def test_each_algorithm_and_the_fp16_wire(self, case, algorithm, compression):
     want = training_cases.train(None, case, "loss_scaled_lars")
     got = training_cases.train(_strategy(algorithm, compression), case, "loss_scaled_lars")
     # FP16 on the wire rounds each gradient to 11 bits, as a float16 forward does.
